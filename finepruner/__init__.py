@@ -9,7 +9,9 @@ Public API::
     finepruner.methods.available()
 """
 
+from finepruner import methods
+from finepruner.engine import Handle, apply
 from finepruner.models import build_tiny_llava, load_model
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "build_tiny_llava", "__version__"]
+__all__ = ["Handle", "apply", "build_tiny_llava", "load_model", "methods", "__version__"]

@@ -1,0 +1,123 @@
+"""``apply``: attach a pruning method to a model instance, and the ``Handle`` that undoes it."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from finepruner.engine.loop import pruned_forward
+from finepruner.engine.state import PruneStats
+from finepruner.methods import PruningMethod, Stage, create
+from finepruner.models.adapter import LlavaAdapter
+
+_HANDLE_ATTRIBUTE = "_finepruner_handle"
+
+
+class Handle:
+    """A method applied to one model; a context manager. ``remove()`` restores the model exactly.
+
+    After a forward or ``generate`` (results of the most recent prefill):
+
+    * ``kept``: one LongTensor per pruning stage, [batch, n_kept], sorted indices into the prompt's
+      visual tokens (0..575 for LLaVA-1.5).
+    * ``stats``: a ``PruneStats`` with the tokens entering every decoder layer.
+    * ``heads``: per stage, the heads chosen for each sample (None for methods that do not select heads).
+    """
+
+    def __init__(self, model: nn.Module, method: PruningMethod) -> None:
+        self.model = model
+        self.method = method
+        self.adapter = LlavaAdapter(model)
+        self.kept: list[torch.Tensor] = []
+        self.stats: PruneStats | None = None
+        self.heads: list[list[torch.Tensor] | None] = []
+        self._plans: dict[int, list[Stage]] = {}
+        self._pending: tuple[torch.Tensor | None, list[int]] | None = None
+        self._hook = None
+        self.plan(self.adapter.num_visual_tokens)  # validate parameters against the model now
+
+    # -- installation -------------------------------------------------------------------------
+    def _install(self) -> None:
+        lm = self.adapter.language_model
+        if getattr(lm, _HANDLE_ATTRIBUTE, None) is not None:
+            raise RuntimeError("a finepruner method is already applied to this model; remove() it first")
+        if "forward" in vars(lm):
+            raise RuntimeError("the language model's forward is already replaced by other code")
+        lm.forward = functools.partial(pruned_forward, lm, self)
+        setattr(lm, _HANDLE_ATTRIBUTE, self)
+        self._hook = self.adapter.llava_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Restore the model: the original forward, no hooks, no attributes left behind."""
+        lm = self.adapter.language_model
+        if getattr(lm, _HANDLE_ATTRIBUTE, None) is self:
+            del lm.forward
+            delattr(lm, _HANDLE_ATTRIBUTE)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- engine interface ---------------------------------------------------------------------
+    def plan(self, num_visual: int) -> list[Stage]:
+        """The method's stages for ``num_visual`` visual tokens per sample (cached, validated)."""
+        if num_visual not in self._plans:
+            stages = self.method.plan(self.adapter.num_layers, num_visual)
+            self._plans[num_visual] = sorted(stages, key=lambda s: s.layer)
+        return self._plans[num_visual]
+
+    def _capture_inputs(self, module, args, kwargs):
+        """Pre-hook on LlavaModel: remember the image-token mask and per-sample keys of this call."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("pixel_values") is None and kwargs.get("mm_encoder_outputs") is None:
+            self._pending = None  # no image in this call (e.g. a decode step)
+            return
+        image_mask = self.adapter.image_mask(input_ids, kwargs.get("inputs_embeds"))
+        keys: list[int] = []
+        if input_ids is not None and image_mask is not None and bool(image_mask.any()):
+            attention_mask = kwargs.get("attention_mask")
+            for row, ids in enumerate(input_ids.tolist()):
+                if attention_mask is not None:
+                    ids = [t for t, m in zip(ids, attention_mask[row].tolist(), strict=True) if m]
+                keys.append(hash(tuple(ids)))
+        self._pending = (image_mask, keys)
+
+    def _take_pending(self, shape: torch.Size) -> tuple[torch.Tensor | None, list[int]]:
+        """The image mask captured for this call (consumed), or (None, []) when the LM is called alone."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] is None or tuple(pending[0].shape) != tuple(shape):
+            return None, []
+        image_mask, keys = pending
+        if not keys:
+            keys = list(range(shape[0]))
+        return image_mask, keys
+
+    def _record(self, kept, stats, heads) -> None:
+        self.kept, self.stats = kept, stats
+        self.heads = heads
+
+
+def apply(model: nn.Module, method: str | PruningMethod, /, **params) -> Handle:
+    """Apply a pruning method to ``model`` in place and return its ``Handle``.
+
+    ``method`` is a registered name (``finepruner.methods.available()``) with its parameters as
+    keywords, or a method instance. Example::
+
+        with finepruner.apply(model, "fastv", tokens=64, K=2) as handle:
+            out = model.generate(**inputs, max_new_tokens=16)
+        handle.kept[0]   # [batch, 64] indices of the kept visual tokens
+    """
+    if isinstance(method, str):
+        method = create(method, **params)
+    elif params:
+        raise ValueError("parameters go to the method's constructor when a method instance is passed")
+    handle = Handle(model, method)
+    handle._install()
+    return handle

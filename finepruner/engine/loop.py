@@ -1,0 +1,264 @@
+"""The pruned decoder loop: a replacement for the language model's ``forward`` (one instance).
+
+It runs the same steps as transformers 5.24's ``LlamaModel.forward`` (embeddings, positions, rotary
+embeddings, causal mask, layers, norm), with pruning stages between layers (``docs/architecture.md``):
+
+* Prefill (the call that carries the ``<image>`` tokens): before each stage layer the method picks
+  the visual tokens to keep; hidden states, position ids, rotary embeddings and the 2D padding mask
+  are gathered, and a new causal mask is built for that segment with ``layer_idx`` so that it matches
+  the layer's cache length. Kept tokens keep their order.
+* Decode (later calls on the same cache): each segment gets its own mask (its kept prompt mask plus
+  the new tokens' mask) and its own shifted positions.
+
+Masks are always built with an explicit 2D mask and ``position_ids=None``: with gapped positions and
+no mask, ``create_causal_mask`` would treat every gap as a packed-sequence boundary
+(``toy_notes.md``, "Pitfalls"). Position ids are not passed to the layers (Llama layers only use the
+rotary embeddings; FlashAttention would otherwise read gaps as packed sequences).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from finepruner.engine.signals import last_query_attention
+from finepruner.engine.state import STATE_ATTRIBUTE, GenerationState, PruneStats, Segment
+from finepruner.methods.base import StageContext
+
+if TYPE_CHECKING:
+    from finepruner.engine.handle import Handle
+
+
+def _causal_mask(lm, hidden, mask2d, cache, layer_idx, position_ids=None):
+    return create_causal_mask(
+        config=lm.config,
+        inputs_embeds=hidden,
+        attention_mask=mask2d,
+        cache=cache,
+        position_ids=position_ids,
+        layer_idx=layer_idx,
+    )
+
+
+def _visual_positions(image_mask: torch.Tensor) -> torch.Tensor:
+    """[B, V] sequence positions of the visual tokens; every row must hold the same number."""
+    counts = image_mask.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(
+            "every sample of a pruned batch must hold the same number of image tokens; got "
+            f"{counts.tolist()} (batch prompts with the same number of images, or run them separately)"
+        )
+    return image_mask.nonzero()[:, 1].view(image_mask.shape[0], -1)
+
+
+def pruned_forward(
+    lm,
+    handle: Handle,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    cache: Cache | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    use_cache: bool | None = None,
+    past_key_values: Cache | None = None,
+    output_hidden_states: bool | None = None,
+    output_attentions: bool | None = None,
+    return_dict: bool | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPast:
+    """Forward of the language model ``lm`` with the pruning of ``handle``'s method."""
+    if output_attentions:
+        raise ValueError(
+            "output_attentions is not available while a finepruner method is applied; the engine computes "
+            "the attention rows it needs itself (finepruner.engine.signals)"
+        )
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    cache = cache if cache is not None else past_key_values
+    use_cache = lm.config.use_cache if use_cache is None else use_cache
+    output_hidden_states = (
+        lm.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    )
+    if inputs_embeds is None:
+        inputs_embeds = lm.embed_tokens(input_ids)
+    if use_cache and cache is None:
+        cache = DynamicCache(config=lm.config)
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise ValueError("finepruner needs a 2D attention mask (static/compiled caches are not supported)")
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(f"finepruner supports DynamicCache only, got {type(cache).__name__}")
+
+    image_mask, row_keys = handle._take_pending(inputs_embeds.shape[:2])
+    state: GenerationState | None = getattr(cache, STATE_ATTRIBUTE, None) if cache is not None else None
+    if state is not None and cache.get_seq_length() == 0:  # a reused, emptied cache: forget the old run
+        state = None
+        setattr(cache, STATE_ATTRIBUTE, None)
+    batch, length = inputs_embeds.shape[:2]
+    has_image = image_mask is not None and bool(image_mask.any())
+
+    if has_image:
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("a prompt with images must start a new generation (the cache is not empty)")
+        past = 0
+    elif state is not None:
+        past = state.seen
+    else:
+        past = cache.get_seq_length() if cache is not None else 0
+    if position_ids is None:
+        position_ids = torch.arange(length, device=inputs_embeds.device)[None] + past
+    position_ids = position_ids.expand(batch, -1)
+
+    if has_image:
+        hidden, all_hidden = _prefill(lm, handle, inputs_embeds, attention_mask, position_ids, cache,
+                                      use_cache, image_mask, row_keys, output_hidden_states, kwargs)
+    elif state is not None:
+        hidden, all_hidden = _decode(lm, state, inputs_embeds, attention_mask, position_ids, cache,
+                                     use_cache, output_hidden_states, kwargs)
+    else:
+        hidden, all_hidden = _plain(lm, inputs_embeds, attention_mask, position_ids, cache, use_cache,
+                                    output_hidden_states, kwargs)
+    hidden = lm.norm(hidden)
+    if all_hidden is not None:
+        all_hidden.append(hidden)
+    return BaseModelOutputWithPast(
+        last_hidden_state=hidden,
+        cache=cache,
+        hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+    )
+
+
+def _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden, mask_positions=None):
+    """Run all layers without pruning; ``segments`` maps each segment's first layer to its
+    (position_ids, mask2d) and must contain layer 0."""
+    for index, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+        if index in segments:
+            position_ids, mask2d = segments[index]
+            embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
+            mask = _causal_mask(lm, hidden, mask2d, cache, index, mask_positions)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, cache=cache,
+                       use_cache=use_cache, **kwargs)
+    return hidden
+
+
+def _plain(lm, hidden, attention_mask, position_ids, cache, use_cache, output_hidden_states, kwargs):
+    """No image and no pruned cache: the upstream computation."""
+    all_hidden = [] if output_hidden_states else None
+    segments = {0: (position_ids, attention_mask)}
+    # position_ids go to the mask only here, exactly as upstream (packed-sequence detection).
+    hidden = _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden, position_ids)
+    return hidden, all_hidden
+
+
+def _decode(lm, state, hidden, attention_mask, position_ids, cache, use_cache, output_hidden_states, kwargs):
+    """Tokens after a pruned prefill: per-segment masks and positions."""
+    batch, length = hidden.shape[:2]
+    expected = state.seen + length
+    if attention_mask is not None and attention_mask.shape[1] != expected:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[1]} columns; this pruned generation expects {expected}"
+        )
+    if attention_mask is not None:
+        tail = attention_mask[:, state.prompt_length:]
+    else:
+        tail = None
+    segments = {}
+    for segment in state.segments:
+        if segment.prompt_mask is None and tail is None:
+            mask2d = None
+        else:
+            prompt = segment.prompt_mask
+            if prompt is None:
+                prompt = torch.ones(batch, segment.kept_length, dtype=torch.long, device=hidden.device)
+            new = tail
+            if new is None:
+                new = torch.ones(batch, expected - state.prompt_length, dtype=prompt.dtype, device=hidden.device)
+            mask2d = torch.cat([prompt.to(new.dtype), new], dim=1)
+        segments[segment.start] = (position_ids - segment.position_shift[:, None], mask2d)
+    all_hidden = [] if output_hidden_states else None
+    hidden = _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden)
+    state.seen = expected
+    return hidden, all_hidden
+
+
+def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, image_mask, row_keys,
+             output_hidden_states, kwargs):
+    """A prompt with images: run the layers and prune at every stage of the method's plan."""
+    batch, length, width = hidden.shape
+    visual_index = _visual_positions(image_mask)
+    num_visual = visual_index.shape[1]
+    stages = handle.plan(num_visual)
+    stage_at = {stage.layer: (i, stage) for i, stage in enumerate(stages)}
+    score_layers = {stage.score_layer for stage in stages if stage.score_layer is not None}
+    renumber = handle.method.positions == "renumber"
+
+    visual_ids = torch.arange(num_visual, device=hidden.device).expand(batch, -1)
+    mask2d = attention_mask
+    shift = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+    segments = [Segment(0, attention_mask, length, shift)]
+    saved_inputs: dict[int, tuple] = {}
+    stats = PruneStats()
+    kept: list[torch.Tensor] = []
+    heads: list[list[torch.Tensor] | None] = []
+    all_hidden = [] if output_hidden_states else None
+    embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
+    mask = _causal_mask(lm, hidden, mask2d, cache, 0)
+
+    for index, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
+        if index in stage_at:
+            stage_index, stage = stage_at[index]
+            attention = None
+            if stage.score_layer is not None:
+                source, source_embeddings, source_mask = saved_inputs.get(
+                    stage.score_layer, (hidden, embeddings, mask2d)
+                )
+                rows = last_query_attention(lm.layers[stage.score_layer], source, source_embeddings, source_mask)
+                attention = rows.gather(2, visual_index[:, None, :].expand(-1, rows.shape[1], -1))
+            context = StageContext(attention=attention, visual_ids=visual_ids, row_keys=row_keys)
+            local = handle.method.select(stage_index, stage, context)
+            if local.shape != (batch, stage.keep):
+                raise RuntimeError(
+                    f"{handle.method.name} selected {tuple(local.shape)} tokens at stage {stage_index}; "
+                    f"expected {(batch, stage.keep)}"
+                )
+            keep_mask = torch.ones(batch, hidden.shape[1], dtype=torch.bool, device=hidden.device)
+            keep_mask.scatter_(1, visual_index, False)
+            kept_positions = visual_index.gather(1, local)
+            keep_mask.scatter_(1, kept_positions, True)
+            keep_index = keep_mask.nonzero()[:, 1].view(batch, -1)
+            hidden = hidden.gather(1, keep_index[..., None].expand(-1, -1, width))
+            if renumber:
+                dropped_before = (~keep_mask).cumsum(dim=1)
+                position_ids = position_ids.gather(1, keep_index) - dropped_before.gather(1, keep_index)
+                shift = shift + (~keep_mask).sum(dim=1)
+            else:
+                position_ids = position_ids.gather(1, keep_index)
+            if mask2d is not None:
+                mask2d = mask2d.gather(1, keep_index)
+            visual_index = (keep_mask.cumsum(dim=1) - 1).gather(1, kept_positions)
+            visual_ids = visual_ids.gather(1, local)
+            kept.append(visual_ids)
+            heads.append(context.heads)
+            segments.append(Segment(index, mask2d, hidden.shape[1], shift))
+            embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
+            mask = _causal_mask(lm, hidden, mask2d, cache, index)
+        if index in score_layers:
+            saved_inputs[index] = (hidden, embeddings, mask2d)
+        stats.sequence_length.append(hidden.shape[1])
+        stats.visual_tokens.append(visual_ids.shape[1])
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, cache=cache,
+                       use_cache=use_cache, **kwargs)
+
+    if cache is not None:
+        if 0 in stage_at:  # the stage before layer 0 replaces the unpruned first segment
+            segments = segments[1:]
+        setattr(cache, STATE_ATTRIBUTE, GenerationState(prompt_length=length, segments=segments, seen=length))
+    handle._record(kept=kept, stats=stats, heads=heads)
+    return hidden, all_hidden

@@ -1,0 +1,53 @@
+"""Pruning methods, registered by name (``available()``, ``create(name, **params)``).
+
+Each method lives in its own module and documents its parameters in its class docstring.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from finepruner.methods.base import PruningMethod, Stage, StageContext
+from finepruner.methods.fastv import FastV
+from finepruner.methods.pdrop import PDrop
+from finepruner.methods.random_selection import RandomSelection
+from finepruner.methods.vanilla import Vanilla
+
+_REGISTRY: dict[str, type[PruningMethod]] = {
+    cls.name: cls for cls in (Vanilla, RandomSelection, FastV, PDrop)
+}
+
+
+def available() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[PruningMethod]:
+    """The method class registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}") from None
+
+
+def parameters(name: str) -> dict[str, object]:
+    """The parameters of method ``name`` with their defaults (``inspect.Parameter.empty`` if required)."""
+    signature = inspect.signature(get(name).__init__)
+    return {p.name: p.default for p in list(signature.parameters.values())[1:]}
+
+
+def create(name: str, **params) -> PruningMethod:
+    """Instantiate method ``name``; unknown parameters raise a ValueError listing the allowed ones."""
+    cls = get(name)
+    allowed = parameters(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+    return cls(**params)
+
+
+__all__ = ["PruningMethod", "Stage", "StageContext", "available", "create", "get", "parameters"]

@@ -1,0 +1,103 @@
+"""The contract between pruning methods and the engine.
+
+A method is a small object that (1) plans its stages for a model shape: where it prunes and how many
+visual tokens each stage keeps, and which signal it needs; and (2) selects, at each stage, which of the
+current visual tokens to keep. Methods never touch hidden states, masks, positions or caches: the
+engine (``finepruner.engine.loop``) does that (``DESIGN.md``, "Contracts").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+Positions = Literal["original", "renumber"]
+POSITION_MODES: tuple[str, ...] = ("original", "renumber")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning point.
+
+    Attributes:
+        layer: the decoder layer whose *input* is pruned; 0 prunes before the language model,
+            ``k`` prunes after ``k`` decoder layers have run.
+        keep: visual tokens kept by this stage (per sample, all images of a prompt together).
+        score_layer: decoder layer whose q/k projections give the last-query attention signal, or
+            None when the method needs no attention signal.
+    """
+
+    layer: int
+    keep: int
+    score_layer: int | None = None
+
+
+@dataclass
+class StageContext:
+    """What a method sees at one stage of one prefill.
+
+    Attributes:
+        attention: [B, heads, V] float32 attention of the last prompt token to the current visual
+            tokens (None unless the stage asked for it with ``score_layer``).
+        visual_ids: [B, V] original indices (0..N-1) of the current visual tokens.
+        row_keys: one integer per sample derived from its prompt tokens, for batch-invariant seeding.
+        heads: filled by methods that select heads: one LongTensor of head indices per sample.
+    """
+
+    attention: torch.Tensor | None
+    visual_ids: torch.Tensor
+    row_keys: list[int]
+    heads: list[torch.Tensor] | None = field(default=None)
+
+    @property
+    def num_visual(self) -> int:
+        return self.visual_ids.shape[1]
+
+
+class PruningMethod:
+    """Base class of all methods. Subclasses set ``name`` and ``default_positions`` and implement
+    ``plan`` and ``select``; their ``__init__`` keyword arguments are the method's parameters."""
+
+    name: ClassVar[str] = ""
+    #: Position ids of kept tokens after pruning: the method's official default.
+    default_positions: ClassVar[Positions] = "original"
+
+    def __init__(self, positions: Positions | None = None) -> None:
+        if positions is not None and positions not in POSITION_MODES:
+            raise ValueError(f"{self.name}: positions={positions!r}; allowed: {POSITION_MODES}")
+        self.positions: Positions = positions or self.default_positions
+
+    def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        """Stages for a model with ``num_layers`` decoder layers and ``num_visual`` visual tokens per
+        sample, sorted by layer. Raise ``ValueError`` when the parameters do not fit the model."""
+        raise NotImplementedError
+
+    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
+        """Indices into the current visual tokens to keep: LongTensor [B, stage.keep], sorted."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Parameters as a JSON-serialisable dict (recorded with every run)."""
+        return {"method": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores per row, in ascending index order (original token order)."""
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def check_layer(method: str, name: str, value: int, low: int, high: int) -> None:
+    """Raise a ValueError unless ``low <= value <= high``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{method}: {name}={value!r} is out of range; allowed: integers {low}..{high}")
+
+
+def check_tokens(method: str, tokens: int, num_visual: int, low: int = 1) -> None:
+    """Raise a ValueError unless ``low <= tokens <= num_visual``."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not low <= tokens <= num_visual:
+        raise ValueError(
+            f"{method}: tokens={tokens!r} is not allowed; this model has {num_visual} visual tokens per "
+            f"sample, so tokens must be an integer in {low}..{num_visual}"
+        )
