@@ -1,0 +1,168 @@
+"""MME: 10 perception and 4 cognition subtasks (spec ``eval_protocol.md`` section 9).
+
+Replicates ``convert_answer_to_mme.py`` (ground-truth lookup by ``(category, txt file, question)`` with
+" Please answer yes or no." re-appended, two-space fallback) and MME's ``calculation.py`` (consecutive
+answer pairs per image, the 4-character prefix rule, subtask score = 100 acc + 100 acc+).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finepruner.eval.benchmarks import register
+from finepruner.eval.benchmarks.base import SHORT_ANSWER, Benchmark, Sample, load_llava_questions, result
+from finepruner.eval.errors import DataError
+from finepruner.eval.io import check_answers_coverage, read_jsonl
+
+PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+YES_NO = " Please answer yes or no."
+
+
+def mme_parse(pred: str) -> str:
+    """``calculation.parse_pred_ans`` on a lower-cased prediction that still carries its line's ``\\n``."""
+    if pred in ("yes", "no"):
+        return pred
+    prefix = pred[:4]
+    if "yes" in prefix:
+        return "yes"
+    if "no" in prefix:
+        return "no"
+    return "other"
+
+
+def load_mme_ground_truth(gt_root: Path) -> dict[tuple[str, str, str], str]:
+    """``{(category, txt file name, question): "Yes"|"No"}`` from ``MME_Benchmark_release_version``."""
+    if not gt_root.is_dir():
+        raise DataError(f"mme: ground-truth folder not found: {gt_root}")
+    gt: dict[tuple[str, str, str], str] = {}
+    for cat_dir in sorted(p for p in gt_root.iterdir() if p.is_dir()):
+        qa_dir = cat_dir / "questions_answers_YN"
+        if not qa_dir.is_dir():
+            qa_dir = cat_dir
+        for txt in sorted(qa_dir.glob("*.txt")):
+            for lineno, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                parts = line.strip().split("\t")
+                if len(parts) != 2:
+                    raise DataError(f"{txt}:{lineno}: expected 'question<TAB>answer'")
+                gt[(cat_dir.name, txt.name, parts[0])] = parts[1]
+    return gt
+
+
+def mme_question_for_gt(prompt: str) -> str:
+    """The question as written in MME's ``.txt`` files, recovered from LLaVA's saved prompt."""
+    if SHORT_ANSWER in prompt:
+        prompt = prompt.replace(SHORT_ANSWER, "").strip()
+    if "Please answer yes or no." not in prompt:
+        prompt = prompt + YES_NO
+    return prompt
+
+
+def mme_subtask_score(rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """``rows`` = [(gt, prediction)] in file order; acc, acc+ (consecutive pairs) and score (0-200)."""
+    gts = [g.lower() for g, _ in rows]
+    preds = [mme_parse(p.replace("\t", " ").replace("\n", " ").lower() + "\n") for _, p in rows]
+    correct = [g == p for g, p in zip(gts, preds, strict=True)]
+    n_pairs = len(rows) // 2
+    acc_plus_hits = sum(1 for i in range(n_pairs) if correct[2 * i] and correct[2 * i + 1])
+    acc = sum(correct) / len(rows) if rows else 0.0
+    acc_plus = acc_plus_hits / n_pairs if n_pairs else 0.0
+    out = {
+        "acc": 100 * acc,
+        "acc_plus": 100 * acc_plus,
+        "score": 100 * acc + 100 * acc_plus,
+        "n": len(rows),
+        "other": preds.count("other"),
+    }
+    if len(rows) % 2:
+        out["warning"] = "odd number of answers: the last one has no pair (acc+ uses complete pairs)"
+    return out
+
+
+@register
+class MME(Benchmark):
+    name = "mme"
+    subdir = "MME"
+    splits = ("test",)
+    max_new_tokens = 128
+    default_files = {
+        "test": {
+            "questions": "llava_mme.jsonl",
+            "images": "MME_Benchmark_release_version",
+            "ground_truth": "MME_Benchmark_release_version",
+        }
+    }
+    inference_keys = {"test": ("questions", "images")}
+    scoring_keys = {"test": ("ground_truth",)}
+    description = "MME (2,374 yes/no questions); metric: perception score (0-2000), cognition (0-800)"
+
+    def load(self, data_root: str | Path) -> list[Sample]:
+        return load_llava_questions(self.path(data_root, "questions"), self.path(data_root, "images"))
+
+    def score(
+        self,
+        answers: list[dict[str, Any]],
+        data_root: str | Path,
+        *,
+        out_dir: Path | None = None,
+        judge: Any = None,
+        model_id: str = "model",
+    ) -> dict[str, Any]:
+        gt = load_mme_ground_truth(self.path(data_root, "ground_truth"))
+        per_cat: dict[str, list[tuple[str, str]]] = {}
+        unknown = 0
+        for a in answers:
+            qid = str(a["question_id"])
+            category = qid.split("/")[0]
+            txt = qid.split("/")[-1].split(".")[0] + ".txt"
+            question = mme_question_for_gt(a.get("prompt", ""))
+            key = (category, txt, question)
+            if key not in gt:
+                key = (category, txt, question.replace(YES_NO, "  Please answer yes or no."))
+            if key not in gt:
+                unknown += 1
+                continue
+            per_cat.setdefault(category, []).append((gt[key], a["text"]))
+        subtasks = {
+            cat: mme_subtask_score(per_cat[cat]) for cat in (*PERCEPTION, *COGNITION) if cat in per_cat
+        }
+        perception = sum(subtasks[c]["score"] for c in PERCEPTION if c in subtasks)
+        cognition = sum(subtasks[c]["score"] for c in COGNITION if c in subtasks)
+        questions_file = self.path(data_root, "questions")
+        counts = {"answers": len(answers), "unknown": unknown}
+        if questions_file.is_file():
+            qs = read_jsonl(questions_file)
+            counts = check_answers_coverage(
+                {(q["question_id"], q["text"]) for q in qs},
+                answers,
+                key=lambda a: (a["question_id"], a.get("prompt")),
+            )
+            counts["unknown"] = max(counts["unknown"], unknown)
+        complete = all(c in subtasks for c in PERCEPTION)
+        return result(
+            self,
+            scored=bool(subtasks),
+            headline="perception",
+            value=perception if subtasks else None,
+            perception=perception,
+            cognition=cognition,
+            total=perception + cognition,
+            perception_complete=complete,
+            cognition_complete=all(c in subtasks for c in COGNITION),
+            subtasks=subtasks,
+            counts=counts,
+        )

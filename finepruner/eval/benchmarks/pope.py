@@ -1,0 +1,142 @@
+"""POPE adversarial / popular / random (spec ``eval_protocol.md`` section 8).
+
+Scoring follows LLaVA's ``eval_pope.py``: per category (from ``coco/coco_pope_<cat>.json``) the answers
+of that category **in answer-file order** are zipped with the label lines in file order (no id join);
+a prediction is "no" iff the first sentence, commas removed, split on spaces, contains ``No``, ``not``
+or ``no`` (case-sensitive), else "yes". The headline is the mean F1 of the splits (LLaVA issues #626/#806).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from finepruner.eval.benchmarks import register
+from finepruner.eval.benchmarks.base import Benchmark, Sample, load_llava_questions, result
+from finepruner.eval.errors import DataError
+from finepruner.eval.io import check_answers_coverage, read_jsonl
+
+
+def pope_parse(text: str) -> str:
+    """``"yes"`` or ``"no"`` exactly as ``eval_pope.py`` (``"No, there is not."`` -> no, ``"NO"`` -> yes)."""
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def _div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, Any]:
+    """TP/FP/TN/FN (positive = yes) and accuracy, precision, recall, F1, yes-ratio, in percent."""
+    pred = [0 if p == "no" else 1 for p in predictions]
+    lab = [0 if x == "no" else 1 for x in labels]
+    tp = fp = tn = fn = 0
+    # zip, as the official script: extra answers or labels are ignored
+    for p, g in zip(pred, lab, strict=False):
+        if p == 1 and g == 1:
+            tp += 1
+        elif p == 1 and g == 0:
+            fp += 1
+        elif p == 0 and g == 0:
+            tn += 1
+        else:
+            fn += 1
+    precision = _div(tp, tp + fp)
+    recall = _div(tp, tp + fn)
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if precision is not None and recall is not None and precision + recall
+        else None
+    )
+    acc = _div(tp + tn, tp + tn + fp + fn)
+    yes_ratio = _div(pred.count(1), len(pred))
+
+    def pct(x: float | None) -> float | None:
+        return None if x is None else 100.0 * x
+
+    return {
+        "accuracy": pct(acc),
+        "precision": pct(precision),
+        "recall": pct(recall),
+        "f1": pct(f1),
+        "yes_ratio": pct(yes_ratio),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "n": len(pred),
+        "n_labels": len(lab),
+    }
+
+
+@register
+class Pope(Benchmark):
+    name = "pope"
+    subdir = "pope"
+    splits = ("test",)
+    max_new_tokens = 128
+    default_files = {
+        "test": {"questions": "llava_pope_test.jsonl", "images": "val2014", "annotations": "coco"}
+    }
+    inference_keys = {"test": ("questions", "images")}
+    scoring_keys = {"test": ("questions", "annotations")}
+    description = "POPE (3 splits, 8,910 questions); metric: mean F1 over adversarial/popular/random"
+
+    def load(self, data_root: str | Path) -> list[Sample]:
+        return load_llava_questions(self.path(data_root, "questions"), self.path(data_root, "images"))
+
+    def label_files(self, data_root: str | Path) -> dict[str, Path]:
+        """``{category: coco_pope_<category>.json}`` from the annotation folder, sorted by name."""
+        ann_dir = self.path(data_root, "annotations")
+        if not ann_dir.is_dir():
+            raise DataError(f"pope: annotation folder not found: {ann_dir}")
+        files = {
+            p.name[len("coco_pope_") : -len(".json")]: p for p in sorted(ann_dir.glob("coco_pope_*.json"))
+        }
+        if not files:
+            raise DataError(f"pope: no coco_pope_<split>.json files in {ann_dir}")
+        return files
+
+    def score(
+        self,
+        answers: list[dict[str, Any]],
+        data_root: str | Path,
+        *,
+        out_dir: Path | None = None,
+        judge: Any = None,
+        model_id: str = "model",
+    ) -> dict[str, Any]:
+        questions = read_jsonl(self.path(data_root, "questions"))
+        category = {q["question_id"]: q.get("category") for q in questions}
+        counts = check_answers_coverage(category, answers)
+        splits: dict[str, Any] = {}
+        for cat, label_file in self.label_files(data_root).items():
+            cur = [a for a in answers if category.get(a["question_id"]) == cat]
+            if not cur:
+                continue
+            labels = [
+                json.loads(line)["label"] for line in label_file.read_text().splitlines() if line.strip()
+            ]
+            splits[cat] = pope_metrics([pope_parse(a["text"]) for a in cur], labels)
+            if len(cur) != len(labels):
+                splits[cat]["warning"] = (
+                    f"{len(cur)} answers vs {len(labels)} labels in {label_file.name}; "
+                    "zipped in order as the official script does"
+                )
+        f1s = [s["f1"] for s in splits.values() if s["f1"] is not None]
+        mean_f1 = sum(f1s) / len(f1s) if f1s and len(f1s) == len(splits) else None
+        return result(
+            self,
+            scored=bool(splits),
+            headline="mean_f1",
+            value=mean_f1,
+            mean_f1=mean_f1,
+            mean_accuracy=(sum(s["accuracy"] for s in splits.values()) / len(splits) if splits else None),
+            splits=splits,
+            counts=counts,
+            **({} if splits else {"reason": "no answer belongs to a POPE split"}),
+        )

@@ -1,0 +1,214 @@
+"""``finepruner eval`` and ``finepruner score`` (issue 3, item 5; see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from finepruner.eval.errors import EvalError
+
+
+def parse_value(text: str) -> Any:
+    """JSON-ish value of a ``--param key=value``: numbers, true/false/null, lists; else the string."""
+    aliases = {"True": True, "False": False, "None": None}
+    if text in aliases:
+        return aliases[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EvalError(f"{flag} expects key=value, got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def parse_files(items: list[str] | None) -> dict[str, dict[str, str]]:
+    """``--file BENCH.KEY=PATH`` -> ``{bench: {key: path}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        target, sep, path = item.partition("=")
+        bench, dot, key = target.partition(".")
+        if not sep or not dot or not bench or not key:
+            raise EvalError(f"--file expects BENCH.KEY=PATH (e.g. pope.annotations=coco), got {item!r}")
+        out.setdefault(bench, {})[key] = path
+    return out
+
+
+def _add_judge_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LLM judge (MM-Vet grading, MMBench fallback); off unless a model is named")
+    g.add_argument("--judge-model", help="judge model name (env FINEPRUNER_JUDGE_MODEL)")
+    g.add_argument(
+        "--judge-base-url",
+        help="OpenAI-compatible base URL (env FINEPRUNER_JUDGE_BASE_URL, "
+        "OPENAI_BASE_URL); the key comes from FINEPRUNER_JUDGE_API_KEY or OPENAI_API_KEY",
+    )
+
+
+def _bench_help() -> str:
+    from finepruner.eval import benchmarks
+
+    return "benchmark name, optionally name:split (repeatable): " + ", ".join(benchmarks.available())
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``eval`` and ``score`` sub-commands."""
+    p = subparsers.add_parser(
+        "eval",
+        help="run LLaVA-1.5 benchmarks (optionally with a pruning method)",
+        description="Generate answers for benchmarks and score them (docs/benchmarks.md). "
+        "Multi-GPU: torchrun --nproc_per_node=G -m finepruner eval ...",
+    )
+    p.add_argument("--model", required=True, help="local llava-hf checkpoint directory (or 'toy')")
+    p.add_argument("--model-id", help="model_id written in the answers (default: the model folder's name)")
+    p.add_argument("--bench", action="append", required=True, help=_bench_help())
+    p.add_argument("--data-root", required=True, help="LLaVA's playground/data/eval folder")
+    p.add_argument("--out", required=True, help="run directory (rerunning with the same one resumes)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
+    p.add_argument("--max-new-tokens", type=int, help="override the benchmark's max_new_tokens")
+    p.add_argument("--method", help="pruning method (see finepruner.methods.available()); default: none")
+    p.add_argument("--tokens", type=int, help="visual-token budget of the method")
+    p.add_argument("--K", type=int, help="method parameter K (e.g. the pruning layer)")
+    p.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="extra method parameter (repeatable)"
+    )
+    p.add_argument(
+        "--file",
+        action="append",
+        metavar="BENCH.KEY=PATH",
+        help="override a benchmark file, relative to its folder or absolute (repeatable)",
+    )
+    p.add_argument(
+        "--image-aspect-ratio",
+        choices=("pad", "original"),
+        default="pad",
+        help="pad: LLaVA-1.5's expand-to-square with the mean colour (default)",
+    )
+    p.add_argument("--dtype", help="model dtype (e.g. float16, bfloat16, float32)")
+    p.add_argument("--device", help="device (default: cuda:LOCAL_RANK when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_judge_args(p)
+    p.set_defaults(func=run_eval)
+
+    s = subparsers.add_parser(
+        "score",
+        help="print the official metrics of an answers file",
+        description="Score an answers JSONL (from finepruner or LLaVA's scripts).",
+    )
+    s.add_argument("--bench", required=True, help=_bench_help())
+    s.add_argument("--answers", required=True, help="answers JSONL file")
+    s.add_argument("--data-root", required=True, help="LLaVA's playground/data/eval folder")
+    s.add_argument("--file", action="append", metavar="BENCH.KEY=PATH", help="override a benchmark file")
+    s.add_argument("--out", help="folder for submission/result files (default: none written)")
+    s.add_argument("--model-id", help="name used in submission file names (default: answers file stem)")
+    s.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_judge_args(s)
+    s.set_defaults(func=run_score)
+
+
+def _print_summary(metrics: dict[str, Any], stream: Any = None) -> None:
+    stream = stream or sys.stdout
+    for spec, m in metrics.items():
+        counts = m.get("counts") or {}
+        tail = ", ".join(f"{k} {counts[k]}" for k in ("missing", "unknown") if counts.get(k))
+        if m.get("errors"):
+            tail = (tail + ", " if tail else "") + f"errors {m['errors']}"
+        if m.get("scored"):
+            h = m["headline"]
+            value = "n/a" if h["value"] is None else f"{h['value']:.2f}"
+            line = f"{spec}: {h['metric']} = {value}"
+        else:
+            line = f"{spec}: not scored here ({m.get('reason', '')})"
+            if m.get("submission"):
+                line += f"; submission: {m['submission']}"
+        print(line + (f" [{tail}]" if tail else ""), file=stream)
+        if m.get("warning"):
+            print(f"  warning: {m['warning']}", file=stream)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from finepruner.eval.runner import EvalConfig, evaluate
+
+    try:
+        params = parse_key_values(args.param, "--param")
+        if args.tokens is not None:
+            params["tokens"] = args.tokens
+        if args.K is not None:
+            params["K"] = args.K
+        config = EvalConfig(
+            benches=args.bench,
+            data_root=args.data_root,
+            out=args.out,
+            model=args.model,
+            model_id=args.model_id,
+            method=args.method,
+            method_params=params,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            image_aspect_ratio=args.image_aspect_ratio,
+            files=parse_files(args.file),
+            dtype=args.dtype,
+            device=args.device,
+            judge_model=args.judge_model,
+            judge_base_url=args.judge_base_url,
+            progress=not args.no_progress,
+        )
+        metrics = evaluate(config)
+    except (EvalError, ValueError, FileNotFoundError) as err:
+        print(f"finepruner eval: error: {err}", file=sys.stderr)
+        return 2
+    if metrics:
+        _print_summary(metrics)
+        print(f"run directory: {Path(args.out)}")
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from finepruner.eval.benchmarks import parse_spec
+    from finepruner.eval.judge import judge_from_settings
+    from finepruner.eval.runner import score_file
+
+    try:
+        name = parse_spec(args.bench)[0]
+        files = parse_files(args.file).get(name)
+        judge = judge_from_settings(
+            args.judge_model,
+            args.judge_base_url,
+            cache_path=Path(args.out) / "judge_cache.jsonl" if args.out else None,
+        )
+        metrics = score_file(
+            args.bench,
+            args.answers,
+            args.data_root,
+            files=files,
+            out_dir=args.out,
+            judge=judge,
+            model_id=args.model_id,
+        )
+    except (EvalError, ValueError, FileNotFoundError) as err:
+        print(f"finepruner score: error: {err}", file=sys.stderr)
+        return 2
+    counts = metrics.get("counts") or {}
+    if counts.get("missing") or counts.get("unknown"):
+        print(
+            f"finepruner score: {args.answers}: {counts.get('missing', 0)} questions without an answer, "
+            f"{counts.get('unknown', 0)} answers with unknown question ids "
+            f"({counts.get('answers')} answers, {counts.get('questions')} questions)",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(json.dumps(metrics, indent=2, ensure_ascii=False, default=str))
+    else:
+        _print_summary({args.bench: metrics})
+    return 0

@@ -1,0 +1,440 @@
+"""The benchmark-agnostic runner (issue 3, items 3-4): batched greedy generation, resumable answer files,
+sharding across torchrun ranks, scoring and the run directory.
+
+Run directory layout (``--out DIR``)::
+
+    DIR/config.json              resolved configuration (model, method + params, benchmarks, files, ...)
+    DIR/metrics.json             {benchmark: metrics} of every benchmark of the run
+    DIR/timing.json              model load and per-benchmark generation time, questions/s
+    DIR/<bench>/answers.jsonl    LLaVA-format answers, in question order (rank 0 merges shards into it)
+    DIR/<bench>/answers.rank<R>.jsonl   per-rank shards while a torchrun run is in progress
+    DIR/<bench>/metrics.json     the benchmark's metrics (with error/missing counts)
+    DIR/<bench>/submission/      official upload/result files where a server or a judge is needed
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finepruner.eval import benchmarks
+from finepruner.eval.benchmarks.base import Benchmark, Sample
+from finepruner.eval.distributed import DistContext, contiguous_chunk, init_distributed
+from finepruner.eval.errors import EvalError
+from finepruner.eval.io import AnswerWriter, iter_existing_answers, new_answer_id, read_answers, write_json
+from finepruner.eval.prompting import IMAGE_ASPECT_RATIOS, build_prompt, expand2square, image_background
+
+NO_METHOD = (None, "", "none", "vanilla")
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines an evaluation run (saved as ``config.json``)."""
+
+    benches: list[str]
+    data_root: str
+    out: str
+    model: str | None = None
+    model_id: str | None = None
+    method: str | None = None
+    method_params: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 1
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    image_aspect_ratio: str = "pad"
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
+    dtype: str | None = None
+    device: str | None = None
+    judge_model: str | None = None
+    judge_base_url: str | None = None
+    progress: bool = True
+
+    def resolved_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        if self.model:
+            return Path(str(self.model)).name or str(self.model)
+        return "model"
+
+
+def answer_record(sample: Sample, text: str, model_id: str, error: str | None = None) -> dict[str, Any]:
+    """One answers-file line in LLaVA's format (plus ``metadata.error`` for a failed sample)."""
+    record: dict[str, Any] = {"question_id": sample.question_id}
+    if "round_id" in sample.extra:
+        record["round_id"] = sample.extra["round_id"]
+    record["prompt"] = sample.prompt
+    record["text"] = text
+    record.update({k: v for k, v in sample.extra.items() if k != "round_id"})
+    record["answer_id"] = new_answer_id()
+    record["model_id"] = model_id
+    record["metadata"] = {"error": error} if error else {}
+    return record
+
+
+class Generator:
+    """Greedy batched generation with left padding for one (possibly pruned) LLaVA model."""
+
+    def __init__(self, model: Any, processor: Any, image_aspect_ratio: str = "pad") -> None:
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(
+                f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}"
+            )
+        self.model = model
+        self.processor = processor
+        self.image_aspect_ratio = image_aspect_ratio
+        self.background = image_background(processor)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = "left"
+        self.tokenizer = tokenizer
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+
+    def prepare_image(self, sample: Sample) -> Any:
+        image = sample.open_image()
+        if self.image_aspect_ratio == "pad":
+            image = expand2square(image, self.background)
+        return image
+
+    @torch.inference_mode()
+    def generate(self, texts: list[str], images: list[Any] | None, max_new_tokens: int) -> list[str]:
+        """Answers for ``texts`` (USER messages), all with images or all without."""
+        prompts = [build_prompt(t, images is not None, self.image_token) for t in texts]
+        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+        if images is not None:
+            kwargs["images"] = images
+        inputs = self.processor(**kwargs)
+        param = next(self.model.parameters())
+        inputs = {k: v.to(param.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+        out = self.model.generate(
+            **inputs,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def answer_batch(self, batch: list[Sample], max_new_tokens: int, model_id: str) -> list[dict[str, Any]]:
+        """Records for ``batch`` in order; an unreadable image makes that sample an error record."""
+        records: list[dict[str, Any] | None] = [None] * len(batch)
+        with_image: list[tuple[int, Any]] = []
+        without: list[int] = []
+        for i, sample in enumerate(batch):
+            if not sample.has_image:
+                without.append(i)
+                continue
+            try:
+                with_image.append((i, self.prepare_image(sample)))
+            except Exception as err:  # any decoding failure marks the sample
+                records[i] = answer_record(
+                    sample, "", model_id, error=f"cannot read image {sample.image_ref}: {err}"
+                )
+        if with_image:
+            texts = self.generate(
+                [batch[i].text for i, _ in with_image], [im for _, im in with_image], max_new_tokens
+            )
+            for (i, _), text in zip(with_image, texts, strict=True):
+                records[i] = answer_record(batch[i], text, model_id)
+        if without:
+            texts = self.generate([batch[i].text for i in without], None, max_new_tokens)
+            for i, text in zip(without, texts, strict=True):
+                records[i] = answer_record(batch[i], text, model_id)
+        return [r for r in records if r is not None]
+
+
+def _answer_files(bench_dir: Path) -> list[Path]:
+    return [bench_dir / "answers.jsonl", *sorted(bench_dir.glob("answers.rank*.jsonl"))]
+
+
+def merge_answers(bench_dir: Path, samples: list[Sample]) -> list[dict[str, Any]]:
+    """Merge ``answers.jsonl`` and rank shards into ``answers.jsonl`` in question order; returns the
+    answers of ``samples`` (records of questions outside ``samples`` are kept after them)."""
+    by_key: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for rec in iter_existing_answers(_answer_files(bench_dir)):
+        key = json.dumps([rec.get("question_id"), rec.get("prompt")], ensure_ascii=False)
+        if key not in by_key:
+            by_key[key] = rec
+            order.append(key)
+    wanted = [s.key for s in samples]
+    wanted_set = set(wanted)
+    current = [by_key[k] for k in wanted if k in by_key]
+    others = [by_key[k] for k in order if k not in wanted_set]
+    tmp = bench_dir / "answers.jsonl.tmp"
+    with tmp.open("w", encoding="utf-8") as fh:
+        for rec in (*current, *others):
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(bench_dir / "answers.jsonl")
+    for shard in bench_dir.glob("answers.rank*.jsonl"):
+        shard.unlink()
+    return current
+
+
+def run_benchmark(
+    generator: Generator,
+    bench: Benchmark,
+    data_root: str | Path,
+    bench_dir: Path,
+    *,
+    batch_size: int = 1,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    model_id: str = "model",
+    ctx: DistContext | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Generate the missing answers of one benchmark (this rank's share); returns timing and counts.
+
+    Answers already in ``bench_dir`` (from an interrupted run) are skipped; every batch is appended and
+    flushed, so a crash loses at most one batch. ``on_batch(i)`` is called after batch ``i`` is written.
+    """
+    ctx = ctx or DistContext()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    samples = bench.load(data_root)
+    if limit is not None:
+        samples = samples[:limit]
+    done = {
+        json.dumps([r.get("question_id"), r.get("prompt")], ensure_ascii=False)
+        for r in iter_existing_answers(_answer_files(bench_dir))
+    }
+    ctx.barrier()  # every rank has read the existing answers before anyone appends
+    pending = [s for s in samples if s.key not in done]
+    mine = contiguous_chunk(pending, ctx.world_size, ctx.rank)
+    path = bench_dir / ("answers.jsonl" if not ctx.distributed else f"answers.rank{ctx.rank}.jsonl")
+    tokens = max_new_tokens or bench.max_new_tokens
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    errors = 0
+    bar = tqdm(
+        total=len(mine),
+        desc=f"{bench.spec} [rank {ctx.rank}]" if ctx.distributed else bench.spec,
+        unit="q",
+        disable=not progress,
+        dynamic_ncols=True,
+        position=ctx.rank,
+    )
+    with AnswerWriter(path) as writer:
+        for b, i in enumerate(range(0, len(mine), batch_size)):
+            batch = mine[i : i + batch_size]
+            records = generator.answer_batch(batch, tokens, model_id)
+            errors += sum(1 for r in records if r["metadata"].get("error"))
+            writer.write_batch(records)
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(b)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {
+        "questions": len(samples),
+        "already_done": len(samples) - len(pending),
+        "generated": len(mine),
+        "errors_this_run": errors,
+        "seconds": seconds,
+        "questions_per_second": len(mine) / seconds if seconds > 0 and mine else None,
+        "max_new_tokens": tokens,
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+    }
+
+
+def score_benchmark(
+    bench: Benchmark,
+    answers: list[dict[str, Any]],
+    data_root: str | Path,
+    bench_dir: Path | None,
+    *,
+    judge: Any = None,
+    model_id: str = "model",
+) -> dict[str, Any]:
+    """Score ``answers`` and add the error count (samples whose image could not be read)."""
+    out_dir = bench_dir / "submission" if bench_dir is not None else None
+    metrics = bench.score(answers, data_root, out_dir=out_dir, judge=judge, model_id=model_id)
+    metrics["errors"] = sum(1 for a in answers if (a.get("metadata") or {}).get("error"))
+    return metrics
+
+
+def _check_config_compatible(run_dir: Path, config: EvalConfig) -> None:
+    old_path = run_dir / "config.json"
+    if not old_path.is_file():
+        return
+    old = json.loads(old_path.read_text())
+    for key in ("model_id", "method", "method_params", "image_aspect_ratio", "max_new_tokens"):
+        new_value = config.resolved_model_id() if key == "model_id" else getattr(config, key)
+        if key in old and old[key] != new_value:
+            raise EvalError(
+                f"{old_path}: this run directory holds answers for {key}={old[key]!r}, not {new_value!r}; "
+                "use another --out to avoid mixing answers"
+            )
+
+
+def _apply_method(model: Any, method: str | None, params: Mapping[str, Any]) -> Any:
+    if method in NO_METHOD:
+        return None
+    import finepruner
+
+    apply = getattr(finepruner, "apply", None)
+    if apply is None:
+        raise EvalError(f"--method {method}: finepruner.apply is not available in this installation")
+    return apply(model, method, **params)
+
+
+def evaluate(
+    config: EvalConfig,
+    model: Any = None,
+    processor: Any = None,
+    on_batch: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run every benchmark of ``config``; returns ``{bench: metrics}`` on rank 0 (``{}`` elsewhere).
+
+    Data paths are checked before the model is loaded. Pass ``model``/``processor`` to evaluate an
+    in-memory model (``config.model`` is then only recorded).
+    """
+    benches = [
+        benchmarks.get(spec, files=config.files.get(benchmarks.parse_spec(spec)[0]))
+        for spec in config.benches
+    ]
+    for bench in benches:
+        bench.check(config.data_root)
+    run_dir = Path(config.out)
+    ctx = init_distributed()
+    try:
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _check_config_compatible(run_dir, config)
+        ctx.barrier()
+        model_id = config.resolved_model_id()
+        t0 = time.perf_counter()
+        if model is None:
+            if not config.model:
+                raise EvalError("no model: pass --model PATH")
+            from finepruner.models.loading import load_model
+
+            model, processor = load_model(
+                config.model, dtype=config.dtype, device=config.device or ctx.default_device()
+            )
+        load_seconds = time.perf_counter() - t0
+        handle = _apply_method(model, config.method, config.method_params)
+        if ctx.is_main:
+            write_json(run_dir / "config.json", _config_record(config, benches, ctx))
+        generator = Generator(model, processor, config.image_aspect_ratio)
+        from finepruner.eval.judge import judge_from_settings
+
+        judge = (
+            judge_from_settings(
+                config.judge_model, config.judge_base_url, cache_path=run_dir / "judge_cache.jsonl"
+            )
+            if ctx.is_main
+            else None
+        )
+        all_metrics: dict[str, Any] = {}
+        timing: dict[str, Any] = {"model_load_seconds": load_seconds, "benchmarks": {}}
+        try:
+            for bench in benches:
+                bench_dir = run_dir / bench.spec.replace(":", "_")
+                bench_dir.mkdir(parents=True, exist_ok=True)
+                stats = run_benchmark(
+                    generator,
+                    bench,
+                    config.data_root,
+                    bench_dir,
+                    batch_size=config.batch_size,
+                    limit=config.limit,
+                    max_new_tokens=config.max_new_tokens,
+                    model_id=model_id,
+                    ctx=ctx,
+                    progress=config.progress,
+                    on_batch=(lambda b, _s=bench.spec: on_batch(_s, b)) if on_batch else None,
+                )
+                ctx.barrier()  # all shards written
+                if ctx.is_main:
+                    samples = bench.load(config.data_root)
+                    if config.limit is not None:
+                        samples = samples[: config.limit]
+                    answers = merge_answers(bench_dir, samples)
+                    metrics = score_benchmark(
+                        bench, answers, config.data_root, bench_dir, judge=judge, model_id=model_id
+                    )
+                    metrics["answers_file"] = str(bench_dir / "answers.jsonl")
+                    metrics["limit"] = config.limit
+                    write_json(bench_dir / "metrics.json", metrics)
+                    all_metrics[bench.spec] = metrics
+                    timing["benchmarks"][bench.spec] = stats
+                    write_json(run_dir / "metrics.json", all_metrics)
+                    write_json(run_dir / "timing.json", timing)
+                ctx.barrier()
+        finally:
+            if handle is not None:
+                handle.remove()
+        return all_metrics
+    finally:
+        ctx.close()
+
+
+def _config_record(config: EvalConfig, benches: list[Benchmark], ctx: DistContext) -> dict[str, Any]:
+    import transformers
+
+    import finepruner
+
+    record = asdict(config)
+    record["model_id"] = config.resolved_model_id()
+    record["benchmarks"] = {
+        b.spec: {
+            "name": b.name,
+            "split": b.split,
+            "files": dict(b.files),
+            "max_new_tokens": config.max_new_tokens or b.max_new_tokens,
+        }
+        for b in benches
+    }
+    record["decoding"] = {"do_sample": False, "num_beams": 1, "conversation": "vicuna_v1"}
+    record["world_size"] = ctx.world_size
+    record["versions"] = {
+        "finepruner": finepruner.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return record
+
+
+def score_file(
+    bench_spec: str,
+    answers_path: str | Path,
+    data_root: str | Path,
+    *,
+    files: Mapping[str, str] | None = None,
+    out_dir: str | Path | None = None,
+    judge: Any = None,
+    model_id: str | None = None,
+) -> dict[str, Any]:
+    """Metrics of an answers file (ours or LLaVA's); submissions go to ``out_dir`` when given."""
+    bench = benchmarks.get(bench_spec, files=files)
+    bench.check(data_root, inference=False, scoring=True)
+    answers = read_answers(Path(answers_path))
+    metrics = score_benchmark(
+        bench,
+        answers,
+        data_root,
+        Path(out_dir) if out_dir else None,
+        judge=judge,
+        model_id=model_id or Path(answers_path).stem,
+    )
+    counts = metrics.get("counts") or {}
+    if counts.get("answers") and counts.get("unknown") == counts.get("answers"):
+        raise EvalError(
+            f"answers file {answers_path}: none of its {counts['answers']} answers belong to {bench.spec} "
+            f"({counts.get('questions')} questions expected); wrong --bench or --data-root?"
+        )
+    return metrics
