@@ -13,6 +13,13 @@ import sys
 #: Modules that contribute sub-commands, in the order they appear in ``--help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "finepruner.demo",
+    "finepruner.toy.cli",
+    "finepruner.eval.cli",
+    "finepruner.bench.cli",
+    "finepruner.calibrate",
+    "finepruner.sweep.cli",
+    "finepruner.report.cli",
+    "finepruner.report.show",
 )
 
 

@@ -273,14 +273,7 @@ def test_cli_eval_and_score(tiny, playground, tmp_path, capsys) -> None:
 
 
 def test_method_param_goes_to_apply(tiny, playground, tmp_path) -> None:
-    import finepruner
-
-    if not hasattr(finepruner, "apply"):
-        pytest.skip("finepruner.apply not available yet")
     model, processor, _ = tiny
-    methods = pytest.importorskip("finepruner.methods")
-    if "random" not in methods.available():
-        pytest.skip("no 'random' method registered")
     m = evaluate(
         EvalConfig(
             benches=["pope"],
@@ -296,6 +289,10 @@ def test_method_param_goes_to_apply(tiny, playground, tmp_path) -> None:
         processor=processor,
     )
     assert m["pope"]["counts"]["answers"] == 2
+    efficiency = m["pope"]["efficiency"]
+    assert efficiency["samples"] == 2 and efficiency["mean_average_visual_tokens"] == 16.0
+    assert efficiency["mean_prefill_tflops"] > 0
+    assert "forward" not in vars(model.model.language_model)  # the method was removed after the run
 
 
 def test_torchrun_two_processes_match_single(tiny, playground, tmp_path) -> None:

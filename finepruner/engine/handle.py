@@ -9,6 +9,7 @@ from torch import nn
 
 from finepruner.engine.loop import pruned_forward
 from finepruner.engine.state import PruneStats
+from finepruner.engine.vision import VisionCapture, VisionSignals
 from finepruner.methods import PruningMethod, Stage, create
 from finepruner.models.adapter import LlavaAdapter
 
@@ -21,9 +22,16 @@ class Handle:
     After a forward or ``generate`` (results of the most recent prefill):
 
     * ``kept``: one LongTensor per pruning stage, [batch, n_kept], sorted indices into the prompt's
-      visual tokens (0..575 for LLaVA-1.5).
+      visual tokens (0..575 for LLaVA-1.5): the tokens the stage kept. Methods that merge tokens
+      (SparseVLM) give each merged token the id N, N+1, ... (N = visual tokens per sample) in order of
+      creation, so a later stage that keeps a merged token lists an id >= N after the real ones;
+      ``kept[s][kept[s] < N]`` are the original tokens.
+    * ``merged``: per stage, [batch, c] ids of the tokens the stage inserted after its kept visual
+      tokens (None when it inserted none); the visual tokens after stage s are ``kept[s]`` then ``merged[s]``.
     * ``stats``: a ``PruneStats`` with the tokens entering every decoder layer.
     * ``heads``: per stage, the heads chosen for each sample (None for methods that do not select heads).
+    * ``attention``: per stage, the [batch, heads, n_visual] float32 last-query attention to the visual
+      tokens that the stage scored with (None for stages without an attention signal), for plots.
     """
 
     def __init__(self, model: nn.Module, method: PruningMethod) -> None:
@@ -33,10 +41,16 @@ class Handle:
         self.kept: list[torch.Tensor] = []
         self.stats: PruneStats | None = None
         self.heads: list[list[torch.Tensor] | None] = []
+        self.attention: list[torch.Tensor | None] = []
+        self.merged: list[torch.Tensor | None] = []
         self._plans: dict[int, list[Stage]] = {}
         self._pending: tuple[torch.Tensor | None, list[int]] | None = None
         self._hook = None
-        self.plan(self.adapter.num_visual_tokens)  # validate parameters against the model now
+        self._vision: VisionCapture | None = None  # vision-side hooks for methods with ``needs_vision``
+        self._prompt_ids: list[list[int]] | None = None
+        # validate the parameters against the model now, before any expensive work
+        self.plan(self.adapter.num_visual_tokens)
+        method.check_model(self.adapter.num_heads, self.adapter.num_layers, self.adapter.num_visual_tokens)
 
     # -- installation -------------------------------------------------------------------------
     def _install(self) -> None:
@@ -48,6 +62,8 @@ class Handle:
         lm.forward = functools.partial(pruned_forward, lm, self)
         setattr(lm, _HANDLE_ATTRIBUTE, self)
         self._hook = self.adapter.llava_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
+        if self.method.needs_vision:
+            self._vision = VisionCapture(self.adapter, self.method.needs_vision)
 
     def remove(self) -> None:
         """Restore the model: the original forward, no hooks, no attributes left behind."""
@@ -58,6 +74,9 @@ class Handle:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._vision is not None:
+            self._vision.remove()
+            self._vision = None
 
     def __enter__(self) -> Handle:
         return self
@@ -76,17 +95,21 @@ class Handle:
     def _capture_inputs(self, module, args, kwargs):
         """Pre-hook on LlavaModel: remember the image-token mask and per-sample keys of this call."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._prompt_ids = None
         if kwargs.get("pixel_values") is None and kwargs.get("mm_encoder_outputs") is None:
             self._pending = None  # no image in this call (e.g. a decode step)
             return
         image_mask = self.adapter.image_mask(input_ids, kwargs.get("inputs_embeds"))
         keys: list[int] = []
+        prompts: list[list[int]] = []  # each sample's prompt tokens, padding removed (for needs_vision)
         if input_ids is not None and image_mask is not None and bool(image_mask.any()):
             attention_mask = kwargs.get("attention_mask")
             for row, ids in enumerate(input_ids.tolist()):
                 if attention_mask is not None:
                     ids = [t for t, m in zip(ids, attention_mask[row].tolist(), strict=True) if m]
                 keys.append(hash(tuple(ids)))
+                prompts.append(ids)
+        self._prompt_ids = prompts or None
         self._pending = (image_mask, keys)
 
     def _take_pending(self, shape: torch.Size) -> tuple[torch.Tensor | None, list[int]]:
@@ -99,9 +122,17 @@ class Handle:
             keys = list(range(shape[0]))
         return image_mask, keys
 
-    def _record(self, kept, stats, heads) -> None:
-        self.kept, self.stats = kept, stats
-        self.heads = heads
+    def _take_vision(self, batch: int, num_visual: int) -> VisionSignals | None:
+        """The vision signals captured while this prefill's images were encoded (consumed), or None when
+        the method declares no ``needs_vision``."""
+        if self._vision is None:
+            return None
+        prompt_ids, self._prompt_ids = self._prompt_ids, None
+        return self._vision.take(batch, num_visual, prompt_ids)
+
+    def _record(self, kept, stats, heads, attention, merged=None) -> None:
+        self.kept, self.stats, self.heads, self.attention = kept, stats, heads, attention
+        self.merged = merged if merged is not None else [None] * len(kept)
 
 
 def apply(model: nn.Module, method: str | PruningMethod, /, **params) -> Handle:

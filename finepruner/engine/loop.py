@@ -18,6 +18,7 @@ rotary embeddings; FlashAttention would otherwise read gaps as packed sequences)
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,9 +26,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from finepruner.engine.signals import last_query_attention
+from finepruner.engine.signals import StageSignals, eager_last_query_attention, last_query_attention
 from finepruner.engine.state import STATE_ATTRIBUTE, GenerationState, PruneStats, Segment
-from finepruner.methods.base import StageContext
+from finepruner.methods.base import Selection, StageContext
 
 if TYPE_CHECKING:
     from finepruner.engine.handle import Handle
@@ -42,6 +43,13 @@ def _causal_mask(lm, hidden, mask2d, cache, layer_idx, position_ids=None):
         position_ids=position_ids,
         layer_idx=layer_idx,
     )
+
+
+def _clock(hidden: torch.Tensor, handle) -> float:
+    """``perf_counter()``; on CUDA, after a synchronize when ``handle.synchronize_timing`` is set (bench)."""
+    if hidden.is_cuda and getattr(handle, "synchronize_timing", False):
+        torch.cuda.synchronize(hidden.device)
+    return time.perf_counter()
 
 
 def _visual_positions(image_mask: torch.Tensor) -> torch.Tensor:
@@ -195,16 +203,30 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
     stages = handle.plan(num_visual)
     stage_at = {stage.layer: (i, stage) for i, stage in enumerate(stages)}
     score_layers = {stage.score_layer for stage in stages if stage.score_layer is not None}
+    # score layers that run before their stage: their k_proj output is kept for StageSignals
+    key_layers = {s.score_layer for s in stages if s.score_layer is not None and s.score_layer < s.layer}
+    cached_keys = cache is not None and use_cache  # then the cache holds them (after RoPE): no hook
     renumber = handle.method.positions == "renumber"
 
     visual_ids = torch.arange(num_visual, device=hidden.device).expand(batch, -1)
     mask2d = attention_mask
+    inputs_embeds, input_visual_index = hidden, visual_index
+    source_index = torch.arange(length, device=hidden.device).expand(batch, -1)
+    next_id = num_visual  # visual id of the next inserted token
+    memo: dict = {}
+    saved_keys: dict[int, torch.Tensor] = {}
+    merged: list[torch.Tensor | None] = []
     shift = torch.zeros(batch, dtype=torch.long, device=hidden.device)
     segments = [Segment(0, attention_mask, length, shift)]
     saved_inputs: dict[int, tuple] = {}
-    stats = PruneStats()
+    score_impl = getattr(handle.method, "score_impl", "cheap")
+    stats = PruneStats(batch=batch, score_impl=score_impl, config=handle.model.config)
     kept: list[torch.Tensor] = []
+    started = _clock(hidden, handle)
+    vision = handle._take_vision(batch, num_visual)  # vision-side signals (methods with needs_vision)
+    stats.selection_seconds += _clock(hidden, handle) - started
     heads: list[list[torch.Tensor] | None] = []
+    attentions: list[torch.Tensor | None] = []
     all_hidden = [] if output_hidden_states else None
     embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
     mask = _causal_mask(lm, hidden, mask2d, cache, 0)
@@ -212,20 +234,37 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
     for index, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         if index in stage_at:
             stage_index, stage = stage_at[index]
+            started = _clock(hidden, handle)
             attention = None
+            score_input = None
             if stage.score_layer is not None:
-                source, source_embeddings, source_mask = saved_inputs.get(
-                    stage.score_layer, (hidden, embeddings, mask2d)
-                )
-                rows = last_query_attention(lm.layers[stage.score_layer], source, source_embeddings, source_mask)
+                score_input = saved_inputs.get(stage.score_layer, (hidden, embeddings, mask2d))
+            if stage.score_layer is not None and stage.last_query:
+                source, source_embeddings, source_mask = score_input
+                signal = eager_last_query_attention if score_impl == "eager" else last_query_attention
+                rows = signal(lm.layers[stage.score_layer], source, source_embeddings, source_mask)
+                stats.score_lengths.append(source.shape[1])
                 attention = rows.gather(2, visual_index[:, None, :].expand(-1, rows.shape[1], -1))
-            context = StageContext(attention=attention, visual_ids=visual_ids, row_keys=row_keys)
-            local = handle.method.select(stage_index, stage, context)
-            if local.shape != (batch, stage.keep):
-                raise RuntimeError(
-                    f"{handle.method.name} selected {tuple(local.shape)} tokens at stage {stage_index}; "
-                    f"expected {(batch, stage.keep)}"
-                )
+            signals = StageSignals(
+                lm=lm, hidden=hidden, position_ids=position_ids, mask2d=mask2d, visual_index=visual_index,
+                source_index=source_index, inputs_embeds=inputs_embeds, input_mask2d=attention_mask,
+                input_visual_index=input_visual_index, score_layer=stage.score_layer, score_input=score_input,
+                score_keys=saved_keys.pop(stage.score_layer, None), memo=memo,
+            )
+            if cached_keys and stage.score_layer is not None and stage.score_layer < index:
+                rotated = cache.layers[stage.score_layer].keys
+                if rotated is not None and rotated.shape[2] == hidden.shape[1]:
+                    signals.score_rotated_keys = rotated
+            context = StageContext(attention=attention, visual_ids=visual_ids, row_keys=row_keys, vision=vision,
+                                   signals=signals)
+            local, insert, insert_from = _unpack_selection(
+                handle.method.select(stage_index, stage, context), stage, stage_index, batch, width, handle.method.name
+            )
+            stats.selection_seconds += _clock(hidden, handle) - started
+            if insert is not None:  # where inserted tokens go: after the last current visual token
+                insert_at = visual_index[:, -1:]
+                if not renumber:
+                    insert_positions = position_ids.gather(1, visual_index.gather(1, insert_from))
             keep_mask = torch.ones(batch, hidden.shape[1], dtype=torch.bool, device=hidden.device)
             keep_mask.scatter_(1, visual_index, False)
             kept_positions = visual_index.gather(1, local)
@@ -240,10 +279,27 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
                 position_ids = position_ids.gather(1, keep_index)
             if mask2d is not None:
                 mask2d = mask2d.gather(1, keep_index)
+            source_index = source_index.gather(1, keep_index)
             visual_index = (keep_mask.cumsum(dim=1) - 1).gather(1, kept_positions)
             visual_ids = visual_ids.gather(1, local)
             kept.append(visual_ids)
+            if insert is None:
+                merged.append(None)
+            else:
+                count = insert.shape[1]
+                start = keep_mask.cumsum(dim=1).gather(1, insert_at)  # kept tokens up to the last visual one
+                hidden, position_ids, mask2d, source_index, visual_index = _insert_tokens(
+                    hidden, position_ids, mask2d, source_index, visual_index, start, insert.to(hidden.dtype),
+                    None if renumber else insert_positions,
+                )
+                if renumber:
+                    shift = shift - count
+                new_ids = torch.arange(next_id, next_id + count, device=hidden.device).expand(batch, -1)
+                next_id += count
+                visual_ids = torch.cat([visual_ids, new_ids], dim=1)
+                merged.append(new_ids)
             heads.append(context.heads)
+            attentions.append(attention)
             segments.append(Segment(index, mask2d, hidden.shape[1], shift))
             embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
             mask = _causal_mask(lm, hidden, mask2d, cache, index)
@@ -253,12 +309,76 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
         stats.visual_tokens.append(visual_ids.shape[1])
         if all_hidden is not None:
             all_hidden.append(hidden)
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, cache=cache,
-                       use_cache=use_cache, **kwargs)
+        capture = None
+        if index in key_layers and not cached_keys:  # keep the keys it computes (score_keys)
+            capture = layer.self_attn.k_proj.register_forward_hook(
+                lambda module, args, output, index=index: saved_keys.__setitem__(index, output)
+            )
+        try:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, cache=cache,
+                           use_cache=use_cache, **kwargs)
+        finally:
+            if capture is not None:
+                capture.remove()
 
     if cache is not None:
         if 0 in stage_at:  # the stage before layer 0 replaces the unpruned first segment
             segments = segments[1:]
         setattr(cache, STATE_ATTRIBUTE, GenerationState(prompt_length=length, segments=segments, seen=length))
-    handle._record(kept=kept, stats=stats, heads=heads)
+    handle._record(kept=kept, stats=stats, heads=heads, attention=attentions, merged=merged)
     return hidden, all_hidden
+
+
+def _unpack_selection(choice, stage, stage_index, batch, width, name):
+    """``(keep, insert, insert_from)`` of a method's answer, checked against the stage's declared counts."""
+    if isinstance(choice, Selection):
+        local, insert, insert_from = choice.keep, choice.insert, choice.insert_from
+    else:
+        local, insert, insert_from = choice, None, None
+    if local.ndim != 2 or local.shape[0] != batch or (stage.keep is not None and local.shape[1] != stage.keep):
+        raise RuntimeError(
+            f"{name} selected {tuple(local.shape)} tokens at stage {stage_index}; expected {(batch, stage.keep)}"
+        )
+    if insert is not None and insert.shape[1] == 0:
+        insert = insert_from = None
+    count = 0 if insert is None else insert.shape[1]
+    if insert is not None and (insert.ndim != 3 or insert.shape[0] != batch or insert.shape[2] != width):
+        raise RuntimeError(f"{name} inserted {tuple(insert.shape)} hidden states; expected [{batch}, c, {width}]")
+    if stage.insert is not None and count != stage.insert:
+        raise RuntimeError(f"{name} inserted {count} tokens at stage {stage_index}; the plan says {stage.insert}")
+    if insert is not None and (insert_from is None or tuple(insert_from.shape) != (batch, count)):
+        raise RuntimeError(f"{name}: Selection.insert_from must be [{batch}, {count}] with Selection.insert")
+    return local, insert, insert_from
+
+
+def _insert_tokens(hidden, position_ids, mask2d, source_index, visual_index, start, extra, extra_positions):
+    """Insert ``extra`` [B, c, D] after the first ``start`` [B, 1] tokens of each row; they join the visual
+    tokens. Positions: ``extra_positions`` [B, c] when given (original mode), else contiguous after the
+    preceding token with the following tokens shifted by c (renumber mode)."""
+    batch, length, width = hidden.shape
+    count = extra.shape[1]
+    device = hidden.device
+    after = torch.arange(length, device=device)[None] >= start  # [B, L] tokens that move right by c
+    target = torch.arange(length, device=device)[None] + count * after
+    slots = start + torch.arange(count, device=device)[None]  # [B, c]
+    out = hidden.new_empty(batch, length + count, width)
+    out.scatter_(1, target[..., None].expand(-1, -1, width), hidden)
+    out.scatter_(1, slots[..., None].expand(-1, -1, width), extra)
+
+    def spread(values, fill):
+        merged_values = values.new_empty(batch, length + count)
+        merged_values.scatter_(1, target, values)
+        merged_values.scatter_(1, slots, fill)
+        return merged_values
+
+    if extra_positions is None:
+        before = position_ids.gather(1, (start - 1).clamp(min=0))
+        before = torch.where(start > 0, before, before - 1)  # no preceding token: start at its position - 1 + 1
+        extra_positions = before + 1 + torch.arange(count, device=device)[None]
+        position_ids = position_ids + count * after
+    positions = spread(position_ids, extra_positions.to(position_ids.dtype))
+    if mask2d is not None:
+        mask2d = spread(mask2d, torch.ones(batch, count, dtype=mask2d.dtype, device=device))
+    source_index = spread(source_index, torch.full((batch, count), -1, dtype=source_index.dtype, device=device))
+    visual_index = torch.cat([visual_index, slots], dim=1)
+    return out, positions, mask2d, source_index, visual_index

@@ -3,9 +3,13 @@
 ``last_query_attention`` gives the attention of the last prompt token to every position, per head,
 from one decoder layer's own q/k projections: one query row instead of an L x L eager attention,
 so it works whatever attention implementation the model runs (sdpa, eager, FlashAttention).
+``query_attention`` does the same for a chosen set of query positions per sample (e.g. SparseVLM's text
+raters), and ``StageSignals`` hands such signals to a method lazily, at one pruning stage.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -55,3 +59,158 @@ def last_query_attention(
     if mask2d is not None:
         logits = logits.masked_fill(~mask2d.bool()[:, None, :], float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def eager_last_query_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    mask2d: torch.Tensor | None,
+) -> torch.Tensor:
+    """``last_query_attention`` computed the way the original FastV code did: the full [B, heads, L, L]
+    causal attention of the layer is materialised (q and k for every token, logits in the model dtype,
+    softmax in float32 as transformers' eager attention), and its last row is returned.
+
+    Only for ``score_impl="eager"``: it shows the cost of that approach beside the one-row signal (the
+    original also reused the matrix for the layer's A·V, which here the layer's own kernel still does).
+    Returns [B, heads, L] float32, equal to ``last_query_attention`` up to rounding.
+    """
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden)
+    query = attn.q_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    cos, sin = (t.to(query.dtype) for t in position_embeddings)
+    query, key = _rope(query, cos, sin), _rope(key, cos, sin)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+    logits = (query @ key.transpose(-1, -2)) * attn.scaling  # [B, H, L, L], materialised
+    allowed = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()[None, None]
+    if mask2d is not None:
+        allowed = allowed & mask2d.bool()[:, None, None, :]
+    probs = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).softmax(dim=-1, dtype=torch.float32)
+    return probs[:, :, -1]
+
+
+def query_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    mask2d: torch.Tensor | None,
+    query_index: torch.Tensor,
+    keys: torch.Tensor | None = None,
+    rotated_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention rows of chosen query positions over all keys of ``layer``, in float32.
+
+    Args:
+        layer: a Llama-style decoder layer.
+        hidden: the layer's input hidden states [B, L, D].
+        position_embeddings: ``(cos, sin)`` for those positions, [B, L, head_dim] each.
+        mask2d: [B, L] padding mask (1 = real token) or None.
+        query_index: [B, Q] sequence positions of the queries (any valid position for unused slots).
+        keys: the layer's ``k_proj`` output on ``hidden`` [B, L, kv_heads * head_dim] when already known
+            (the engine captures it while the layer runs), so that only the Q query rows are projected.
+        rotated_keys: the layer's keys after RoPE [B, kv_heads, L, head_dim] when already known (the
+            layer's KV-cache entry of this prefill); they replace ``keys`` and the key rotation.
+
+    Returns:
+        [B, heads, Q, L] float32 probabilities, causal (key j is seen by a query at position i iff j <= i)
+        and 0 on padded keys: rows of the layer's eager attention, without the L x L matrix.
+    """
+    attn = layer.self_attn
+    batch, length, width = hidden.shape
+    head_dim = attn.head_dim
+    count = query_index.shape[1]
+    rows = hidden.gather(1, query_index[..., None].expand(-1, -1, width))
+    query = attn.q_proj(layer.input_layernorm(rows)).view(batch, count, -1, head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    query_cos = cos.gather(1, query_index[..., None].expand(-1, -1, cos.shape[-1]))
+    query_sin = sin.gather(1, query_index[..., None].expand(-1, -1, sin.shape[-1]))
+    query = _rope(query.float(), query_cos.float(), query_sin.float())
+    if rotated_keys is not None:
+        key = rotated_keys.float()
+    else:
+        if keys is None:
+            keys = attn.k_proj(layer.input_layernorm(hidden))
+        key = keys.view(batch, length, -1, head_dim).transpose(1, 2)
+        key = _rope(key.float(), cos.float(), sin.float())
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+    logits = (query @ key.transpose(-1, -2)) * attn.scaling  # [B, H, Q, L]
+    allowed = torch.arange(length, device=hidden.device)[None, None, :] <= query_index[:, :, None]  # [B, Q, L]
+    if mask2d is not None:
+        allowed = allowed & mask2d.bool()[:, None, :]
+    return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+
+
+@dataclass
+class StageSignals:
+    """Language-side signals at one pruning stage of one prefill, computed only when a method asks.
+
+    The engine builds one per stage (``StageContext.signals``); building it costs nothing.
+
+    Attributes:
+        lm: the language model (``layers``, ``rotary_emb``).
+        hidden: [B, L, D] the hidden states this stage prunes (the input of ``stage.layer``).
+        position_ids: [B, L] their position ids.
+        mask2d: [B, L] padding mask (1 = real token) or None.
+        visual_index: [B, V] sequence positions of the current visual tokens in ``hidden``.
+        source_index: [B, L] position of each current token in the prefill input; -1 for tokens that an
+            earlier stage inserted.
+        inputs_embeds: [B, L0, D] the prefill input of layer 0 (after the image features were placed).
+        input_mask2d: [B, L0] its padding mask, or None.
+        input_visual_index: [B, N] positions of the visual tokens in the prefill input.
+        score_layer: the stage's ``score_layer`` (None: none declared).
+        score_input: ``(hidden, (cos, sin), mask2d)`` the input of ``score_layer``; it holds the same
+            tokens as ``hidden`` (no stage lies between ``score_layer`` and the stage).
+        score_keys: the ``k_proj`` output of ``score_layer`` captured while it ran, or None.
+        score_rotated_keys: ``score_layer``'s keys after RoPE from its KV-cache entry (prefill with a
+            cache), or None; preferred over ``score_keys``.
+        memo: a dict shared by all stages of one prefill (e.g. for values computed once per prompt).
+    """
+
+    lm: nn.Module
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    mask2d: torch.Tensor | None
+    visual_index: torch.Tensor
+    source_index: torch.Tensor
+    inputs_embeds: torch.Tensor
+    input_mask2d: torch.Tensor | None
+    input_visual_index: torch.Tensor
+    score_layer: int | None = None
+    score_input: tuple | None = None
+    score_keys: torch.Tensor | None = None
+    score_rotated_keys: torch.Tensor | None = None
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def position_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` [B, L, head_dim] of the current tokens, as the score layer used them."""
+        return self.score_input[1]
+
+    def query_attention(self, query_index: torch.Tensor) -> torch.Tensor:
+        """[B, heads, Q, L] float32 attention rows of ``score_layer`` for the queries at ``query_index``
+        [B, Q] (current sequence positions), over all current tokens (``query_attention``)."""
+        if self.score_layer is None:
+            raise RuntimeError("this stage declared no score_layer; attention rows are not available")
+        hidden, embeddings, mask2d = self.score_input
+        layer = self.lm.layers[self.score_layer]
+        return query_attention(layer, hidden, embeddings, mask2d, query_index, self.score_keys,
+                               self.score_rotated_keys)
+
+    def current_index(self, input_positions: torch.Tensor) -> torch.Tensor:
+        """Current sequence positions of tokens given by their prefill-input positions [B, Q]; -1 for
+        tokens that are no longer in the sequence."""
+        batch, length = self.source_index.shape
+        inverse = torch.full((batch, self.inputs_embeds.shape[1] + 1), -1, dtype=torch.long,
+                             device=self.source_index.device)
+        current = torch.arange(length, device=self.source_index.device).expand(batch, -1)
+        slot = torch.where(self.source_index >= 0, self.source_index, inverse.shape[1] - 1)
+        inverse.scatter_(1, slot, current)
+        inverse[:, -1] = -1
+        return inverse.gather(1, input_positions)

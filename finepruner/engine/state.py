@@ -11,6 +11,7 @@ of the cache needs no special handling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -50,24 +51,53 @@ class GenerationState:
 
 @dataclass
 class PruneStats:
-    """Token counts of the last prefill, per decoder layer.
+    """Token counts of the last prefill, per decoder layer, its analytic FLOPs and its selection time.
 
     Attributes:
         sequence_length: padded sequence length entering each decoder layer.
         visual_tokens: visual tokens per sample entering each decoder layer.
+        batch: samples in the prefill.
+        selection_seconds: wall time spent in the method's signals and selections (vision signals taken
+            by the engine, attention signals, ``select``); CUDA is synchronised around it only when the
+            handle's ``synchronize_timing`` is set (``finepruner bench`` does).
+        score_lengths: tokens held by the score layer at each stage that computed an attention signal.
+        score_impl: ``"cheap"`` (one query row) or ``"eager"`` (materialised attention) for those signals.
+        config: the model's ``LlavaConfig`` (for ``flops``); not serialised.
     """
 
     sequence_length: list[int] = field(default_factory=list)
     visual_tokens: list[int] = field(default_factory=list)
+    batch: int = 1
+    selection_seconds: float = 0.0
+    score_lengths: list[int] = field(default_factory=list)
+    score_impl: str = "cheap"
+    config: Any = field(default=None, repr=False, compare=False)
 
     @property
     def average_visual_tokens(self) -> float:
         """Layer-averaged visual-token count (the "N tokens" of SparseVLM/PDrop, spec §0.3)."""
         return sum(self.visual_tokens) / max(1, len(self.visual_tokens))
 
+    @property
+    def flops(self) -> dict | None:
+        """Analytic FLOPs of this prefill (``finepruner.bench.flops.prefill_report``): language model,
+        scoring, LM head, vision tower and projector apart, first decode step; None without a config."""
+        if self.config is None or not self.sequence_length:
+            return None
+        from finepruner.bench.flops import prefill_report  # pure Python, imported lazily
+
+        return prefill_report(self.config, self.sequence_length, self.visual_tokens, self.batch,
+                              self.score_lengths, self.score_impl)
+
     def as_dict(self) -> dict:
+        flops = self.flops
+        if flops is not None:
+            flops = {k: v for k, v in flops.items() if k != "layers"}
         return {
             "sequence_length": list(self.sequence_length),
             "visual_tokens": list(self.visual_tokens),
             "average_visual_tokens": self.average_visual_tokens,
+            "batch": self.batch,
+            "selection_seconds": self.selection_seconds,
+            "flops": flops,
         }

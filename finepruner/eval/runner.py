@@ -63,6 +63,39 @@ class EvalConfig:
         return "model"
 
 
+def prune_summary(handle: Any) -> dict[str, Any] | None:
+    """Per-sample efficiency figures of the handle's last prefill (``finepruner.bench.flops``), or None."""
+    stats = getattr(handle, "stats", None)
+    if stats is None:
+        return None
+    flops = stats.flops or {}
+    per_sample = {
+        key: flops[key] / stats.batch / 1e12
+        for key in ("language_model", "total")
+        if flops.get(key) is not None
+    }
+    return {
+        "average_visual_tokens": stats.average_visual_tokens,
+        "prefill_tflops": per_sample.get("language_model"),
+        "prefill_tflops_with_vision": per_sample.get("total"),
+        "paper_tflops": flops.get("paper_tflops_per_sample"),
+        "selection_seconds": stats.selection_seconds / stats.batch,
+    }
+
+
+def efficiency_summary(answers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Means of the per-sample ``prune`` figures over the answers that carry them (None if none do)."""
+    rows = [(a.get("metadata") or {}).get("prune") for a in answers]
+    rows = [r for r in rows if r]
+    if not rows:
+        return None
+    summary: dict[str, Any] = {"samples": len(rows)}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        summary[f"mean_{key}"] = sum(values) / len(values) if values else None
+    return summary
+
+
 def answer_record(sample: Sample, text: str, model_id: str, error: str | None = None) -> dict[str, Any]:
     """One answers-file line in LLaVA's format (plus ``metadata.error`` for a failed sample)."""
     record: dict[str, Any] = {"question_id": sample.question_id}
@@ -93,6 +126,9 @@ class Generator:
         tokenizer.padding_side = "left"
         self.tokenizer = tokenizer
         self.image_token = getattr(processor, "image_token", None) or "<image>"
+        #: The pruning ``Handle`` applied to ``model``, if any: its per-prefill statistics are recorded.
+        self.handle: Any = None
+        self._last_prune: dict[str, Any] | None = None
 
     def prepare_image(self, sample: Sample) -> Any:
         image = sample.open_image()
@@ -120,6 +156,7 @@ class Generator:
             use_cache=True,
             pad_token_id=self.tokenizer.pad_token_id,
         )
+        self._last_prune = prune_summary(self.handle) if images is not None else None
         new = out[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -144,6 +181,8 @@ class Generator:
             )
             for (i, _), text in zip(with_image, texts, strict=True):
                 records[i] = answer_record(batch[i], text, model_id)
+                if self._last_prune is not None:
+                    records[i]["metadata"]["prune"] = self._last_prune
         if without:
             texts = self.generate([batch[i].text for i in without], None, max_new_tokens)
             for i, text in zip(without, texts, strict=True):
@@ -329,6 +368,7 @@ def evaluate(
         if ctx.is_main:
             write_json(run_dir / "config.json", _config_record(config, benches, ctx))
         generator = Generator(model, processor, config.image_aspect_ratio)
+        generator.handle = handle
         from finepruner.eval.judge import judge_from_settings
 
         judge = (
@@ -367,6 +407,7 @@ def evaluate(
                         bench, answers, config.data_root, bench_dir, judge=judge, model_id=model_id
                     )
                     metrics["answers_file"] = str(bench_dir / "answers.jsonl")
+                    metrics["efficiency"] = efficiency_summary(answers)
                     metrics["limit"] = config.limit
                     write_json(bench_dir / "metrics.json", metrics)
                     all_metrics[bench.spec] = metrics

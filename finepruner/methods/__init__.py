@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import inspect
 
-from finepruner.methods.base import PruningMethod, Stage, StageContext
+from finepruner.methods.base import PruningMethod, Selection, Stage, StageContext
+from finepruner.methods.cdpruner import CDPruner
 from finepruner.methods.fastv import FastV
+from finepruner.methods.finepruner_head import FinePrunerHead
 from finepruner.methods.pdrop import PDrop
 from finepruner.methods.random_selection import RandomSelection
+from finepruner.methods.sparsevlm import SparseVLM
 from finepruner.methods.vanilla import Vanilla
+from finepruner.methods.vispruner import VisPruner
 
-_REGISTRY: dict[str, type[PruningMethod]] = {
-    cls.name: cls for cls in (Vanilla, RandomSelection, FastV, PDrop)
-}
+_METHODS: tuple[type[PruningMethod], ...] = (
+    Vanilla, RandomSelection, FastV, PDrop, FinePrunerHead, VisPruner, CDPruner, SparseVLM
+)
+_REGISTRY: dict[str, type[PruningMethod]] = {cls.name: cls for cls in _METHODS}
+#: Other accepted names (not listed by ``available()``).
+ALIASES: dict[str, str] = {alias: cls.name for cls in _METHODS for alias in getattr(cls, "aliases", ())}
 
 
 def available() -> list[str]:
@@ -26,7 +33,7 @@ def available() -> list[str]:
 def get(name: str) -> type[PruningMethod]:
     """The method class registered as ``name``."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[ALIASES.get(name, name)]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}") from None
 
@@ -50,4 +57,4 @@ def create(name: str, **params) -> PruningMethod:
     return cls(**params)
 
 
-__all__ = ["PruningMethod", "Stage", "StageContext", "available", "create", "get", "parameters"]
+__all__ = ["PruningMethod", "Selection", "Stage", "StageContext", "available", "create", "get", "parameters"]

@@ -9,9 +9,13 @@ engine (``finepruner.engine.loop``) does that (``DESIGN.md``, "Contracts").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from finepruner.engine.signals import StageSignals
+    from finepruner.engine.vision import VisionSignals
 
 Positions = Literal["original", "renumber"]
 POSITION_MODES: tuple[str, ...] = ("original", "renumber")
@@ -27,11 +31,20 @@ class Stage:
         keep: visual tokens kept by this stage (per sample, all images of a prompt together).
         score_layer: decoder layer whose q/k projections give the last-query attention signal, or
             None when the method needs no attention signal.
+        last_query: with a ``score_layer``, whether the engine fills ``StageContext.attention`` with the
+            last-query row; False for methods that ask ``StageContext.signals`` for other rows instead.
+        insert: tokens the stage inserts right after the kept visual tokens (``Selection.insert``, e.g.
+            SparseVLM's merged tokens); None when the count is only known at selection time.
+
+    ``keep`` may be None when the count is only known at selection time (data-dependent budgets); the
+    selection must then still give every sample of a batch the same count.
     """
 
     layer: int
-    keep: int
+    keep: int | None
     score_layer: int | None = None
+    last_query: bool = True
+    insert: int | None = 0
 
 
 @dataclass
@@ -44,16 +57,43 @@ class StageContext:
         visual_ids: [B, V] original indices (0..N-1) of the current visual tokens.
         row_keys: one integer per sample derived from its prompt tokens, for batch-invariant seeding.
         heads: filled by methods that select heads: one LongTensor of head indices per sample.
+        vision: vision-side signals (``finepruner.engine.vision``) of this prefill, indexed by original
+            visual ids; None unless the method declares ``needs_vision``.
+        signals: language-side signals of this stage, computed on demand (``engine.signals.StageSignals``:
+            hidden states, positions, the prefill input, attention rows of chosen queries).
+
+    Visual ids of tokens inserted by earlier stages (``Selection.insert``) are ``N, N+1, ...`` in
+    order of creation (N = visual tokens per sample), so ids stay increasing along the sequence.
     """
 
     attention: torch.Tensor | None
     visual_ids: torch.Tensor
     row_keys: list[int]
     heads: list[torch.Tensor] | None = field(default=None)
+    vision: VisionSignals | None = field(default=None)
+    signals: StageSignals | None = field(default=None)
 
     @property
     def num_visual(self) -> int:
         return self.visual_ids.shape[1]
+
+
+@dataclass
+class Selection:
+    """A stage's choice when it also inserts tokens (``Stage.insert``).
+
+    Attributes:
+        keep: [B, k] sorted indices into the current visual tokens to keep.
+        insert: [B, c, D] hidden states inserted right after the kept visual tokens (before the text);
+            they count as visual tokens in later stages. None: nothing inserted.
+        insert_from: [B, c] index into the current visual tokens whose position id an inserted token
+            takes with ``positions="original"`` (e.g. its cluster centre); with ``"renumber"`` inserted
+            tokens take the next contiguous positions after the kept visual tokens.
+    """
+
+    keep: torch.Tensor
+    insert: torch.Tensor | None = None
+    insert_from: torch.Tensor | None = None
 
 
 class PruningMethod:
@@ -63,6 +103,8 @@ class PruningMethod:
     name: ClassVar[str] = ""
     #: Position ids of kept tokens after pruning: the method's official default.
     default_positions: ClassVar[Positions] = "original"
+    #: Vision-side signals the method reads (names from ``finepruner.engine.vision.VISION_SIGNALS``).
+    needs_vision: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, positions: Positions | None = None) -> None:
         if positions is not None and positions not in POSITION_MODES:
@@ -74,13 +116,25 @@ class PruningMethod:
         sample, sorted by layer. Raise ``ValueError`` when the parameters do not fit the model."""
         raise NotImplementedError
 
-    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        """Indices into the current visual tokens to keep: LongTensor [B, stage.keep], sorted."""
+    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor | Selection:
+        """Indices into the current visual tokens to keep: LongTensor [B, stage.keep], sorted; or a
+        ``Selection`` when the stage also inserts tokens."""
         raise NotImplementedError
+
+    def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
+        """Further validation against the model (e.g. head counts, calibration files); default: none."""
 
     def describe(self) -> dict:
         """Parameters as a JSON-serialisable dict (recorded with every run)."""
-        return {"method": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+        described: dict = {"method": self.name}
+        for key, value in vars(self).items():
+            if key.startswith("_"):
+                continue
+            if hasattr(value, "as_dict"):
+                described.update(value.as_dict())
+            else:
+                described[key] = value
+        return described
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

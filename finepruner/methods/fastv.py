@@ -23,6 +23,14 @@ from finepruner.methods.base import (
 )
 
 Budget = Literal["kept", "average"]
+ScoreImpl = Literal["cheap", "eager"]
+SCORE_IMPLS: tuple[str, ...] = ("cheap", "eager")
+
+
+def check_score_impl(method: str, score_impl: str) -> None:
+    """Raise a ValueError unless ``score_impl`` is ``"cheap"`` or ``"eager"``."""
+    if score_impl not in SCORE_IMPLS:
+        raise ValueError(f"{method}: score_impl={score_impl!r}; allowed: {SCORE_IMPLS}")
 
 
 def average_matched_keep(tokens: int, K: int, num_layers: int, num_visual: int) -> int:
@@ -46,6 +54,9 @@ class FastV(PruningMethod):
             and ``round((T*N - K*V)/(T-K))`` tokens are kept.
         positions: ``"original"`` (default, as FastV: kept tokens keep their position ids) or
             ``"renumber"``.
+        score_impl: ``"cheap"`` (default: one query row, ``engine.signals.last_query_attention``) or
+            ``"eager"``: the scoring layer's full L x L attention is materialised, as the original code
+            did with eager attention, to show that approach's cost (same kept set up to rounding).
 
     Deviation: scores are computed in float32 over the model's real (unpadded) tokens, for any batch
     size; the original takes the fp16 eager attention of batch row 0.
@@ -61,8 +72,11 @@ class FastV(PruningMethod):
         K: int = 2,
         budget: Budget = "kept",
         positions: Positions | None = None,
+        score_impl: ScoreImpl = "cheap",
     ) -> None:
         super().__init__(positions)
+        check_score_impl(self.name, score_impl)
+        self.score_impl = score_impl
         if tokens is not None and ratio is not None:
             raise ValueError(f"{self.name}: pass tokens or ratio, not both")
         if budget not in ("kept", "average"):

@@ -7,11 +7,14 @@ current hidden states, and ``int(V * ratio)`` of the original ``V`` visual token
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_layer, top_k_sorted
+from finepruner.methods.fastv import ScoreImpl, check_score_impl
+from finepruner.methods.head_guided import HeadGuidance
 
 #: Stage boundaries of the budget mapping, as fractions of the depth: [2, 10, 20] on 32 layers.
 BUDGET_LAYER_FRACTIONS = (2 / 32, 10 / 32, 20 / 32)
@@ -69,6 +72,11 @@ class PDrop(PruningMethod):
         tokens: a budget N = the layer-averaged visual-token count; selects a schedule with
             ``budget_schedule`` (not combinable with ``ratios``).
         positions: ``"renumber"`` (default, as PDrop re-indexes contiguously) or ``"original"``.
+        heads, strategy, aggregation, definitions, seed, options: rank tokens with selected heads at
+            every stage, as the ``finepruner`` method does (default ``strategy="all"``: every head, the
+            official PDrop).
+        score_impl: ``"cheap"`` (default; PDrop's own one-query attention) or ``"eager"`` (the score layer's
+            L x L attention materialised, to show that cost; the official PDrop never does this).
 
     Deviation: softmax and head mean in float32 (the official code averages heads in the model dtype).
     """
@@ -83,8 +91,23 @@ class PDrop(PruningMethod):
         lam: float = 0.5,
         tokens: int | None = None,
         positions: Positions | None = None,
+        heads: int | None = None,
+        strategy: str = "all",
+        aggregation: str = "mean",
+        definitions: str | None = None,
+        seed: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        score_impl: ScoreImpl = "cheap",
     ) -> None:
         super().__init__(positions)
+        check_score_impl(self.name, score_impl)
+        self.score_impl = score_impl
+        extra = dict(options or {})
+        if definitions is not None:
+            extra["definitions"] = definitions
+        if seed is not None:
+            extra["seed"] = seed
+        self.guidance = HeadGuidance(strategy, heads, aggregation, None, extra)
         if tokens is not None and ratios is not None:
             raise ValueError("pdrop: pass tokens (a layer-averaged budget) or ratios, not both")
         if not 0.0 < lam <= 1.0:
@@ -117,5 +140,12 @@ class PDrop(PruningMethod):
         layers, keeps = self.schedule(num_layers, num_visual)
         return [Stage(layer=l, keep=min(k, num_visual), score_layer=l) for l, k in zip(layers, keeps)]
 
+    def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
+        self.guidance.check_model(num_heads, num_layers, num_visual, layer=None)
+
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        return top_k_sorted(ctx.attention.mean(dim=1), stage.keep)
+        extra = {"kept_tokens": stage.keep} if self.guidance.strategy == "dynamic" else None
+        scores, chosen = self.guidance.token_scores(ctx.attention, extra)
+        if self.guidance.strategy != "all":
+            ctx.heads = chosen
+        return top_k_sorted(scores, stage.keep)

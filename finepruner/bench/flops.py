@@ -1,0 +1,275 @@
+"""Analytic FLOPs of a LLaVA forward from the token count at every decoder layer.
+
+Conventions (``docs/performance.md``, "FLOPs"):
+
+* **Our count** (``*_flops`` functions): hardware FLOPs, one multiply-add = **2 FLOPs**, matrix products
+  only (norms, rotary embeddings, softmax, activations and residual adds are ignored: under 1% here).
+  Per decoder layer with ``n`` query tokens attending to ``c`` keys (``c = n`` in a prefill), hidden
+  size ``d``, query width ``d_q = heads * head_dim``, key/value width ``d_kv = kv_heads * head_dim``
+  (GQA) and MLP width ``m``::
+
+      projections  q, k, v, o   2·n·d·(d_q + 2·d_kv) + 2·n·d_q·d
+      attention    QKᵀ and A·V  2·2·n·c·d_q          (the full n x c square; ``causal=True`` counts
+                                                       only the n(n+1)/2 pairs a causal kernel needs)
+      MLP          SwiGLU       2·3·n·d·m            (gate, up and down matrices; 2·2·n·d·m without gate)
+
+  plus the LM head on the last token of each sample (``2·d·vocab``; ``logits_to_keep=1`` as
+  ``generate`` does). The engine's scoring signal (one query row: the last token's q projection, the
+  score layer's k projection over its ``n`` tokens and one 1 x n product) is counted separately as
+  ``scoring``; with ``score_impl="eager"`` it is the full q and k projections and the n x n product.
+* **The papers' count** (``paper_flops``): ``T·(4nd² + 2n²d + 2ndm)`` per sample, spec ``methods.md`` §0.4
+  (FastV §4.2, VisPruner, CDPruner): one multiply-add = **1** op, MHA projections, full attention
+  square, a two-matrix MLP (SwiGLU's gate not counted) and no LM head. ``gate=True`` gives SparseVLM's
+  ``4nd² + 2n²d + 3ndm``. For LLaVA-1.5-7B with 90 text tokens this is 3.47 T (vanilla), 1.44/1.11/0.78 T
+  with 192/128/64 visual tokens before the LLM, 2.04 T for FastV K=2 R=50% (tested).
+* **Vision tower** (``vision_flops``): CLIP ViT on ``patches + 1`` tokens (the [CLS] token), every
+  encoder layer that runs. LLaVA-1.5 reads ``hidden_states[-2]`` (``vision_feature_layer=-2``), so the
+  last layer's output is unused, but transformers 5.24 still runs it: ``layers_run`` is what we count,
+  ``layers_used`` is reported beside it. Plus the patch-embedding convolution. The projector
+  (``projector_flops``) is LLaVA's two-layer MLP on the selected patch features. Both are reported
+  apart from the language model: they are identical for every in-LLM method and for the pre-LLM ones.
+* **Decode step** (``decode_step_flops``): one new token per sample; each layer attends to its own KV
+  length plus the new token (pruned layers hold fewer keys), plus the LM head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+TFLOP = 1e12
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """Shape of a Llama-style decoder (the language model of LLaVA)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated: bool = True  # SwiGLU: gate, up and down matrices
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config: Any) -> DecoderShape:
+        """From a ``LlamaConfig`` (or a ``LlavaConfig``, whose ``text_config`` is used)."""
+        config = getattr(config, "text_config", None) or config
+        heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+        return cls(
+            hidden=int(config.hidden_size),
+            intermediate=int(config.intermediate_size),
+            layers=int(config.num_hidden_layers),
+            heads=heads,
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            vocab=int(config.vocab_size),
+            gated=True,  # Llama/Vicuna MLPs are SwiGLU (gate, up, down)
+        )
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """Shape of LLaVA's CLIP vision tower and projector."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    image_size: int
+    patch: int
+    channels: int
+    projector_out: int  # the language model's hidden size
+    feature_layer: int = -2
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    @property
+    def tokens(self) -> int:
+        """Tokens through the encoder: patches + [CLS]."""
+        return self.patches + 1
+
+    @property
+    def layers_used(self) -> int:
+        """Encoder layers whose output LLaVA reads (``hidden_states[feature_layer]``)."""
+        layer = self.feature_layer
+        return self.layers + 1 + layer if layer < 0 else layer
+
+    @classmethod
+    def from_config(cls, config: Any) -> VisionShape:
+        """From a ``LlavaConfig``."""
+        vision, text = config.vision_config, config.text_config
+        layer = config.vision_feature_layer
+        return cls(
+            hidden=int(vision.hidden_size),
+            intermediate=int(vision.intermediate_size),
+            layers=int(vision.num_hidden_layers),
+            image_size=int(vision.image_size),
+            patch=int(vision.patch_size),
+            channels=int(getattr(vision, "num_channels", 3)),
+            projector_out=int(text.hidden_size),
+            feature_layer=int(layer) if isinstance(layer, int) else -2,
+        )
+
+
+# -- language model -----------------------------------------------------------------------------------
+def attention_pairs(n: int, keys: int | None = None, causal: bool = False) -> int:
+    """Query-key pairs multiplied: ``n * keys`` (full square), or the causal count."""
+    keys = n if keys is None else keys
+    if not causal:
+        return n * keys
+    past = keys - n  # keys before the first query (decode / cached prefix)
+    return n * past + n * (n + 1) // 2
+
+
+def decoder_layer_flops(shape: DecoderShape, n: int, keys: int | None = None, causal: bool = False) -> dict:
+    """FLOPs of one decoder layer for ``n`` query tokens over ``keys`` keys (default ``n``), one sample."""
+    d, dq, dkv = shape.hidden, shape.q_width, shape.kv_width
+    projections = 2 * n * d * (dq + 2 * dkv) + 2 * n * dq * d
+    attention = 2 * 2 * attention_pairs(n, keys, causal) * dq
+    mlp = 2 * (3 if shape.gated else 2) * n * d * shape.intermediate
+    return {"projections": projections, "attention": attention, "mlp": mlp,
+            "total": projections + attention + mlp}
+
+
+def lm_head_flops(shape: DecoderShape, rows: int = 1) -> int:
+    """LM head over ``rows`` positions (1 = the last token, as ``generate``)."""
+    return 2 * rows * shape.hidden * shape.vocab
+
+
+def scoring_flops(shape: DecoderShape, n: int, impl: str = "cheap") -> int:
+    """The engine's attention signal at one stage, over a score layer holding ``n`` tokens, one sample.
+
+    ``"cheap"``: the last token's q projection, k over ``n`` tokens, one 1 x n product per head.
+    ``"eager"``: q and k over all ``n`` tokens and the n x n product (the materialised attention).
+    """
+    d, dq, dkv = shape.hidden, shape.q_width, shape.kv_width
+    if impl == "eager":
+        return 2 * n * d * (dq + dkv) + 2 * n * n * dq
+    return 2 * d * dq + 2 * n * d * dkv + 2 * n * dq
+
+
+def prefill_flops(
+    shape: DecoderShape,
+    sequence_length: Sequence[int],
+    batch: int = 1,
+    score_lengths: Sequence[int] = (),
+    score_impl: str = "cheap",
+    causal: bool = False,
+) -> dict:
+    """FLOPs of a prefill whose layer ``i`` holds ``sequence_length[i]`` tokens per sample.
+
+    Returns a dict of totals for the whole batch: ``layers`` (list), ``decoder``, ``lm_head``,
+    ``scoring`` (the engine's signals at the ``score_lengths`` stages) and ``total`` (their sum).
+    """
+    if len(sequence_length) != shape.layers:
+        raise ValueError(f"{len(sequence_length)} layer lengths for a {shape.layers}-layer decoder")
+    layers = [batch * decoder_layer_flops(shape, n, causal=causal)["total"] for n in sequence_length]
+    decoder = sum(layers)
+    head = batch * lm_head_flops(shape)
+    scoring = batch * sum(scoring_flops(shape, n, score_impl) for n in score_lengths)
+    return {"layers": layers, "decoder": decoder, "lm_head": head, "scoring": scoring,
+            "total": decoder + head + scoring}
+
+
+def decode_step_flops(shape: DecoderShape, kv_lengths: Sequence[int], batch: int = 1) -> int:
+    """FLOPs of one decode step: one new token per sample; layer ``i`` already caches ``kv_lengths[i]``."""
+    if len(kv_lengths) != shape.layers:
+        raise ValueError(f"{len(kv_lengths)} KV lengths for a {shape.layers}-layer decoder")
+    per_sample = sum(decoder_layer_flops(shape, 1, keys=c + 1)["total"] for c in kv_lengths)
+    return batch * (per_sample + lm_head_flops(shape))
+
+
+def paper_flops(shape: DecoderShape, sequence_length: Sequence[int], gate: bool = False) -> int:
+    """The papers' count for one sample: sum over layers of ``4nd² + 2n²d + (3 if gate else 2)·ndm``
+    (multiply-add = 1 op, MHA, full square, no LM head; spec ``methods.md`` §0.4)."""
+    d, m = shape.hidden, shape.intermediate
+    return sum(4 * n * d * d + 2 * n * n * d + (3 if gate else 2) * n * d * m for n in sequence_length)
+
+
+def kv_cache_bytes(shape: DecoderShape, kv_lengths: Sequence[int], batch: int = 1, bytes_per_value: int = 2) -> int:
+    """Analytic KV-cache size: keys and values of ``kv_lengths[i]`` tokens per layer."""
+    return batch * 2 * shape.kv_width * bytes_per_value * sum(kv_lengths)
+
+
+# -- vision side --------------------------------------------------------------------------------------
+def vision_flops(shape: VisionShape, images: int = 1) -> dict:
+    """CLIP ViT FLOPs for ``images`` images: patch embedding + every encoder layer that runs
+    (``layers_run``; ``per_layer`` lets you subtract the unused last layer)."""
+    t, d, m = shape.tokens, shape.hidden, shape.intermediate
+    per_layer = 2 * (4 * t * d * d + 2 * t * t * d + 2 * t * d * m)  # MHA, two-matrix (non-gated) MLP
+    embed = 2 * shape.patches * shape.channels * shape.patch * shape.patch * d
+    total = images * (embed + shape.layers * per_layer)
+    return {"per_layer": images * per_layer, "embedding": images * embed, "layers_run": shape.layers,
+            "layers_used": shape.layers_used, "total": total}
+
+
+def projector_flops(shape: VisionShape, images: int = 1) -> int:
+    """LLaVA's projector (Linear(Dv, D), GELU, Linear(D, D)) on the patch features."""
+    d = shape.projector_out
+    return images * 2 * shape.patches * (shape.hidden * d + d * d)
+
+
+# -- one prefill, as PruneStats sees it ---------------------------------------------------------------
+def prefill_report(
+    config: Any,
+    sequence_length: Sequence[int],
+    visual_tokens: Sequence[int],
+    batch: int = 1,
+    score_lengths: Sequence[int] = (),
+    score_impl: str = "cheap",
+) -> dict:
+    """Everything about one prefill's FLOPs, JSON-serialisable (``PruneStats.flops``).
+
+    ``config`` is the ``LlavaConfig`` (or a bare text config: the vision fields are then None).
+    ``images`` is inferred from the visual tokens entering layer 0 (patches per image).
+    """
+    decoder = DecoderShape.from_config(config)
+    lm = prefill_flops(decoder, sequence_length, batch, score_lengths, score_impl)
+    report = {
+        "convention": "FLOPs, multiply-add = 2, SwiGLU gate counted, full attention square",
+        "batch": batch,
+        "decoder": lm["decoder"],
+        "lm_head": lm["lm_head"],
+        "scoring": lm["scoring"],
+        "language_model": lm["total"],
+        "layers": lm["layers"],
+        "paper_tflops_per_sample": paper_flops(decoder, sequence_length) / TFLOP,
+        "paper_gate_tflops_per_sample": paper_flops(decoder, sequence_length, gate=True) / TFLOP,
+        "decode_step": decode_step_flops(decoder, sequence_length, batch),
+        "vision_tower": None,
+        "projector": None,
+        "total": lm["total"],
+    }
+    if getattr(config, "vision_config", None) is not None and visual_tokens:
+        vision = VisionShape.from_config(config)
+        per_image = vision.patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full"
+                                      else 0)
+        images = batch * max(1, round(visual_tokens[0] / per_image))
+        tower = vision_flops(vision, images)
+        projector = projector_flops(vision, images)
+        report.update(vision_tower=tower["total"], vision_layers_run=tower["layers_run"],
+                      vision_layers_used=tower["layers_used"], projector=projector,
+                      total=lm["total"] + tower["total"] + projector)
+    return report
+
+
+def shape_dict(config: Any) -> dict:
+    """The decoder and vision shapes of a ``LlavaConfig`` as plain dicts (recorded with bench results)."""
+    out = {"decoder": asdict(DecoderShape.from_config(config))}
+    if getattr(config, "vision_config", None) is not None:
+        out["vision"] = asdict(VisionShape.from_config(config))
+    return out

@@ -1,0 +1,423 @@
+"""``finepruner bench``: every method and budget side by side, in one process, interleaved over rounds.
+
+Methodology (``docs/performance.md``):
+
+* One model, one set of synthetic inputs; each *variant* (a method, its parameters and a budget) is
+  applied, run (a prefill, then ``decode_steps`` single-token steps on the same cache) and removed.
+  After ``warmup`` unrecorded rounds, ``rounds`` rounds run every variant, the order rotated by one
+  place each round; median and min over rounds are reported.
+* ``prefill`` = time to first token: one ``model(**inputs, logits_to_keep=1)`` call with the pixels
+  (vision tower, projector, language model, selection, LM head on the last token). ``vision`` = from
+  the vision tower's pre-hook to the projector's forward hook, minus the time of the method's vision
+  capture hooks (those count as selection). ``llm`` = prefill - vision. ``decode`` = mean per step.
+  On CUDA every boundary is synchronised.
+* ``selection`` = ``PruneStats.selection_seconds`` (engine: vision signals taken, attention signals,
+  ``select``) + the method's vision capture hooks.
+* ``peak memory``: CUDA ``max_memory_allocated`` over the run minus the allocation before it; on CPU
+  the increase of the process's peak RSS over its RSS before the run, with the peak reset before each
+  run (``/proc/self/clear_refs`` = 5, Linux) after ``malloc_trim(0)`` returned freed heap memory; where
+  ``clear_refs`` is not writable, ``ru_maxrss`` deltas (only new highs show).
+* ``kv bytes``: the sum of the cache tensors' ``nbytes`` right after the prefill.
+* FLOPs: ``PruneStats.flops`` (``finepruner.bench.flops``) of the variant's last prefill.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import finepruner
+from finepruner import methods
+from finepruner.bench.flops import TFLOP, shape_dict
+from finepruner.models.adapter import LlavaAdapter
+
+DEFAULT_BUDGETS = (64, 128, 192)
+#: Methods scored with the engine's last-query attention (``score_impl`` applies).
+ATTENTION_SCORED = ("fastv", "pdrop", "finepruner")
+
+
+@dataclass
+class Variant:
+    """One configuration: ``method`` with ``params`` (``tokens`` included when a budget applies)."""
+
+    label: str
+    method: str
+    params: dict = field(default_factory=dict)
+    budget: int | None = None
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name:key=value,key=value"`` (values parsed as JSON when possible)."""
+    name, _, rest = text.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"method spec {text!r}: expected key=value, got {item!r}")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value.strip()
+    methods.get(name)  # unknown names raise, listing the available ones
+    return name, params
+
+
+def build_variants(specs: Sequence[str], budgets: Sequence[int]) -> list[Variant]:
+    """Vanilla first, then every method spec at every budget (``tokens=N``)."""
+    variants = [Variant("vanilla", "vanilla")]
+    for spec in specs:
+        name, params = parse_method(spec)
+        if name == "vanilla":
+            continue
+        for budget in budgets:
+            variants.append(Variant(f"{spec}@{budget}", name, {**params, "tokens": budget}, budget))
+    return variants
+
+
+def default_methods() -> list[str]:
+    """Every registered method (vanilla is always run as the reference)."""
+    return [name for name in methods.available() if name != "vanilla"]
+
+
+# -- measurement helpers ------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _now(device: torch.device) -> float:
+    _sync(device)
+    return time.perf_counter()
+
+
+class _Memory:
+    """Peak memory increase of one run (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = "cuda_max_allocated" if device.type == "cuda" else "rss_hwm_reset"
+        self._libc = None
+        if device.type != "cuda":
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                self._libc = None
+            try:
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")
+            except OSError:
+                self.method = "ru_maxrss_delta"
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def start(self) -> None:
+        gc.collect()
+        if self.method == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        if self.method == "rss_hwm_reset":
+            self._base = self._status("VmRSS")
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        else:
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def stop(self) -> int:
+        if self.method == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        if self.method == "rss_hwm_reset":
+            return max(0, self._status("VmHWM") - self._base)
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base)
+
+
+def _timed_hooks(handle, device: torch.device, total: list[float]) -> None:
+    """Wrap the handle's vision-capture hooks so that their time accumulates into ``total[0]``."""
+    capture = getattr(handle, "_vision", None)
+    for removable in getattr(capture, "_hooks", []) or []:
+        hooks = removable.hooks_dict_ref()
+        if hooks is None or removable.id not in hooks:
+            continue
+        original = hooks[removable.id]
+
+        def timed(*args, _original=original, **kwargs):
+            started = _now(device)
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                total[0] += _now(device) - started
+
+        hooks[removable.id] = timed
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by a ``DynamicCache``'s key and value tensors."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.nbytes
+    return total
+
+
+# -- one run of one variant ---------------------------------------------------------------------------
+def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_steps: int, memory: _Memory,
+                instruction: str | None = None) -> dict:
+    """Apply ``variant``, time one prefill and ``decode_steps`` decode steps, remove it."""
+    device = inputs["input_ids"].device
+    batch = inputs["input_ids"].shape[0]
+    llava = LlavaAdapter(model)
+    vision_marks: list[float] = []
+    capture_total = [0.0]
+    hooks = [
+        llava.vision_tower.register_forward_pre_hook(lambda *a: vision_marks.append(_now(device))),
+        llava.llava_model.multi_modal_projector.register_forward_hook(lambda *a: vision_marks.append(_now(device))),
+    ]
+    handle = finepruner.apply(model, variant.method, **params)
+    handle.synchronize_timing = True
+    try:
+        _timed_hooks(handle, device, capture_total)
+        if instruction is not None and hasattr(handle.method, "set_instructions"):
+            handle.method.set_instructions([instruction] * batch)
+        memory.start()
+        with torch.inference_mode():
+            started = _now(device)
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            prefill = _now(device) - started
+            cache = getattr(out, "cache", None) or out.past_key_values
+            kv_bytes = kv_cache_bytes(cache)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = inputs["attention_mask"]
+            del out
+            decode_started = _now(device)
+            for _ in range(decode_steps):
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+                token = step.logits[:, -1:].argmax(-1)
+            decode = (_now(device) - decode_started) / max(1, decode_steps)
+            del cache, token, mask
+        peak = memory.stop()
+        stats = handle.stats
+    finally:
+        handle.remove()
+        for hook in hooks:
+            hook.remove()
+    vision = (vision_marks[-1] - vision_marks[0] - capture_total[0]) if len(vision_marks) >= 2 else 0.0
+    return {
+        "prefill_s": prefill,
+        "vision_s": vision,
+        "llm_s": prefill - vision,
+        "decode_s_per_token": decode if decode_steps else None,
+        "selection_s": stats.selection_seconds + capture_total[0],
+        "peak_memory_bytes": peak,
+        "kv_cache_bytes": kv_bytes,
+        "stats": stats,
+    }
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+TIMED = ("prefill_s", "vision_s", "llm_s", "decode_s_per_token", "selection_s", "peak_memory_bytes")
+
+
+def _summary(values: list[float | None]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "values": values}
+
+
+#: SparseVLM's official pruning layers and v1.5 schedules are for LLaVA-1.5 (32 layers, 576 tokens).
+SPARSEVLM_LAYERS = (2, 6, 15)
+
+
+def sparsevlm_mapping(tokens: int, num_layers: int, num_visual: int) -> dict:
+    """SparseVLM parameters for a model other than LLaVA-1.5: the pruning layers scaled to the depth and
+    the official v1.5 schedule of the budget closest to ``tokens * 576 / V``, scaled by ``V / 576``
+    (the realised layer average is what ``PruneStats.average_visual_tokens`` reports)."""
+    from finepruner.methods.sparsevlm import SCHEDULES
+
+    layers: list[int] = []
+    for layer in SPARSEVLM_LAYERS:
+        value = min(num_layers - 2, max(round(layer * num_layers / 32), layers[-1] + 1 if layers else 0))
+        layers.append(value)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"sparsevlm: {num_layers} decoder layers are too few for three pruning layers")
+    equivalent = tokens * 576 / num_visual
+    budget = min(SCHEDULES["1.5"], key=lambda n: abs(n - equivalent))
+    keeps = [max(1, round(k * num_visual / 576)) for k in SCHEDULES["1.5"][budget]]
+    return {"layers": layers, "keeps": keeps}
+
+
+def method_params(variant: Variant, num_heads: int, extra: Callable[[str], dict] | None,
+                  num_layers: int = 32, num_visual: int = 576) -> dict:
+    """The parameters a variant is applied with: defaults that make every method runnable, overridden
+    by the variant's own (``finepruner``: H = heads/4; CDPruner: a CLIP text tower; SparseVLM on shapes
+    other than LLaVA-1.5: ``sparsevlm_mapping``)."""
+    params = dict(extra(variant.method)) if extra is not None else {}
+    if variant.method == "finepruner":
+        params.setdefault("heads", max(1, num_heads // 4))
+    params.update(variant.params)
+    if (variant.method == "sparsevlm" and (num_layers, num_visual) != (32, 576) and "keeps" not in params
+            and "layers" not in params and str(params.get("version", "1.5")) != "1.0" and "tokens" in params):
+        params.update(sparsevlm_mapping(params["tokens"], num_layers, num_visual))
+        params.pop("tokens")
+    return params
+
+
+def run_bench(
+    model,
+    inputs: dict,
+    variants: Sequence[Variant],
+    rounds: int = 7,
+    warmup: int = 1,
+    decode_steps: int = 8,
+    extra_params: Callable[[str], dict] | None = None,
+    instruction: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run every variant ``warmup + rounds`` times, interleaved; returns one result dict per variant
+    (``status`` "ok" or "skipped: reason"), vanilla first, with ratios against vanilla."""
+    device = inputs["input_ids"].device
+    adapter = LlavaAdapter(model)
+    memory = _Memory(device)
+    runnable: list[tuple[Variant, dict]] = []
+    results: dict[str, dict] = {}
+    for variant in variants:
+        params = method_params(variant, adapter.num_heads, extra_params, adapter.num_layers,
+                               adapter.num_visual_tokens)
+        entry = {"label": variant.label, "method": variant.method, "budget": variant.budget,
+                 "params": {k: v for k, v in params.items() if _jsonable(v)}}
+        try:
+            finepruner.apply(model, variant.method, **params).remove()  # validates the plan
+        except (ValueError, RuntimeError, TypeError, FileNotFoundError) as err:
+            entry["status"] = f"skipped: {err}"
+            results[variant.label] = entry
+            continue
+        entry["status"] = "ok"
+        entry["runs"] = []
+        results[variant.label] = entry
+        runnable.append((variant, params))
+    total = warmup + rounds
+    for round_index in range(total):
+        shift = round_index % max(1, len(runnable))
+        order = runnable[shift:] + runnable[:shift]
+        for variant, params in order:
+            try:
+                run = run_variant(model, inputs, variant, params, decode_steps, memory, instruction)
+            except (ValueError, RuntimeError) as err:
+                results[variant.label]["status"] = f"failed: {err}"
+                runnable = [r for r in runnable if r[0] is not variant]
+                continue
+            if round_index >= warmup:
+                results[variant.label]["runs"].append(run)
+        if log is not None:
+            log(f"round {round_index + 1}/{total} done{' (warm-up)' if round_index < warmup else ''}")
+    return summarise(list(results.values()), memory.method)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def summarise(entries: list[dict], memory_method: str) -> list[dict]:
+    """Medians, mins, FLOPs and the ratios against vanilla."""
+    for entry in entries:
+        runs = entry.pop("runs", None)
+        if not runs:
+            continue
+        for key in TIMED:
+            entry[key] = _summary([run[key] for run in runs])
+        entry["peak_memory_method"] = memory_method
+        entry["kv_cache_bytes"] = runs[-1]["kv_cache_bytes"]
+        stats = runs[-1]["stats"]
+        flops = stats.flops or {}
+        entry["visual_tokens"] = list(stats.visual_tokens)
+        entry["sequence_length"] = list(stats.sequence_length)
+        entry["average_visual_tokens"] = stats.average_visual_tokens
+        entry["flops"] = {k: v for k, v in flops.items() if k != "layers"}
+    vanilla = next((e for e in entries if e["label"] == "vanilla" and e["status"] == "ok"), None)
+    for entry in entries:
+        if entry["status"] != "ok" or vanilla is None:
+            continue
+        entry["ratios"] = _ratios(entry, vanilla)
+    return entries
+
+
+def _ratios(entry: dict, vanilla: dict) -> dict:
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    ratios: dict[str, Any] = {}
+    for stat in ("median", "min"):
+        llm = ratio(entry["llm_s"][stat], vanilla["llm_s"][stat])
+        ttft = ratio(entry["prefill_s"][stat], vanilla["prefill_s"][stat])
+        ratios[f"llm_time_{stat}"] = llm
+        ratios[f"prefill_time_{stat}"] = ttft
+        if entry.get("decode_s_per_token") and vanilla.get("decode_s_per_token"):
+            ratios[f"decode_time_{stat}"] = ratio(entry["decode_s_per_token"][stat],
+                                                  vanilla["decode_s_per_token"][stat])
+    llm_flops = ratio(entry["flops"].get("language_model"), vanilla["flops"].get("language_model"))
+    total_flops = ratio(entry["flops"].get("total"), vanilla["flops"].get("total"))
+    ratios["llm_flops"] = llm_flops
+    ratios["total_flops"] = total_flops
+    ratios["decode_flops"] = ratio(entry["flops"].get("decode_step"), vanilla["flops"].get("decode_step"))
+    for stat in ("median", "min"):
+        ratios[f"llm_time_over_flops_{stat}"] = ratio(ratios[f"llm_time_{stat}"], llm_flops)
+        ratios[f"prefill_time_over_flops_{stat}"] = ratio(ratios[f"prefill_time_{stat}"], total_flops)
+    ratios["selection_pct_of_vanilla_prefill"] = 100.0 * entry["selection_s"]["median"] / vanilla["prefill_s"]["median"]
+    ratios["peak_memory"] = ratio(entry["peak_memory_bytes"]["median"], vanilla["peak_memory_bytes"]["median"])
+    ratios["kv_cache"] = ratio(entry["kv_cache_bytes"], vanilla["kv_cache_bytes"])
+    return ratios
+
+
+def environment(device: torch.device) -> dict:
+    """Where the numbers come from (recorded in the JSON)."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def result_document(entries: list[dict], model, meta: dict) -> dict:
+    """The JSON document: metadata, shapes and every variant."""
+    return {"meta": meta, "shapes": shape_dict(model.config), "tflop": TFLOP, "variants": entries}

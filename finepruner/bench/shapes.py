@@ -1,0 +1,167 @@
+"""Models for ``finepruner bench``: named shapes built with random weights (no download), the toy
+checkpoint, a tiny test shape, or a local checkpoint; and synthetic LLaVA-1.5-style inputs.
+
+Named shapes (``SHAPES``): ``llava-1.5-7b`` and ``llava-1.5-13b`` (CLIP ViT-L/14-336 + Vicuna), and
+``medium``, a CPU-sized model with LLaVA-1.5's 576-token grid (image 336, patch 14), a small CLIP tower
+and the decoder of ``spec/transformers_notes.md`` §6 (hidden 1024, 8 layers, 16 heads, MLP 2816, vocab
+32064). ``tiny`` is ``build_tiny_llava()``'s default (64 visual tokens), for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from finepruner.models.adapter import LlavaAdapter
+
+IMAGE_TOKEN_ID = 32000  # llava-hf's <image> id (vocab 32064)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A LLaVA-1.5 layout: CLIP vision tower, two-layer projector, Llama decoder."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    vocab: int = 32064
+    image_size: int = 336
+    patch: int = 14
+    text_kv_heads: int | None = None
+    # a CLIP text tower of comparable size for CDPruner (hidden, layers, heads, projection)
+    clip_text: tuple[int, int, int, int] = (768, 12, 12, 768)
+
+
+_CLIP_L = {"vision_hidden": 1024, "vision_layers": 24, "vision_heads": 16, "vision_intermediate": 4096}
+
+SHAPES: dict[str, Shape] = {
+    "llava-1.5-7b": Shape(text_hidden=4096, text_layers=32, text_heads=32, text_intermediate=11008, **_CLIP_L),
+    "llava-1.5-13b": Shape(text_hidden=5120, text_layers=40, text_heads=40, text_intermediate=13824, **_CLIP_L),
+    "medium": Shape(text_hidden=1024, text_layers=8, text_heads=16, text_intermediate=2816, vision_hidden=256,
+                    vision_layers=4, vision_heads=4, vision_intermediate=1024, clip_text=(256, 4, 4, 256)),
+}
+#: Every model name ``finepruner bench --model`` accepts besides a local checkpoint directory.
+MODEL_NAMES: tuple[str, ...] = (*SHAPES, "toy", "tiny")
+
+
+def shape_config(shape: Shape) -> LlavaConfig:
+    """The ``LlavaConfig`` of a named shape (LLaVA-1.5 feature settings: layer -2, [CLS] dropped)."""
+    vision = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+        num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+        image_size=shape.image_size, patch_size=shape.patch, projection_dim=768, hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+        num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_kv_heads or shape.text_heads, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    grid = shape.image_size // shape.patch
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID, image_seq_length=grid * grid,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+
+
+def build_shape(name: str, dtype: torch.dtype, device: str, attn: str = "sdpa", seed: int = 0):
+    """A random-weight model of a named shape, built directly on ``device`` in ``dtype``."""
+    config = shape_config(SHAPES[name])
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def load_bench_model(name: str, dtype: torch.dtype, device: str, attn: str = "sdpa", seed: int = 0):
+    """``(model, tokenizer or None, description)`` for ``--model``: a named shape, ``toy``, ``tiny`` or a
+    local llava-hf checkpoint directory."""
+    if name in SHAPES:
+        return build_shape(name, dtype, device, attn, seed), None, f"{name} shape, random weights"
+    if name == "tiny":
+        from finepruner.models.tiny import build_tiny_llava
+
+        model, processor = build_tiny_llava(seed=seed, attn_implementation=attn)
+        return model.to(device=device, dtype=dtype), processor.tokenizer, "tiny random LLaVA (64 visual tokens)"
+    from finepruner.models.loading import load_model
+
+    if name != "toy" and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"--model {name!r} is neither a named shape ({', '.join(MODEL_NAMES)}) nor a local checkpoint directory"
+        )
+    model, processor = load_model(name, dtype=dtype, device=device, attn_implementation=attn)
+    return model, processor.tokenizer, ("toy checkpoint" if name == "toy" else "local checkpoint")
+
+
+def toy_available() -> bool:
+    """Whether the shipped toy checkpoint is present."""
+    try:
+        from finepruner.toy.model import checkpoint_dir
+
+        checkpoint_dir()
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
+
+
+def clip_text_for(model, shape_name: str | None):
+    """A random CLIP text tower sized like the real one for CDPruner's relevance (tiny ones for small
+    models); None when ``finepruner.models.clip_text`` is missing."""
+    try:
+        from finepruner.models.clip_text import build_tiny_clip_text
+    except ImportError:
+        return None
+    vision_hidden = int(model.config.vision_config.hidden_size)
+    if shape_name in SHAPES:
+        hidden, layers, heads, projection = SHAPES[shape_name].clip_text
+        return build_tiny_clip_text(vision_hidden, projection_dim=projection, hidden=hidden, layers=layers,
+                                    heads=heads, max_positions=77)
+    return build_tiny_clip_text(vision_hidden, max_positions=77)
+
+
+#: The instruction of the synthetic prompts (CDPruner's text tower reads it).
+INSTRUCTION = "what color is the circle on the left of the image ?"
+
+
+def synthetic_inputs(model, batch: int, system_tokens: int, text_tokens: int, device: str, dtype: torch.dtype,
+                     seed: int = 0) -> dict:
+    """LLaVA-1.5's prompt layout with random ids: ``system_tokens`` (incl. BOS) + the image tokens of one
+    image + ``text_tokens``; every sample the same length (no padding); random pixel values."""
+    adapter = LlavaAdapter(model)
+    config = model.config
+    vocab = int(config.text_config.vocab_size)
+    image_id = adapter.image_token_id
+    generator = torch.Generator().manual_seed(seed)
+    low = 5 if vocab > 10 else 0
+
+    def random_ids(count: int) -> torch.Tensor:
+        ids = torch.randint(low, vocab, (batch, count), generator=generator)
+        return torch.where(ids == image_id, torch.full_like(ids, low), ids)
+
+    bos = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
+    image = torch.full((batch, adapter.num_visual_tokens), image_id)
+    ids = torch.cat([torch.full((batch, 1), int(bos)), random_ids(system_tokens - 1), image,
+                     random_ids(text_tokens)], dim=1)
+    vision = config.vision_config
+    pixels = torch.randn(batch, int(getattr(vision, "num_channels", 3)), int(vision.image_size),
+                         int(vision.image_size), generator=generator)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": pixels.to(device=device, dtype=dtype),
+    }

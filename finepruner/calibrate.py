@@ -1,0 +1,102 @@
+"""``finepruner calibrate``: rank a model's "visual heads" over a calibration set (``docs/heads.md``).
+
+For each calibration sample the last prompt token's attention to the visual tokens is read at decoder
+layer ``K-1`` (where the ``finepruner`` method with the same ``K`` scores), every head is scored with a
+ranking strategy, and the mean scores over the set rank the heads. The result, ``heads.json``, is used
+with ``finepruner.apply(model, "finepruner", heads=H, heads_from="heads.json", K=K)``: a fixed head set
+with no per-sample selection cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import finepruner
+from finepruner.eval import benchmarks
+from finepruner.eval.prompting import build_prompt
+from finepruner.eval.runner import Generator
+from finepruner.heads import HeadSet, HeadStatsAccumulator, strategies
+from finepruner.models.adapter import LlavaAdapter
+
+
+@torch.inference_mode()
+def calibrate(
+    model,
+    processor,
+    samples: list,
+    K: int = 2,
+    strategy: str = "sum",
+    batch_size: int = 8,
+    progress: bool = True,
+    **options,
+) -> HeadSet:
+    """Per-head statistics of ``strategy`` at decoder layer ``K-1`` over ``samples`` (eval ``Sample``s)."""
+    adapter = LlavaAdapter(model)
+    if not 1 <= K <= adapter.num_layers - 1:
+        raise ValueError(f"K={K} is out of range; allowed: 1..{adapter.num_layers - 1}")
+    samples = [s for s in samples if s.has_image]
+    if not samples:
+        raise ValueError("the calibration set has no sample with an image")
+    accumulator = HeadStatsAccumulator(
+        adapter.num_heads, strategy, num_visual=adapter.num_visual_tokens, num_layers=adapter.num_layers,
+        layer=K - 1, **options,
+    )
+    generator = Generator(model, processor)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    # Keeping every token through FastV's path records the attention rows without changing the model.
+    with finepruner.apply(model, "fastv", tokens=adapter.num_visual_tokens, K=K) as handle:
+        bar = tqdm(range(0, len(samples), batch_size), desc="calibrate", unit="batch", disable=not progress)
+        for start in bar:
+            batch = samples[start : start + batch_size]
+            images = [generator.prepare_image(s) for s in batch]
+            texts = [build_prompt(s.text, True, generator.image_token) for s in batch]
+            inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            model(**inputs, use_cache=False)
+            accumulator.update(handle.attention[0])
+    return accumulator.result()
+
+
+def run(args: argparse.Namespace) -> int:
+    bench = benchmarks.get(args.bench)
+    try:
+        bench.check(args.data_root, inference=True, scoring=False)
+    except Exception as err:  # a DataError naming every missing path
+        print(f"finepruner calibrate: {err}", file=sys.stderr)
+        return 2
+    samples = bench.load(args.data_root)
+    samples = [s for s in samples if s.has_image][: args.n]
+    model, processor = finepruner.load_model(args.model, dtype=args.dtype, device=args.device)
+    head_set = calibrate(model, processor, samples, K=args.layer, strategy=args.strategy,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head_set.save(out)
+    print(f"wrote {out}: {head_set.n_samples} samples, best heads {list(head_set.ranked_heads[:8])} ...")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("calibrate", help="rank a model's visual heads over a calibration set")
+    parser.add_argument("--model", required=True, help="local llava-hf checkpoint directory, or 'toy'")
+    parser.add_argument(
+        "--bench", required=True, help=f"benchmark to draw samples from ({', '.join(benchmarks.available())})"
+    )
+    parser.add_argument("--data-root", required=True, help="LLaVA playground/data/eval directory")
+    parser.add_argument("--n", type=int, default=200, help="number of calibration samples (first N with images)")
+    parser.add_argument("--layer", type=int, default=2,
+                        help="the K the head set will be used with: statistics from decoder layer K-1")
+    parser.add_argument("--strategy", default="sum", choices=strategies("ranking"), help="per-head statistic")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default=None, help="e.g. float16, bfloat16 (default: checkpoint's)")
+    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--out", required=True, help="output heads.json")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run)

@@ -1,0 +1,181 @@
+"""Vision-side signals for selections made before the language model (VisPruner, CDPruner).
+
+A method that sets ``needs_vision`` (a tuple of names from ``VISION_SIGNALS``) gets, at its stages, a
+``VisionSignals`` in ``StageContext.vision``. The handle captures them with forward hooks while the
+method is applied, during the vision tower run LLaVA does anyway (no extra tower pass,
+``spec/transformers_notes.md`` §4):
+
+* ``cls_attention``: a hook on the self-attention of the vision layer LLaVA reads its features from
+  (``vision_feature_layer=-2`` -> ``encoder.layers[N-2]``) recomputes only the [CLS] query row from
+  the hook's input hidden states, in float32, softmax over all keys, and averages it over heads.
+* ``patch_features`` / ``projected_features``: a hook on ``multi_modal_projector`` keeps its input (the
+  selected CLIP hidden state, [CLS] dropped) and its output (the tokens the language model receives).
+* ``post_layernorm_features``: the vision tower's own ``post_layernorm`` applied to ``patch_features``
+  (CDPruner's input to CLIP's ``visual_projection``), computed on demand.
+
+Per-image rows are mapped to batch samples in the order in which LLaVA scatters image features into
+the ``<image>`` positions (row-major): a sample with several images gets their tokens concatenated.
+All signals are indexed by the *original* visual-token ids (0..V-1) of each sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+VISION_SIGNALS: tuple[str, ...] = (
+    "cls_attention",
+    "patch_features",
+    "projected_features",
+    "post_layernorm_features",
+)
+
+
+@dataclass
+class VisionSignals:
+    """Vision-side signals of one prefill, per sample.
+
+    Attributes:
+        cls_attention: [B, V] float32 [CLS]-query attention over the visual tokens, mean over heads.
+        patch_features: [B, V, Dv] pre-projector CLIP features (the hidden state LLaVA selects).
+        projected_features: [B, V, D] projector outputs (the language model's visual inputs).
+        post_layernorm_features: [B, V, Dv] ``vision_tower.post_layernorm(patch_features)``.
+        prompt_ids: each sample's prompt token ids, padding removed (for methods reading the question).
+        image_token_id: the ``<image>`` placeholder id in ``prompt_ids``.
+    """
+
+    cls_attention: torch.Tensor | None = None
+    patch_features: torch.Tensor | None = None
+    projected_features: torch.Tensor | None = None
+    post_layernorm_features: torch.Tensor | None = None
+    prompt_ids: list[list[int]] | None = None
+    image_token_id: int | None = None
+
+    def require(self, method: str, *names: str) -> None:
+        """Raise a clear error when a needed signal was not captured (e.g. no ``pixel_values``)."""
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise RuntimeError(
+                f"{method}: vision signal(s) {', '.join(missing)} were not captured; pre-LLM methods need the "
+                "model to encode the images in the same call (pass pixel_values, not precomputed image features)"
+            )
+
+
+def feature_layer_index(num_layers: int, vision_feature_layer) -> int:
+    """Index of the encoder layer whose output is ``hidden_states[vision_feature_layer]``."""
+    if not isinstance(vision_feature_layer, int) or isinstance(vision_feature_layer, bool):
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer!r}: [CLS] attention needs a single feature layer"
+        )
+    index = num_layers + vision_feature_layer if vision_feature_layer < 0 else vision_feature_layer - 1
+    if not 0 <= index < num_layers:
+        raise ValueError(f"vision_feature_layer={vision_feature_layer} selects no encoder layer's output")
+    return index
+
+
+@torch.no_grad()
+def cls_attention(attention: nn.Module, hidden: torch.Tensor, drop_cls: bool = True) -> torch.Tensor:
+    """[CLS]-query attention of a CLIP self-attention module, averaged over heads, in float32.
+
+    Args:
+        attention: a ``CLIPAttention`` (``q_proj``, ``k_proj``, ``num_heads``, ``head_dim``, ``scale``).
+        hidden: its input hidden states [n, 1 + P, Dv] (after ``layer_norm1``), [CLS] first.
+        drop_cls: return the attention over the P patches only (LLaVA's ``"default"`` strategy).
+
+    Returns:
+        [n, P] (or [n, 1 + P]) float32: row 0 of the eager attention probabilities, mean over heads.
+    """
+    n, length, _ = hidden.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(hidden[:, :1]).float().view(n, 1, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden).float().view(n, length, heads, head_dim).transpose(1, 2)
+    probs = ((query @ key.transpose(-1, -2)) * attention.scale).softmax(dim=-1)[:, :, 0]  # [n, heads, L]
+    if drop_cls:
+        probs = probs[:, :, 1:]
+    return probs.mean(dim=1)
+
+
+class VisionCapture:
+    """Forward hooks on a LLaVA model's vision side that record the signals named in ``needs``."""
+
+    def __init__(self, adapter, needs: tuple[str, ...]) -> None:
+        unknown = sorted(set(needs) - set(VISION_SIGNALS))
+        if unknown:
+            raise ValueError(f"unknown vision signal(s) {unknown}; available: {VISION_SIGNALS}")
+        self.adapter = adapter
+        self.needs = tuple(needs)
+        self._hooks: list = []
+        self._cls: list[torch.Tensor] = []
+        self._features: list[torch.Tensor] = []
+        self._projected: list[torch.Tensor] = []
+        config = adapter.model.config
+        self._drop_cls = config.vision_feature_select_strategy == "default"
+        tower = adapter.vision_tower
+        self._hooks.append(tower.register_forward_pre_hook(self._on_tower))
+        if "cls_attention" in needs:
+            layers = tower.encoder.layers
+            index = feature_layer_index(len(layers), config.vision_feature_layer)
+            self._hooks.append(layers[index].self_attn.register_forward_hook(self._on_attention, with_kwargs=True))
+        if {"patch_features", "projected_features", "post_layernorm_features"} & set(needs):
+            projector = adapter.llava_model.multi_modal_projector
+            self._hooks.append(projector.register_forward_hook(self._on_projector))
+
+    def _on_tower(self, module, args) -> None:
+        self.reset()  # a new image encoding: forget signals that no prefill consumed
+
+    def _on_attention(self, module, args, kwargs, output) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self._cls.append(cls_attention(module, hidden, self._drop_cls))
+
+    def _on_projector(self, module, args, output) -> None:
+        if "patch_features" in self.needs or "post_layernorm_features" in self.needs:
+            self._features.append(args[0].detach())
+        if "projected_features" in self.needs:
+            self._projected.append(output.detach())
+
+    def reset(self) -> None:
+        """Forget what earlier calls captured."""
+        self._cls, self._features, self._projected = [], [], []
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.reset()
+
+    @torch.no_grad()
+    def take(self, batch: int, num_visual: int, prompt_ids: list[list[int]] | None) -> VisionSignals:
+        """The captured signals as [batch, num_visual, ...] tensors (consumed).
+
+        ``generate`` encodes the images once before the prefill and then repeats every sample for beams
+        or several returned sequences (``repeat_interleave``): when the batch is a multiple of the
+        encoded samples, each encoded sample is repeated the same way.
+        """
+
+        def per_sample(chunks: list[torch.Tensor], name: str) -> torch.Tensor | None:
+            if not chunks:
+                return None
+            rows = torch.cat([c.reshape(-1, *c.shape[2:]) for c in chunks], dim=0)
+            encoded, rest = divmod(rows.shape[0], num_visual)
+            if rest or not encoded or batch % encoded:
+                raise RuntimeError(
+                    f"captured {rows.shape[0]} visual rows for {name}, expected {batch} x {num_visual}; "
+                    "the vision tower ran on images that do not match the prompt's <image> tokens"
+                )
+            rows = rows.view(encoded, num_visual, *rows.shape[1:])
+            return rows.repeat_interleave(batch // encoded, dim=0) if batch != encoded else rows
+
+        features = per_sample(self._features, "patch_features")
+        signals = VisionSignals(
+            cls_attention=per_sample(self._cls, "cls_attention"),
+            patch_features=features if "patch_features" in self.needs else None,
+            projected_features=per_sample(self._projected, "projected_features"),
+            prompt_ids=prompt_ids,
+            image_token_id=self.adapter.image_token_id,
+        )
+        if "post_layernorm_features" in self.needs and features is not None:
+            signals.post_layernorm_features = self.adapter.vision_tower.post_layernorm(features)
+        self.reset()
+        return signals

@@ -1,0 +1,252 @@
+"""``cdpruner``: CDPruner (Zhang et al., NeurIPS'25), spec ``methods.md`` §5 and §7.9.
+
+Before the language model, keep the visual tokens chosen by greedy MAP inference of a determinantal
+point process whose kernel ``L = diag(r) S diag(r)`` combines the cosine similarity S of the projected
+visual tokens (diversity) with the CLIP relevance r of each token to the instruction text.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
+from finepruner.models.clip_text import ClipText, as_clip_text, load_clip_text
+
+Normalize = Literal["sample", "batch"]
+
+#: Answer-format instructions appended to benchmark questions; removed from the instruction text
+#: (the official loader passes the question without them).
+ANSWER_SUFFIXES: tuple[str, ...] = (
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+)
+#: The assistant marker of LLaVA-1.5's conversation template; the instruction ends before it.
+ASSISTANT_MARKER = "ASSISTANT:"
+
+
+def instruction_from_prompt(text: str) -> str:
+    """The instruction inside a decoded prompt tail (the text after the last image token): cut at the
+    last ``ASSISTANT:``, strip whitespace and the answer-format suffixes."""
+    cut = text.rfind(ASSISTANT_MARKER)
+    if cut >= 0:
+        text = text[:cut]
+    text = text.strip()
+    changed = True
+    while changed:
+        changed = False
+        for suffix in ANSWER_SUFFIXES:
+            if text.endswith(suffix):
+                text, changed = text[: -len(suffix)].rstrip(), True
+    return text
+
+
+def dpp_greedy(kernel: torch.Tensor, count: int) -> torch.Tensor:
+    """Fast greedy MAP inference of a DPP (Chen et al., 2018), batched.
+
+    Args:
+        kernel: [B, N, N] positive semi-definite kernels (float32).
+        count: picks per sample (1..N).
+
+    Returns:
+        [B, count] sorted indices. Each step picks the candidate with the largest remaining marginal gain
+        ``d²`` (first index on ties, as ``argmax``), exactly as the official loop. Deviation, only once
+        the kernel's rank is exhausted (the largest remaining ``d²`` is not positive, where the official
+        code divides by ``sqrt`` of a non-positive number and returns NaN-driven duplicates, i.e. fewer
+        tokens): the pick contributes a zero vector, so later picks follow the remaining ``d²`` and the
+        result still holds ``count`` distinct tokens.
+    """
+    batch, size, _ = kernel.shape
+    rows = torch.arange(batch, device=kernel.device)
+    vectors = kernel.new_zeros(batch, count, size)  # c_i of the Cholesky-style update, [B, T, N]
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d_i^2
+    picked = torch.zeros(batch, size, dtype=torch.bool, device=kernel.device)
+    chosen = kernel.new_empty(batch, count, dtype=torch.long)
+    for step in range(count):
+        j = gains.masked_fill(picked, -math.inf).argmax(dim=-1)
+        chosen[:, step] = j
+        gain = gains[rows, j]
+        row = kernel[rows, j]
+        if step:
+            past = vectors[:, :step]  # [B, step, N]
+            row = row - (past[rows, :, j].unsqueeze(1) @ past).squeeze(1)
+        positive = gain > 0
+        e = row / gain.clamp_min(torch.finfo(gain.dtype).tiny).sqrt().unsqueeze(-1)
+        e = torch.where(positive.unsqueeze(-1), e, torch.zeros_like(e))
+        vectors[:, step] = e
+        gains = gains - e.square()
+        picked[rows, j] = True
+    return chosen.sort(dim=-1).values
+
+
+def relevance_scores(
+    image_embeds: torch.Tensor, text_embeds: list[torch.Tensor], normalize: Normalize = "sample",
+    theta: float | None = None,
+) -> torch.Tensor:
+    """CDPruner's relevance r [B, V] (float32).
+
+    ``image_embeds`` [B, V, P] and each sample's text segment embeddings [M_b, P] are L2-normalised;
+    ``rel = -(E @ Tᵀ).mean(over segments)`` (the official sign); then min-max normalisation
+    ``(rel - min + 1e-6) / (max - min)`` per sample (``normalize="sample"``) or over the whole batch
+    tensor (``"batch"``, the official code); then, with ``theta``, ``exp(θ / (2(1-θ)) · r)``.
+    """
+    images = image_embeds.float()
+    images = images / images.norm(dim=-1, keepdim=True)
+    rel = []
+    for row, text in enumerate(text_embeds):
+        text = text.float().to(images.device)
+        text = text / text.norm(dim=-1, keepdim=True)
+        rel.append((-(images[row] @ text.T)).mean(dim=-1))
+    rel = torch.stack(rel)
+    if normalize == "sample":
+        low, high = rel.amin(dim=-1, keepdim=True), rel.amax(dim=-1, keepdim=True)
+    else:
+        low, high = rel.min(), rel.max()
+    rel = (rel - low + 1e-6) / (high - low)
+    if theta is not None:
+        rel = torch.exp(theta / (2.0 * (1.0 - theta)) * rel)
+    return rel
+
+
+def similarity_kernel(projected: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """``L = diag(r) S diag(r)``, S the cosine similarity of the projected tokens [B, V, D]: normalised in
+    the projector's dtype, then float32 (as the official code)."""
+    normed = (projected / projected.norm(dim=-1, keepdim=True)).float()
+    similarity = normed @ normed.transpose(1, 2)
+    return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+
+
+class CDPruner(PruningMethod):
+    """CDPruner: conditional DPP selection of visual tokens before the LLM.
+
+    "N tokens" means exactly ``tokens`` visual tokens per sample enter the language model (all of a
+    sample's images together); positions are renumbered (a plain shorter sequence).
+
+    Parameters:
+        tokens: visual tokens kept per sample (the official ``visual_token_num``); default: a quarter of
+            the visual tokens (144 of 576). Must be in 1..V.
+        clip_model: directory of a local CLIP checkpoint (for LLaVA-1.5: a copy of
+            ``openai/clip-vit-large-patch14-336``) that provides the text tower with projection, its
+            tokenizer and ``visual_projection``. Required unless ``clip_text`` is given.
+        clip_text: an already built ``ClipText`` or ``(text_model, tokenizer, visual_projection)`` tuple
+            (tests, or sharing one loaded tower between runs).
+        tokenizer: the LLaVA tokenizer (or its processor, or a local directory to load it from), used
+            to decode each prompt's instruction: the tokens after the last ``<image>`` up to
+            ``ASSISTANT:``, without the answer-format suffix (``ANSWER_SUFFIXES``). Alternatively call
+            ``handle.method.set_instructions([...])`` before each generate.
+        normalize: ``"sample"`` (default): relevance min-max normalised per sample, so a sample's
+            selection does not depend on its batch; ``"batch"``: over the whole batch, as the official
+            code (identical at batch size 1).
+        theta: None (default, the released code) or θ in (0, 1) for the paper's variant
+            ``r = exp(θ/(2(1-θ)) · r)``.
+        positions: ``"renumber"`` (default, as the official code) or ``"original"``.
+
+    Signals: the projector outputs (for S) and ``vision_tower.post_layernorm`` of the selected CLIP
+    features (for ``visual_projection``, as the official code), captured by hooks during LLaVA's own
+    image encoding (``finepruner.engine.vision``); the CLIP text tower runs on the model's device.
+
+    Deviations: per-sample normalisation by default (above); the DPP's handling of an exhausted kernel
+    (``dpp_greedy``); the text tower runs after the vision tower, not on a parallel CUDA stream; a
+    sample with several images gets one selection over all its visual tokens.
+    """
+
+    name = "cdpruner"
+    default_positions = "renumber"
+    needs_vision = ("projected_features", "post_layernorm_features")
+
+    def __init__(
+        self,
+        tokens: int | None = None,
+        clip_model: str | None = None,
+        clip_text=None,
+        tokenizer=None,
+        normalize: Normalize = "sample",
+        theta: float | None = None,
+        positions: Positions | None = None,
+    ) -> None:
+        super().__init__(positions)
+        if normalize not in ("sample", "batch"):
+            raise ValueError(f"{self.name}: normalize={normalize!r}; allowed: 'sample', 'batch'")
+        if theta is not None and not (isinstance(theta, int | float) and 0.0 < theta < 1.0):
+            raise ValueError(f"{self.name}: theta={theta!r}; allowed: None or 0 < theta < 1")
+        if clip_model is None and clip_text is None:
+            raise ValueError(
+                f"{self.name} needs CLIP's text tower: pass clip_model=PATH, the directory of a local CLIP "
+                "checkpoint (for LLaVA-1.5 a copy of openai/clip-vit-large-patch14-336), or "
+                "clip_text=(text_model, tokenizer, visual_projection)"
+            )
+        if clip_model is not None and clip_text is not None:
+            raise ValueError(f"{self.name}: pass clip_model or clip_text, not both")
+        self.tokens, self.normalize, self.theta = tokens, normalize, theta
+        self.clip_model = str(clip_model) if clip_model is not None else None
+        self._clip: ClipText = load_clip_text(clip_model) if clip_model is not None else as_clip_text(clip_text)
+        self._tokenizer = _as_tokenizer(tokenizer)
+        self._instructions: list[str] | None = None
+
+    def set_instructions(self, texts: list[str] | None) -> None:
+        """Instruction texts (one per sample, as given, not stripped) for the next prefill only; they
+        take precedence over decoding the prompt."""
+        self._instructions = None if texts is None else [str(t) for t in texts]
+
+    def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        keep = self.tokens if self.tokens is not None else max(1, num_visual // 4)
+        check_tokens(self.name, keep, num_visual)
+        return [Stage(layer=0, keep=keep)]
+
+    def instructions(self, batch: int, prompt_ids: list[list[int]] | None, image_token_id: int | None) -> list[str]:
+        """The instruction text of each sample of this prefill (consumes ``set_instructions``)."""
+        texts, self._instructions = self._instructions, None
+        if texts is not None:
+            if batch % len(texts):
+                raise ValueError(f"{self.name}: {len(texts)} instruction texts for a batch of {batch}")
+            repeat = batch // len(texts)  # e.g. beams: generate repeats every sample
+            return [t for t in texts for _ in range(repeat)]
+        if self._tokenizer is None or prompt_ids is None:
+            raise RuntimeError(
+                f"{self.name} needs each sample's instruction text: pass tokenizer=processor (the LLaVA "
+                "processor or tokenizer, to decode it from the prompt) or call "
+                "handle.method.set_instructions([...]) before generating"
+            )
+        texts = []
+        for ids in prompt_ids:
+            images = [i for i, t in enumerate(ids) if t == image_token_id]
+            tail = ids[images[-1] + 1:] if images else ids
+            texts.append(instruction_from_prompt(self._tokenizer.decode(tail, skip_special_tokens=True)))
+        return texts
+
+    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
+        vision = ctx.vision
+        if vision is None:
+            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
+        vision.require(self.name, "projected_features", "post_layernorm_features")
+        ids = ctx.visual_ids
+        batch = ids.shape[0]
+        texts = self.instructions(batch, vision.prompt_ids, vision.image_token_id)
+        device = vision.projected_features.device
+        self._clip.to(device)
+        projected = _take(vision.projected_features, ids.to(device))
+        image_embeds = self._clip.project_image(_take(vision.post_layernorm_features, ids.to(device)))
+        relevance = relevance_scores(image_embeds, self._clip.encode_texts(texts), self.normalize, self.theta)
+        kernel = similarity_kernel(projected, relevance)
+        return dpp_greedy(kernel, stage.keep).to(ids.device)
+
+
+def _take(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return values.gather(1, ids[..., None].expand(-1, -1, values.shape[-1]))
+
+
+def _as_tokenizer(value):
+    """A tokenizer with ``decode`` from a tokenizer, a processor, a local directory or None."""
+    if value is None:
+        return None
+    if isinstance(value, str | Path):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(Path(value).expanduser(), local_files_only=True)
+    tokenizer = getattr(value, "tokenizer", value)
+    if not hasattr(tokenizer, "decode"):
+        raise TypeError(f"tokenizer: {type(value).__name__} has no decode(); pass the LLaVA processor or tokenizer")
+    return tokenizer

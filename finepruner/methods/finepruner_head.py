@@ -1,0 +1,76 @@
+"""``finepruner`` (alias ``fastv+finepruner``): FastV ranked by selected visual heads (spec ``heads.md``).
+
+The original FinePruner-Head system: after ``K`` layers keep the visual tokens with the highest
+last-query attention averaged over the H heads a strategy picks for this sample, instead of all heads.
+Head statistics are float32 on the attention renormalised over the visual tokens by default;
+``definitions="original"`` reproduces the original double-softmax formulas (``docs/heads.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finepruner.methods.base import Positions, Stage, StageContext, top_k_sorted
+from finepruner.methods.fastv import Budget, FastV, ScoreImpl
+from finepruner.methods.head_guided import HeadGuidance
+
+
+class FinePrunerHead(FastV):
+    """FastV whose token ranking uses only the heads chosen per sample.
+
+    Parameters (besides FastV's ``tokens``, ``ratio``, ``K``, ``budget``, ``positions``, ``score_impl``):
+        heads: H, the number of heads to use (1..heads per layer); required by ranking strategies,
+            an upper bound for ``dynamic``/``consensus``.
+        strategy: a head-selection strategy from ``finepruner.heads.strategies()`` (default ``"sum"``:
+            the heads that give the image the most attention; ``"all"`` equals ``fastv`` exactly).
+        aggregation: ``"mean"`` (default) or ``"softmax_weighted"``.
+        definitions: ``"renormalised"`` (default) or ``"original"`` (double softmax, as the original code).
+        heads_from: path of a ``heads.json`` written by ``finepruner calibrate``: a fixed head set.
+        seed: seed of the ``random`` strategy (a control).
+        options: further strategy options, e.g. ``{"k": 10}`` for ``top_k_sum`` or
+            ``{"min_heads": 4, "max_heads": 24}`` for the dynamic selectors.
+
+    The original system counts ``tokens`` as a layer average: use ``budget="average"`` to reproduce it
+    (K=2 on 32 layers keeps 166/98/30 tokens for 192/128/64). The dynamic selector receives the kept
+    count of this stage (``kept_tokens``) and the model's visual-token count.
+    """
+
+    name = "finepruner"
+    aliases = ("fastv+finepruner",)
+
+    def __init__(
+        self,
+        tokens: int | None = None,
+        ratio: float | None = None,
+        K: int = 2,
+        budget: Budget = "kept",
+        positions: Positions | None = None,
+        heads: int | None = None,
+        strategy: str = "sum",
+        aggregation: str = "mean",
+        definitions: str | None = None,
+        heads_from: str | Path | None = None,
+        seed: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        score_impl: ScoreImpl = "cheap",
+    ) -> None:
+        super().__init__(tokens=tokens, ratio=ratio, K=K, budget=budget, positions=positions, score_impl=score_impl)
+        extra = dict(options or {})
+        if definitions is not None:
+            extra["definitions"] = definitions
+        if seed is not None:
+            extra["seed"] = seed
+        self.guidance = HeadGuidance(strategy, heads, aggregation, heads_from, extra)
+
+    def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
+        self.guidance.check_model(num_heads, num_layers, num_visual, layer=self.K - 1)
+
+    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
+        extra = {"kept_tokens": stage.keep} if self.guidance.strategy == "dynamic" else None
+        scores, chosen = self.guidance.token_scores(ctx.attention, extra)
+        ctx.heads = chosen
+        return top_k_sorted(scores, stage.keep)

@@ -1,0 +1,125 @@
+"""``vispruner``: VisPruner (Zhang et al., ICCV'25), spec ``methods.md`` §4 and §7.7.
+
+Before the language model, keep ``int(T * important_ratio)`` "important" visual tokens with the largest
+[CLS] attention in the vision layer LLaVA reads (penultimate), mean over heads; fill the rest with
+"diverse" tokens left by a ToMe-style de-duplication of the remaining tokens on the cosine similarity
+of their pre-projector CLIP features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
+
+#: Tokens removed per de-duplication round (official code).
+ROUND_SIZE = 8
+
+
+def important_count(tokens: int, important_ratio: float) -> int:
+    """``int(T * r)``, as the official code."""
+    return int(tokens * important_ratio)
+
+
+def vispruner_select(
+    cls_attention: torch.Tensor, features: torch.Tensor, tokens: int, important_ratio: float = 0.5
+) -> torch.Tensor:
+    """VisPruner's kept set, vectorised over the batch.
+
+    Args:
+        cls_attention: [B, V] [CLS] attention (mean over heads).
+        features: [B, V, D] pre-projector features.
+        tokens: T, the number of tokens kept per sample (1..V).
+        important_ratio: r; ``int(T*r)`` tokens are kept by attention, the rest by de-duplication.
+
+    Returns:
+        [B, T] sorted indices.
+
+    De-duplication: the residual tokens (descending attention) are split alternately into A (even
+    places) and B (odd places); the ``min(8, R - T_div, |A|)`` A-tokens whose best cosine match in B is
+    highest are dropped; the survivors of A (in descending-similarity order, i.e. the order of the
+    official ``argsort(...)[:, r:]``) followed by all of B form the next residual list. Rounds repeat until
+    ``T_div`` tokens remain. Where the official code runs (every round with an even R and at most R/2
+    drops) this is the official rule; the cap ``|A| = ceil(R/2)`` extends it to odd R and to small R,
+    where the official code raises, and still ends with exactly T tokens. With ``T_div = 0`` no
+    de-duplication runs.
+    """
+    batch, num_visual, width = features.shape
+    num_important = important_count(tokens, important_ratio)
+    num_diverse = tokens - num_important
+    order = cls_attention.argsort(dim=-1, descending=True, stable=True)
+    important, residual = order[:, :num_important], order[:, num_important:]
+    normed = features.to(torch.promote_types(features.dtype, torch.float32))
+    normed = normed / normed.norm(dim=-1, keepdim=True)
+    if num_diverse > 0:
+        # cosine similarities among the initial residual tokens, once; rounds only index into them
+        start = normed.gather(1, residual[..., None].expand(-1, -1, width))
+        gram = start @ start.transpose(1, 2)  # [B, R0, R0]
+        rows = torch.arange(batch, device=features.device)[:, None, None]
+        places = torch.arange(residual.shape[1], device=features.device).expand(batch, -1)
+        while True:
+            length = places.shape[1]
+            drop = min(ROUND_SIZE, length - num_diverse, (length + 1) // 2)
+            if drop <= 0:
+                break
+            first, second = places[:, 0::2], places[:, 1::2]
+            best = gram[rows, first[:, :, None], second[:, None, :]].amax(dim=-1)  # [B, |A|]
+            survivors = best.argsort(dim=-1, descending=True, stable=True)[:, drop:]
+            places = torch.cat([first.gather(1, survivors), second], dim=1)
+        residual = residual.gather(1, places)
+    selected = torch.cat([important, residual], dim=1) if num_diverse > 0 else important
+    return selected.sort(dim=-1).values
+
+
+class VisPruner(PruningMethod):
+    """VisPruner: [CLS]-attention important tokens + de-duplicated diverse tokens, before the LLM.
+
+    "N tokens" means exactly ``tokens`` visual tokens per sample enter the language model (all of a
+    sample's images together); positions are renumbered (a plain shorter sequence).
+
+    Parameters:
+        tokens: visual tokens kept per sample (T, the official ``visual_token_num``); default: a quarter
+            of the visual tokens (144 of 576). Must be in 1..V.
+        important_ratio: r (default 0.5): ``int(T*r)`` tokens by [CLS] attention, ``T - int(T*r)`` by
+            de-duplication; 0 <= r <= 1.
+        positions: ``"renumber"`` (default, as the official code) or ``"original"``.
+
+    Signals: the [CLS]-query attention of the vision layer LLaVA reads (``vision_feature_layer``, -2),
+    averaged over heads, recomputed in float32 from that layer's q/k projections by a forward hook
+    (``finepruner.engine.vision``), and that layer's output patch features (pre-projector).
+
+    Deviations: scores and cosine similarities are computed in float32 (the official code uses the
+    tower dtype); sorts are stable (the official ``argsort`` is not: only exact ties differ); odd
+    residual counts and rounds that would drop more than half of the residual tokens, where the official
+    code raises, follow the rule of ``vispruner_select``; a sample with several images gets one selection
+    over all its visual tokens (the official code selects per image or crop).
+    """
+
+    name = "vispruner"
+    default_positions = "renumber"
+    needs_vision = ("cls_attention", "patch_features")
+
+    def __init__(
+        self, tokens: int | None = None, important_ratio: float = 0.5, positions: Positions | None = None
+    ) -> None:
+        super().__init__(positions)
+        if isinstance(important_ratio, bool) or not isinstance(important_ratio, int | float) or not (
+            0.0 <= important_ratio <= 1.0
+        ):
+            raise ValueError(f"{self.name}: important_ratio={important_ratio!r}; allowed: 0 <= important_ratio <= 1")
+        self.tokens, self.important_ratio = tokens, float(important_ratio)
+
+    def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        keep = self.tokens if self.tokens is not None else max(1, num_visual // 4)
+        check_tokens(self.name, keep, num_visual)
+        return [Stage(layer=0, keep=keep)]
+
+    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
+        if ctx.vision is None:
+            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
+        ctx.vision.require(self.name, "cls_attention", "patch_features")
+        ids = ctx.visual_ids
+        attention = ctx.vision.cls_attention.to(ids.device).gather(1, ids)
+        features = ctx.vision.patch_features.to(ids.device)
+        features = features.gather(1, ids[..., None].expand(-1, -1, features.shape[-1]))
+        return vispruner_select(attention, features, stage.keep, self.important_ratio)

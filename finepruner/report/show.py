@@ -1,0 +1,57 @@
+"""``finepruner show``: kept tokens of several methods on one image, and per-head attention maps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DEFAULT_METHODS = ("fastv:tokens=64", "finepruner:tokens=64,heads=16,strategy=sum")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "show",
+        help="PNG of the kept tokens of several methods on one image, and per-head attention maps",
+        description="For one image and question: tokens.png (kept visual tokens per stage, one column per "
+        "method) and heads.png (last-query attention of every head at the scoring layer, selected heads "
+        "framed in red).",
+    )
+    p.add_argument("--model", required=True, help="local llava-hf checkpoint directory (or 'toy')")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", required=True, help="the question (USER text after the image)")
+    p.add_argument("--method", action="append", metavar="NAME[:KEY=VALUE,...]",
+                   help=f"method to show (repeatable; default: {' and '.join(DEFAULT_METHODS)})")
+    p.add_argument("--out", default="show", help="output folder (default: show)")
+    p.add_argument("--panel", type=int, default=336, help="pixels per image panel (default 336)")
+    p.add_argument("--tile", type=int, default=96, help="pixels per head map (default 96)")
+    p.add_argument("--cols", type=int, default=8, help="head maps per row (default 8)")
+    p.add_argument("--heads-method", type=int, help="index of the method whose heads to draw (default: first "
+                   "with an attention signal)")
+    p.add_argument("--image-aspect-ratio", choices=("pad", "original"), default="pad")
+    p.add_argument("--dtype", help="model dtype")
+    p.add_argument("--device", help="device (default: cpu)")
+    p.set_defaults(func=run_show)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from finepruner.report.overlays import parse_method_spec, show
+
+    try:
+        methods = [parse_method_spec(s) for s in (args.method or DEFAULT_METHODS)]
+        with Image.open(args.image) as img:
+            image = img.convert("RGB")
+        from finepruner.models.loading import load_model
+
+        model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+        written = show(model, processor, image, args.question, methods, args.out, panel=args.panel,
+                       tile=args.tile, cols=args.cols, heads_method=args.heads_method,
+                       aspect=args.image_aspect_ratio)
+    except (OSError, ValueError) as err:
+        print(f"finepruner show: error: {err}", file=sys.stderr)
+        return 2
+    for path in written.values():
+        print(path)
+    return 0

@@ -1,0 +1,48 @@
+"""The embedded default toy world: synthetic scenes, a toy benchmark suite and a tiny trained LLaVA.
+
+Public API::
+
+    from finepruner import toy
+    root = toy.build_default_suite()            # fixed small suite (POPE/GQA/MME/MMBench layouts) in a temp dir
+    toy.write_suite(out, n=100, seed=0)         # what `finepruner toy-data` writes
+    toy.chance_levels()                         # per question type: majority / uniform chance
+    toy.benchmark_chance()                      # headline metric of trivial answerers per benchmark
+    toy.BUDGETS                                 # (16, 32, 48) of 144 tokens = 64/128/192 of 576
+    model, processor = finepruner.load_model("toy")
+    toy.clip_text_dir()                         # CDPruner's clip_model= for the toy model
+    toy.evaluate_suite(model, processor, root, method="fastv", method_params={"tokens": 16})
+
+See ``docs/toy.md``.
+"""
+
+from finepruner.toy.evaluate import BUDGETS, evaluate_suite
+from finepruner.toy.model import checkpoint_dir, clip_text_dir, load_clip_text
+from finepruner.toy.scenes import generate_scene, generate_scenes
+from finepruner.toy.suite import (
+    BENCHMARKS,
+    DEFAULT_N,
+    DEFAULT_SEED,
+    benchmark_chance,
+    build_default_suite,
+    chance_levels,
+    load_suite_meta,
+    write_suite,
+)
+
+__all__ = [
+    "BENCHMARKS",
+    "BUDGETS",
+    "DEFAULT_N",
+    "DEFAULT_SEED",
+    "benchmark_chance",
+    "build_default_suite",
+    "chance_levels",
+    "checkpoint_dir",
+    "clip_text_dir",
+    "evaluate_suite",
+    "generate_scene",
+    "generate_scenes",
+    "load_clip_text",
+    "load_suite_meta",
+    "write_suite",
+]

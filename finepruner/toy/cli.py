@@ -1,0 +1,50 @@
+"""``finepruner toy-data`` (write the toy benchmark suite) and ``finepruner toy-train`` (retrain the toy model)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _toy_data(args: argparse.Namespace) -> int:
+    from finepruner.toy.suite import write_suite
+
+    summary = write_suite(args.out, n=args.n, seed=args.seed)
+    for bench, info in summary["benchmarks"].items():
+        print(f"{bench}: {info['questions']} questions, {info['images']} images -> {info['path']}")
+    return 0
+
+
+def _toy_train(args: argparse.Namespace) -> int:
+    from finepruner.toy.train import TrainConfig, train
+
+    cfg = TrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed,
+                      batch_size=args.batch_size, threads=args.threads, eval_every=args.eval_every,
+                      init=args.init)
+    final = train(cfg)
+    print(f"final held-out accuracy (mean over question types): {final['mean']:.3f}")
+    return 0
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser(
+        "toy-data", help="write the toy benchmark suite (POPE/GQA/MME/MMBench layouts)",
+        description="Write the toy benchmark suite in LLaVA's playground/data/eval layout.")
+    data.add_argument("--out", required=True, help="output folder (becomes playground/data/eval)")
+    data.add_argument("--n", type=int, default=100, help="images per benchmark (default 100)")
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=_toy_data)
+
+    tr = subparsers.add_parser(
+        "toy-train", help="train the toy LLaVA from scratch on synthetic scenes",
+        description="Train the toy LLaVA from scratch (CPU; see docs/toy.md).")
+    tr.add_argument("--out", required=True, help="checkpoint folder (saved at every evaluation)")
+    tr.add_argument("--minutes", type=float, default=60.0, help="time budget; sets the schedule length")
+    tr.add_argument("--steps", type=int, default=None,
+                    help="fixed number of steps (overrides --minutes; reproducible schedule)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    tr.add_argument("--eval-every", type=float, default=300.0, help="seconds between held-out evaluations")
+    tr.add_argument("--init", default=None,
+                    help="start from this toy checkpoint folder (continue training with a new schedule)")
+    tr.set_defaults(func=_toy_train)

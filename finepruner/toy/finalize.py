@@ -1,0 +1,69 @@
+"""Ship a trained toy checkpoint into the package and record its reference figures.
+
+``python -m finepruner.toy.finalize RUN_DIR`` copies the model, tokenizer, processor and CLIP text tower
+files of a ``toy-train`` output folder into ``finepruner/toy/checkpoint/`` and writes
+``toy_reference.json`` there: the vanilla headline metrics on the fixed small suite (``n=20``,
+``seed=1234``), which ``tests/test_toy_model.py`` checks the shipped model against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+SHIPPED = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+           "tokenizer.json", "tokenizer_config.json", "toy_training.json", "train_log.txt",
+           "train_history.json")
+
+
+def ship(run_dir: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, dest / name)
+    if (dest / "clip_text").exists():
+        shutil.rmtree(dest / "clip_text")
+    shutil.copytree(run_dir / "clip_text", dest / "clip_text")
+
+
+def reference(dest: Path, n: int, seed: int, threads: int) -> dict:
+    import torch
+
+    import finepruner
+    from finepruner.toy.evaluate import evaluate_suite
+    from finepruner.toy.suite import build_default_suite
+
+    torch.set_num_threads(threads)
+    model, processor = finepruner.load_model(dest)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = build_default_suite(Path(tmp), n=n, seed=seed)
+        res = evaluate_suite(model, processor, root, batch_size=64, max_new_tokens=8)
+    ref = {"n": n, "seed": seed, "max_new_tokens": 8,
+           "headline": {b: round(res[b]["headline"], 2) for b in ("pope", "gqa", "mme", "mmbench")},
+           "per_type": {b: {t: round(v, 1) for t, v in res[b]["per_type"].items()}
+                        for b in ("pope", "gqa", "mme", "mmbench")},
+           "seconds": round(res["seconds"], 1)}
+    (dest / "toy_reference.json").write_text(json.dumps(ref, indent=1) + "\n")
+    return ref
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finepruner.toy.model import CHECKPOINT_DIR
+    from finepruner.toy.suite import DEFAULT_N, DEFAULT_SEED
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a `finepruner toy-train --out` folder")
+    parser.add_argument("--dest", default=str(CHECKPOINT_DIR))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    dest = Path(args.dest)
+    ship(Path(args.run_dir), dest)
+    print(json.dumps(reference(dest, DEFAULT_N, DEFAULT_SEED, args.threads), indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
