@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from finepruner.methods.base import Positions, Stage, StageContext, top_k_sorted
+from finepruner.methods.base import Positions, Stage, StageContext
 from finepruner.methods.fastv import Budget, FastV, ScoreImpl
 from finepruner.methods.head_guided import HeadGuidance
 
@@ -59,18 +59,10 @@ class FinePrunerHead(FastV):
         score_impl: ScoreImpl = "cheap",
     ) -> None:
         super().__init__(tokens=tokens, ratio=ratio, K=K, budget=budget, positions=positions, score_impl=score_impl)
-        extra = dict(options or {})
-        if definitions is not None:
-            extra["definitions"] = definitions
-        if seed is not None:
-            extra["seed"] = seed
-        self.guidance = HeadGuidance(strategy, heads, aggregation, heads_from, extra)
+        self.guidance = HeadGuidance.from_params(strategy, heads, aggregation, heads_from, definitions, seed, options)
 
     def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
         self.guidance.check_model(num_heads, num_layers, num_visual, layer=self.K - 1)
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        extra = {"kept_tokens": stage.keep} if self.guidance.strategy == "dynamic" else None
-        scores, chosen = self.guidance.token_scores(ctx.attention, extra)
-        ctx.heads = chosen
-        return top_k_sorted(scores, stage.keep)
+        return self.guidance.select_tokens(ctx, stage.keep)

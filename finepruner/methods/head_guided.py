@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from finepruner import heads as head_lib
+from finepruner.methods.base import StageContext, top_k_sorted
 
 
 @dataclass
@@ -45,6 +46,34 @@ class HeadGuidance:
         info = head_lib.strategy_info(self.strategy)  # raises on unknown names, listing them
         head_lib.api.validate_options(info, {k: v for k, v in self.options.items() if k != "head_set"})
         self._head_set = None
+
+    @classmethod
+    def from_params(
+        cls,
+        strategy: str,
+        heads: int | None,
+        aggregation: str,
+        heads_from: str | Path | None = None,
+        definitions: str | None = None,
+        seed: int | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> HeadGuidance:
+        """Build from a method's keyword parameters (``definitions`` and ``seed`` join the options)."""
+        extra = dict(options or {})
+        if definitions is not None:
+            extra["definitions"] = definitions
+        if seed is not None:
+            extra["seed"] = seed
+        return cls(strategy, heads, aggregation, heads_from, extra)
+
+    def select_tokens(self, ctx: StageContext, keep: int) -> torch.Tensor:
+        """Kept visual tokens of a stage: top-``keep`` of the guided token scores (heads recorded in
+        ``ctx.heads`` unless every head is used)."""
+        extra = {"kept_tokens": keep} if self.strategy == "dynamic" else None
+        scores, chosen = self.token_scores(ctx.attention, extra)
+        if self.strategy != "all":
+            ctx.heads = chosen
+        return top_k_sorted(scores, keep)
 
     def as_dict(self) -> dict[str, Any]:
         """The guidance parameters, JSON-serialisable (recorded with runs)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_layer, top_k_sorted
+from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_layer
 from finepruner.methods.fastv import ScoreImpl, check_score_impl
 from finepruner.methods.head_guided import HeadGuidance
 
@@ -102,12 +102,7 @@ class PDrop(PruningMethod):
         super().__init__(positions)
         check_score_impl(self.name, score_impl)
         self.score_impl = score_impl
-        extra = dict(options or {})
-        if definitions is not None:
-            extra["definitions"] = definitions
-        if seed is not None:
-            extra["seed"] = seed
-        self.guidance = HeadGuidance(strategy, heads, aggregation, None, extra)
+        self.guidance = HeadGuidance.from_params(strategy, heads, aggregation, None, definitions, seed, options)
         if tokens is not None and ratios is not None:
             raise ValueError("pdrop: pass tokens (a layer-averaged budget) or ratios, not both")
         if not 0.0 < lam <= 1.0:
@@ -144,8 +139,4 @@ class PDrop(PruningMethod):
         self.guidance.check_model(num_heads, num_layers, num_visual, layer=None)
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        extra = {"kept_tokens": stage.keep} if self.guidance.strategy == "dynamic" else None
-        scores, chosen = self.guidance.token_scores(ctx.attention, extra)
-        if self.guidance.strategy != "all":
-            ctx.heads = chosen
-        return top_k_sorted(scores, stage.keep)
+        return self.guidance.select_tokens(ctx, stage.keep)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -56,14 +56,25 @@ class TinyLlavaSpec:
         return self.grid * self.patch
 
 
-def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer with LLaVA's special tokens (``tok.image_token`` is ``<image>``)."""
+def build_tokenizer(
+    words: tuple[str, ...] = DEFAULT_WORDS, isolate_punctuation: bool = False, add_bos: bool = False
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA's special tokens (``tok.image_token`` is ``<image>``), padding on
+    the left. Words split on whitespace (and punctuation, with ``isolate_punctuation``); ``add_bos``
+    prepends ``<s>`` as Llama's tokenizer does."""
     vocab: dict[str, int] = {}
     for token in (*SPECIAL_TOKENS, *words):
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    splitters = [pre_tokenizers.WhitespaceSplit()]
+    if isolate_punctuation:
+        splitters.append(pre_tokenizers.Punctuation(behavior="isolated"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(splitters) if len(splitters) > 1 else splitters[0]
     backend.decoder = decoders.WordPiece(prefix="##")
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",

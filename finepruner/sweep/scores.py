@@ -221,10 +221,9 @@ def _mme(bench: Any, answers: list[dict[str, Any]], data_root: str | Path, metri
     from finepruner.eval.benchmarks.mme import (
         COGNITION,
         PERCEPTION,
-        YES_NO,
         load_mme_ground_truth,
+        mme_ground_truth_key,
         mme_parse,
-        mme_question_for_gt,
     )
 
     if metric not in MME_METRICS:
@@ -232,17 +231,10 @@ def _mme(bench: Any, answers: list[dict[str, Any]], data_root: str | Path, metri
     wanted = {"perception": PERCEPTION, "cognition": COGNITION, "total": (*PERCEPTION, *COGNITION)}[metric]
     gt = load_mme_ground_truth(bench.path(data_root, "ground_truth"))
     per_cat: dict[str, list[tuple[str, str, str]]] = {}
-    for a in answers:  # the same lookup as finepruner.eval.benchmarks.mme.MME.score
-        qid = str(a["question_id"])
-        category = qid.split("/")[0]
-        txt = qid.split("/")[-1].split(".")[0] + ".txt"
-        question = mme_question_for_gt(a.get("prompt", ""))
-        key = (category, txt, question)
-        if key not in gt:
-            key = (category, txt, question.replace(YES_NO, "  Please answer yes or no."))
-        if key not in gt:
-            continue
-        per_cat.setdefault(category, []).append((gt[key], a["text"], _key(a["question_id"], a.get("prompt"))))
+    for a in answers:
+        key = mme_ground_truth_key(a, gt)
+        if key is not None:
+            per_cat.setdefault(key[0], []).append((gt[key], a["text"], _key(a["question_id"], a.get("prompt"))))
     keys, strata, rows, qkeys, correct = [], [], [], [], []
     for cat in wanted:
         items = per_cat.get(cat, [])

@@ -11,7 +11,6 @@ the benchmark's own scorer and adds the toy breakdown: accuracy per question typ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from collections import defaultdict
@@ -97,14 +96,15 @@ def evaluate_suite(
     """
     import finepruner
     from finepruner.eval import benchmarks
-    from finepruner.eval.runner import Generator
+    from finepruner.eval.runner import Generator, efficiency_summary
 
     meta = load_suite_meta(root)
     generator = Generator(model, processor)
     t0 = time.time()
     results: dict[str, Any] = {}
-    ctx = (finepruner.apply(model, method, **(method_params or {}))
-           if method and method != "vanilla" else contextlib.nullcontext())
+    # vanilla runs through the engine too, so that every row gets the same FLOPs accounting
+    ctx = finepruner.apply(model, method or "vanilla", **(method_params or {}))
+    generator.handle = ctx
     with ctx:
         for name in benches:
             bench = benchmarks.get(name)
@@ -116,7 +116,7 @@ def evaluate_suite(
             metrics = bench.score(answers, root)
             results[name] = {"headline": headline_percent(name, metrics),
                              "per_type": per_type_accuracy(name, answers, meta), "metrics": metrics,
-                             "questions": len(answers)}
+                             "questions": len(answers), "efficiency": efficiency_summary(answers)}
     results["seconds"] = time.time() - t0
     return results
 
@@ -125,6 +125,58 @@ def summary_row(results: dict[str, Any]) -> dict[str, float]:
     row = {b: results[b]["headline"] for b in BENCHMARKS if b in results}
     row["mean"] = sum(row.values()) / len(row)
     return row
+
+
+def method_params(method: str, tokens: int | None, model, processor, checkpoint: str = "toy") -> dict[str, Any]:
+    """Parameters that run ``method`` at ``tokens`` on the toy model (shared by this script and the demo):
+    the bench's defaults (``finepruner``: H = heads/4; SparseVLM: the v1.5 schedule scaled to the depth),
+    the toy CLIP text tower for CDPruner, seed 0 for random."""
+    from finepruner.bench.runner import Variant
+    from finepruner.bench.runner import method_params as bench_params
+
+    config = model.config
+    params = {} if tokens is None else {"tokens": tokens}
+    vision = config.vision_config
+    params = bench_params(
+        Variant(method, method, params, tokens), int(config.text_config.num_attention_heads), None,
+        num_layers=int(config.text_config.num_hidden_layers),
+        num_visual=(int(vision.image_size) // int(vision.patch_size)) ** 2,
+    )
+    if method == "cdpruner":
+        from finepruner.toy.model import load_clip_text
+
+        params["clip_text"] = load_clip_text(None if checkpoint == "toy" else checkpoint)
+        params["tokenizer"] = processor  # to decode each sample's instruction from its prompt
+    if method == "random":
+        params.setdefault("seed", 0)
+    return params
+
+
+def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tuple[int, ...] = BUDGETS,
+             checkpoint: str = "toy", on_row=None, progress: bool = False) -> list[dict[str, Any]]:
+    """Vanilla-style rows for every method at every budget (``tokens=None`` for vanilla): headline per
+    benchmark, per-type accuracy, mean prefill FLOPs per sample, or the error of an unreachable budget."""
+    from tqdm import tqdm
+
+    grid = [(m, None) if m == "vanilla" else (m, b) for m in methods for b in ([None] if m == "vanilla" else budgets)]
+    rows: list[dict[str, Any]] = []
+    for method, tokens in tqdm(grid, desc="toy suite", unit="config", disable=not progress):
+        try:
+            params = method_params(method, tokens, model, processor, checkpoint)
+            res = evaluate_suite(model, processor, root, method=method, method_params=params)
+        except (ValueError, RuntimeError) as err:  # e.g. a budget a schedule cannot reach on 6 layers
+            row = {"method": method, "tokens": tokens, "error": str(err)}
+        else:
+            efficiency = [res[b]["efficiency"] for b in BENCHMARKS if res[b].get("efficiency")]
+            row = {"method": method, "tokens": tokens, "row": summary_row(res),
+                   "per_type": {b: res[b]["per_type"] for b in BENCHMARKS}, "seconds": res["seconds"],
+                   "prefill_gflops": 1e3 * sum(e["mean_prefill_tflops"] for e in efficiency) / len(efficiency),
+                   "average_visual_tokens": sum(e["mean_average_visual_tokens"] for e in efficiency)
+                   / len(efficiency)}
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,32 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     chance = load_suite_meta(root)["chance"]
     print("chance: " + json.dumps({b: round(next(v for v in c.values() if isinstance(v, float)), 1)
                                    for b, c in chance.items()}))
-    out: dict[str, Any] = {"n": args.n, "seed": args.seed, "runs": []}
-    for method in args.methods.split(","):
-        budgets = [None] if method == "vanilla" else [int(b) for b in args.budgets.split(",")]
-        for tokens in budgets:
-            params: dict[str, Any] = {} if tokens is None else {"tokens": tokens}
-            if method == "cdpruner":
-                from finepruner.toy.model import load_clip_text
+    def show(row: dict[str, Any]) -> None:
+        label = f"{row['method']:10s} {row['tokens'] or 144:>4}"
+        if "error" in row:
+            print(f"{label} not run: {row['error']}", flush=True)
+            return
+        print(label + " " + " ".join(f"{k}={v:.1f}" for k, v in row["row"].items())
+              + f" ({row['seconds']:.0f} s)", flush=True)
+        if row["method"] == "vanilla":
+            for b in BENCHMARKS:
+                print(f"    {b}: " + ", ".join(f"{t} {v:.1f}" for t, v in row["per_type"][b].items()))
 
-                params["clip_text"] = load_clip_text(None if args.model == "toy" else args.model)
-            if method == "random":
-                params["seed"] = 0
-            try:
-                res = evaluate_suite(model, processor, root, method=method, method_params=params)
-            except ValueError as err:  # e.g. a budget the method's schedule cannot reach on 6 layers
-                print(f"{method:10s} {tokens or 144:>4} not run: {err}", flush=True)
-                out["runs"].append({"method": method, "tokens": tokens, "error": str(err)})
-                continue
-            row = summary_row(res)
-            out["runs"].append({"method": method, "tokens": tokens, "row": row,
-                                "per_type": {b: res[b]["per_type"] for b in BENCHMARKS},
-                                "seconds": res["seconds"]})
-            print(f"{method:10s} {tokens or 144:>4} " + " ".join(f"{k}={v:.1f}" for k, v in row.items())
-                  + f" ({res['seconds']:.0f} s)", flush=True)
-            if method == "vanilla":
-                for b in BENCHMARKS:
-                    print(f"    {b}: " + ", ".join(f"{t} {v:.1f}" for t, v in res[b]["per_type"].items()))
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    runs = run_grid(model, processor, root, args.methods.split(","), budgets, args.model, on_row=show)
+    out: dict[str, Any] = {"n": args.n, "seed": args.seed, "runs": runs}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
@@ -189,5 +229,5 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["BUDGETS", "HEADLINES", "chance_levels", "evaluate_suite", "headline_percent", "per_type_accuracy",
-           "summary_row"]
+__all__ = ["BUDGETS", "HEADLINES", "chance_levels", "evaluate_suite", "headline_percent", "method_params",
+           "per_type_accuracy", "run_grid", "summary_row"]

@@ -22,7 +22,15 @@ SHIPPED = ("config.json", "generation_config.json", "model.safetensors", "proces
 def ship(run_dir: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED:
-        if (run_dir / name).is_file():
+        if not (run_dir / name).is_file():
+            continue
+        if name.endswith((".json", ".txt")) and name.startswith(("toy_", "train_")):
+            # the logs name the run folder: keep this machine's paths out of the package
+            text = (run_dir / name).read_text(encoding="utf-8")
+            for form in {str(run_dir), str(run_dir.resolve())}:
+                text = text.replace(form, "RUN_DIR")
+            (dest / name).write_text(text, encoding="utf-8")
+        else:
             shutil.copy2(run_dir / name, dest / name)
     if (dest / "clip_text").exists():
         shutil.rmtree(dest / "clip_text")

@@ -9,10 +9,9 @@ LLaVA's Llama tokenizer.
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from finepruner.models.tiny import SPECIAL_TOKENS
+from finepruner.models.tiny import build_tokenizer
 from finepruner.toy.scenes import COLOR_NAMES, PLURALS, SHAPES
 
 SYSTEM = (
@@ -62,23 +61,4 @@ def conversation(turns: list[tuple[str, str]]) -> list[tuple[str, bool]]:
 
 def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer (punctuation isolated, ``<s>`` prepended), LLaVA's special tokens."""
-    vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *VOCAB_WORDS):
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
-    backend.decoder = decoders.WordPiece(prefix="##")
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    return build_tokenizer(tuple(VOCAB_WORDS), isolate_punctuation=True, add_bos=True)

@@ -138,8 +138,9 @@ class Benchmark:
             raise DataError(f"{self.spec}: missing " + "; ".join(missing))
 
     def load(self, data_root: str | Path) -> list[Sample]:
-        """All samples of the split, in question-file order."""
-        raise NotImplementedError
+        """All samples of the split, in question-file order. Default: LLaVA's question JSONL
+        (``files["questions"]``) with images under ``files["images"]``."""
+        return load_llava_questions(self.path(data_root, "questions"), self.path(data_root, "images"))
 
     def score(
         self,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from finepruner.eval.benchmarks import register
-from finepruner.eval.benchmarks.base import Benchmark, Sample, load_llava_questions, result
+from finepruner.eval.benchmarks.base import Benchmark, result
 from finepruner.eval.io import read_json
 
 
@@ -39,9 +39,6 @@ class GQA(Benchmark):
     inference_keys = {"testdev_balanced": ("questions", "images")}
     scoring_keys = {"testdev_balanced": ("annotations",)}
     description = "GQA testdev-balanced (12,578); metric: accuracy (exact match)"
-
-    def load(self, data_root: str | Path) -> list[Sample]:
-        return load_llava_questions(self.path(data_root, "questions"), self.path(data_root, "images"))
 
     def score(
         self,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finepruner.eval.benchmarks import register
-from finepruner.eval.benchmarks.base import SHORT_ANSWER, Benchmark, Sample, load_llava_questions, result
+from finepruner.eval.benchmarks.base import SHORT_ANSWER, Benchmark, result
 from finepruner.eval.errors import DataError
 from finepruner.eval.io import check_answers_coverage, read_jsonl
 
@@ -93,6 +93,19 @@ def mme_subtask_score(rows: list[tuple[str, str]]) -> dict[str, Any]:
     return out
 
 
+def mme_ground_truth_key(answer: dict[str, Any], gt: dict[tuple[str, str, str], str]) -> tuple[str, str, str] | None:
+    """The ``(category, file, question)`` key of an answer in the ground truth (as the official
+    ``convert_answer_to_mme.py``, also trying the double-space variant of the yes/no suffix), or None."""
+    qid = str(answer["question_id"])
+    category = qid.split("/")[0]
+    txt = qid.split("/")[-1].split(".")[0] + ".txt"
+    question = mme_question_for_gt(answer.get("prompt", ""))
+    for key in ((category, txt, question), (category, txt, question.replace(YES_NO, "  Please answer yes or no."))):
+        if key in gt:
+            return key
+    return None
+
+
 @register
 class MME(Benchmark):
     name = "mme"
@@ -110,9 +123,6 @@ class MME(Benchmark):
     scoring_keys = {"test": ("ground_truth",)}
     description = "MME (2,374 yes/no questions); metric: perception score (0-2000), cognition (0-800)"
 
-    def load(self, data_root: str | Path) -> list[Sample]:
-        return load_llava_questions(self.path(data_root, "questions"), self.path(data_root, "images"))
-
     def score(
         self,
         answers: list[dict[str, Any]],
@@ -126,17 +136,11 @@ class MME(Benchmark):
         per_cat: dict[str, list[tuple[str, str]]] = {}
         unknown = 0
         for a in answers:
-            qid = str(a["question_id"])
-            category = qid.split("/")[0]
-            txt = qid.split("/")[-1].split(".")[0] + ".txt"
-            question = mme_question_for_gt(a.get("prompt", ""))
-            key = (category, txt, question)
-            if key not in gt:
-                key = (category, txt, question.replace(YES_NO, "  Please answer yes or no."))
-            if key not in gt:
+            key = mme_ground_truth_key(a, gt)
+            if key is None:
                 unknown += 1
                 continue
-            per_cat.setdefault(category, []).append((gt[key], a["text"]))
+            per_cat.setdefault(key[0], []).append((gt[key], a["text"]))
         subtasks = {
             cat: mme_subtask_score(per_cat[cat]) for cat in (*PERCEPTION, *COGNITION) if cat in per_cat
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from finepruner.eval.benchmarks import register
-from finepruner.eval.benchmarks.base import Benchmark, Sample, load_llava_questions, result
+from finepruner.eval.benchmarks.base import Benchmark, result
 from finepruner.eval.errors import DataError
 from finepruner.eval.io import check_answers_coverage, read_jsonl
 
@@ -85,9 +85,6 @@ class Pope(Benchmark):
     inference_keys = {"test": ("questions", "images")}
     scoring_keys = {"test": ("questions", "annotations")}
     description = "POPE (3 splits, 8,910 questions); metric: mean F1 over adversarial/popular/random"
-
-    def load(self, data_root: str | Path) -> list[Sample]:
-        return load_llava_questions(self.path(data_root, "questions"), self.path(data_root, "images"))
 
     def label_files(self, data_root: str | Path) -> dict[str, Path]:
         """``{category: coco_pope_<category>.json}`` from the annotation folder, sorted by name."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from finepruner.eval.benchmarks import register
-from finepruner.eval.benchmarks.base import Benchmark, Sample, load_llava_questions, result
+from finepruner.eval.benchmarks.base import Benchmark, result
 from finepruner.eval.errors import AnswersError
 from finepruner.eval.io import read_json
 from finepruner.eval.normalize import evalai_normalize, leave_one_out_accuracy
@@ -60,9 +60,6 @@ class TextVQA(Benchmark):
     inference_keys = {"val": ("questions", "images")}
     scoring_keys = {"val": ("annotations",)}
     description = "TextVQA val (5,000, with OCR tokens); metric: VQA accuracy"
-
-    def load(self, data_root: str | Path) -> list[Sample]:
-        return load_llava_questions(self.path(data_root, "questions"), self.path(data_root, "images"))
 
     def score(
         self,
