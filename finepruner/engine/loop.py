@@ -19,6 +19,7 @@ rotary embeddings; FlashAttention would otherwise read gaps as packed sequences)
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -194,6 +195,65 @@ def _decode(lm, state, hidden, attention_mask, position_ids, cache, use_cache, o
     return hidden, all_hidden
 
 
+@dataclass
+class _Tokens:
+    """The prompt as it currently stands during a prefill: every stage gathers these together.
+
+    ``visual_index`` [B, V]: positions of the current visual tokens in the sequence; ``visual_ids``
+    [B, V]: their ids (original 0..N-1, inserted tokens N, N+1, ...); ``source_index`` [B, L]: each
+    token's index in the unpruned prompt (-1 for inserted tokens); ``shift`` [B]: how much the
+    renumbered positions lag the logical ones (0 with original positions).
+    """
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    mask2d: torch.Tensor | None
+    source_index: torch.Tensor
+    visual_index: torch.Tensor
+    visual_ids: torch.Tensor
+    shift: torch.Tensor
+
+
+def _keep(tokens: _Tokens, local: torch.Tensor, renumber: bool) -> _Tokens:
+    """Keep every non-visual token and the visual tokens ``local`` [B, k] (indices into the current
+    visual tokens), in their order; positions either kept or renumbered contiguously."""
+    batch, length, width = tokens.hidden.shape
+    keep_mask = torch.ones(batch, length, dtype=torch.bool, device=tokens.hidden.device)
+    keep_mask.scatter_(1, tokens.visual_index, False)
+    kept_positions = tokens.visual_index.gather(1, local)
+    keep_mask.scatter_(1, kept_positions, True)
+    keep_index = keep_mask.nonzero()[:, 1].view(batch, -1)
+    position_ids = tokens.position_ids.gather(1, keep_index)
+    shift = tokens.shift
+    if renumber:
+        position_ids = position_ids - (~keep_mask).cumsum(dim=1).gather(1, keep_index)
+        shift = shift + (~keep_mask).sum(dim=1)
+    return _Tokens(
+        hidden=tokens.hidden.gather(1, keep_index[..., None].expand(-1, -1, width)),
+        position_ids=position_ids,
+        mask2d=tokens.mask2d.gather(1, keep_index) if tokens.mask2d is not None else None,
+        source_index=tokens.source_index.gather(1, keep_index),
+        visual_index=(keep_mask.cumsum(dim=1) - 1).gather(1, kept_positions),
+        visual_ids=tokens.visual_ids.gather(1, local),
+        shift=shift,
+    )
+
+
+def _insert(tokens: _Tokens, insert: torch.Tensor, positions: torch.Tensor | None, first_id: int) -> _Tokens:
+    """Insert ``insert`` [B, c, D] right after the last kept visual token; they become visual tokens with
+    ids ``first_id..``. Positions: ``positions`` [B, c] (original mode), or contiguous when None."""
+    count = insert.shape[1]
+    renumber = positions is None
+    start = tokens.visual_index[:, -1:] + 1  # tokens up to and including the last visual one
+    hidden, position_ids, mask2d, source_index, visual_index = _insert_tokens(
+        tokens.hidden, tokens.position_ids, tokens.mask2d, tokens.source_index, tokens.visual_index, start,
+        insert.to(tokens.hidden.dtype), positions,
+    )
+    new_ids = torch.arange(first_id, first_id + count, device=hidden.device).expand(hidden.shape[0], -1)
+    return _Tokens(hidden, position_ids, mask2d, source_index, visual_index,
+                   torch.cat([tokens.visual_ids, new_ids], dim=1), tokens.shift - count if renumber else tokens.shift)
+
+
 def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, image_mask, row_keys,
              output_hidden_states, kwargs):
     """A prompt with images: run the layers and prune at every stage of the method's plan."""
@@ -261,43 +321,21 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
                 handle.method.select(stage_index, stage, context), stage, stage_index, batch, width, handle.method.name
             )
             stats.selection_seconds += _clock(hidden, handle) - started
-            if insert is not None:  # where inserted tokens go: after the last current visual token
-                insert_at = visual_index[:, -1:]
-                if not renumber:
-                    insert_positions = position_ids.gather(1, visual_index.gather(1, insert_from))
-            keep_mask = torch.ones(batch, hidden.shape[1], dtype=torch.bool, device=hidden.device)
-            keep_mask.scatter_(1, visual_index, False)
-            kept_positions = visual_index.gather(1, local)
-            keep_mask.scatter_(1, kept_positions, True)
-            keep_index = keep_mask.nonzero()[:, 1].view(batch, -1)
-            hidden = hidden.gather(1, keep_index[..., None].expand(-1, -1, width))
-            if renumber:
-                dropped_before = (~keep_mask).cumsum(dim=1)
-                position_ids = position_ids.gather(1, keep_index) - dropped_before.gather(1, keep_index)
-                shift = shift + (~keep_mask).sum(dim=1)
-            else:
-                position_ids = position_ids.gather(1, keep_index)
-            if mask2d is not None:
-                mask2d = mask2d.gather(1, keep_index)
-            source_index = source_index.gather(1, keep_index)
-            visual_index = (keep_mask.cumsum(dim=1) - 1).gather(1, kept_positions)
-            visual_ids = visual_ids.gather(1, local)
-            kept.append(visual_ids)
+            tokens = _Tokens(hidden, position_ids, mask2d, source_index, visual_index, visual_ids, shift)
+            if insert is not None and not renumber:  # merged tokens take their centre's position
+                insert_positions = position_ids.gather(1, visual_index.gather(1, insert_from))
+            tokens = _keep(tokens, local, renumber)
+            kept.append(tokens.visual_ids)
             if insert is None:
                 merged.append(None)
             else:
-                count = insert.shape[1]
-                start = keep_mask.cumsum(dim=1).gather(1, insert_at)  # kept tokens up to the last visual one
-                hidden, position_ids, mask2d, source_index, visual_index = _insert_tokens(
-                    hidden, position_ids, mask2d, source_index, visual_index, start, insert.to(hidden.dtype),
-                    None if renumber else insert_positions,
-                )
-                if renumber:
-                    shift = shift - count
-                new_ids = torch.arange(next_id, next_id + count, device=hidden.device).expand(batch, -1)
-                next_id += count
-                visual_ids = torch.cat([visual_ids, new_ids], dim=1)
-                merged.append(new_ids)
+                tokens = _insert(tokens, insert, None if renumber else insert_positions, next_id)
+                next_id += insert.shape[1]
+                merged.append(tokens.visual_ids[:, -insert.shape[1]:])
+            hidden, position_ids, mask2d = tokens.hidden, tokens.position_ids, tokens.mask2d
+            source_index, visual_index, visual_ids, shift = (
+                tokens.source_index, tokens.visual_index, tokens.visual_ids, tokens.shift
+            )
             heads.append(context.heads)
             attentions.append(attention)
             segments.append(Segment(index, mask2d, hidden.shape[1], shift))
