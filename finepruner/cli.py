@@ -25,7 +25,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every registered sub-command."""
-    parser = argparse.ArgumentParser(prog="finepruner", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="finepruner", description="Training-free visual-token pruning for LLaVA: methods, evaluation, sweeps."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

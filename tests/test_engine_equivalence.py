@@ -236,3 +236,23 @@ def test_stats_and_kept_contract(tiny, batch):
     for earlier, later in zip(handle.kept, handle.kept[1:]):
         for row in range(3):
             assert set(later[row].tolist()) <= set(earlier[row].tolist())
+
+
+def test_generate_without_cache_reprunes_each_step(tiny, batch):
+    """use_cache=False (FastV's paper mode): every step is a fresh pruned prefill of the whole sequence."""
+    model, _ = tiny
+    with finepruner.apply(model, "fastv", tokens=NUM_VISUAL) as handle:
+        keep_all = generate(model, batch, use_cache=False)
+    reference = generate(model, batch)
+    assert torch.equal(keep_all.sequences, reference.sequences)
+    with finepruner.apply(model, "fastv", tokens=16) as handle:
+        out = generate(model, batch, use_cache=False)
+        prompt = batch["input_ids"].shape[1]
+        # the last step pruned with the newest token as the query: its kept set is the one of a fresh
+        # forward over the whole sequence so far
+        last_kept = handle.kept[0].clone()
+        ids = out.sequences[:, :-1]
+        mask = torch.cat([batch["attention_mask"], torch.ones(3, ids.shape[1] - prompt, dtype=torch.long)], 1)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False)
+        assert torch.equal(handle.kept[0], last_kept)
