@@ -241,17 +241,41 @@ def _keep(tokens: _Tokens, local: torch.Tensor, renumber: bool) -> _Tokens:
 
 def _insert(tokens: _Tokens, insert: torch.Tensor, positions: torch.Tensor | None, first_id: int) -> _Tokens:
     """Insert ``insert`` [B, c, D] right after the last kept visual token; they become visual tokens with
-    ids ``first_id..``. Positions: ``positions`` [B, c] (original mode), or contiguous when None."""
+    ids ``first_id..``. Positions: ``positions`` [B, c] (original mode), or, when None (renumber mode),
+    contiguous after the preceding token, with the following tokens shifted by c."""
+    batch, length, width = tokens.hidden.shape
     count = insert.shape[1]
-    renumber = positions is None
-    start = tokens.visual_index[:, -1:] + 1  # tokens up to and including the last visual one
-    hidden, position_ids, mask2d, source_index, visual_index = _insert_tokens(
-        tokens.hidden, tokens.position_ids, tokens.mask2d, tokens.source_index, tokens.visual_index, start,
-        insert.to(tokens.hidden.dtype), positions,
+    device = tokens.hidden.device
+    start = tokens.visual_index[:, -1:] + 1  # [B, 1] tokens up to and including the last visual one stay
+    after = torch.arange(length, device=device)[None] >= start  # [B, L] tokens that move right by c
+    target = torch.arange(length, device=device)[None] + count * after
+    slots = start + torch.arange(count, device=device)[None]  # [B, c]
+
+    def spread(values: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        out = values.new_empty(batch, length + count, *values.shape[2:])
+        out.scatter_(1, target.view(*target.shape, *[1] * (values.dim() - 2)).expand_as(values), values)
+        out.scatter_(1, slots.view(*slots.shape, *[1] * (values.dim() - 2)).expand_as(fill), fill)
+        return out
+
+    position_ids = tokens.position_ids
+    shift = tokens.shift
+    if positions is None:
+        positions = position_ids.gather(1, start - 1) + 1 + torch.arange(count, device=device)[None]
+        position_ids = position_ids + count * after
+        shift = shift - count
+    mask2d = tokens.mask2d
+    if mask2d is not None:
+        mask2d = spread(mask2d, torch.ones(batch, count, dtype=mask2d.dtype, device=device))
+    new_ids = torch.arange(first_id, first_id + count, device=device).expand(batch, -1)
+    return _Tokens(
+        hidden=spread(tokens.hidden, insert.to(tokens.hidden.dtype)),
+        position_ids=spread(position_ids, positions.to(position_ids.dtype)),
+        mask2d=mask2d,
+        source_index=spread(tokens.source_index, torch.full((batch, count), -1, dtype=torch.long, device=device)),
+        visual_index=torch.cat([tokens.visual_index, slots], dim=1),
+        visual_ids=torch.cat([tokens.visual_ids, new_ids], dim=1),
+        shift=shift,
     )
-    new_ids = torch.arange(first_id, first_id + count, device=hidden.device).expand(hidden.shape[0], -1)
-    return _Tokens(hidden, position_ids, mask2d, source_index, visual_index,
-                   torch.cat([tokens.visual_ids, new_ids], dim=1), tokens.shift - count if renumber else tokens.shift)
 
 
 def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, image_mask, row_keys,
@@ -387,36 +411,3 @@ def _unpack_selection(choice, stage, stage_index, batch, width, name):
     if insert is not None and (insert_from is None or tuple(insert_from.shape) != (batch, count)):
         raise RuntimeError(f"{name}: Selection.insert_from must be [{batch}, {count}] with Selection.insert")
     return local, insert, insert_from
-
-
-def _insert_tokens(hidden, position_ids, mask2d, source_index, visual_index, start, extra, extra_positions):
-    """Insert ``extra`` [B, c, D] after the first ``start`` [B, 1] tokens of each row; they join the visual
-    tokens. Positions: ``extra_positions`` [B, c] when given (original mode), else contiguous after the
-    preceding token with the following tokens shifted by c (renumber mode)."""
-    batch, length, width = hidden.shape
-    count = extra.shape[1]
-    device = hidden.device
-    after = torch.arange(length, device=device)[None] >= start  # [B, L] tokens that move right by c
-    target = torch.arange(length, device=device)[None] + count * after
-    slots = start + torch.arange(count, device=device)[None]  # [B, c]
-    out = hidden.new_empty(batch, length + count, width)
-    out.scatter_(1, target[..., None].expand(-1, -1, width), hidden)
-    out.scatter_(1, slots[..., None].expand(-1, -1, width), extra)
-
-    def spread(values, fill):
-        merged_values = values.new_empty(batch, length + count)
-        merged_values.scatter_(1, target, values)
-        merged_values.scatter_(1, slots, fill)
-        return merged_values
-
-    if extra_positions is None:
-        before = position_ids.gather(1, (start - 1).clamp(min=0))
-        before = torch.where(start > 0, before, before - 1)  # no preceding token: start at its position - 1 + 1
-        extra_positions = before + 1 + torch.arange(count, device=device)[None]
-        position_ids = position_ids + count * after
-    positions = spread(position_ids, extra_positions.to(position_ids.dtype))
-    if mask2d is not None:
-        mask2d = spread(mask2d, torch.ones(batch, count, dtype=mask2d.dtype, device=device))
-    source_index = spread(source_index, torch.full((batch, count), -1, dtype=source_index.dtype, device=device))
-    visual_index = torch.cat([visual_index, slots], dim=1)
-    return out, positions, mask2d, source_index, visual_index

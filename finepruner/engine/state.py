@@ -45,9 +45,6 @@ class GenerationState:
     segments: list[Segment]
     seen: int = 0
 
-    def segment_starts(self) -> dict[int, Segment]:
-        return {segment.start: segment for segment in self.segments}
-
 
 @dataclass
 class PruneStats:

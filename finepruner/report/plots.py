@@ -50,9 +50,14 @@ def plot_budget(records: Sequence[RunRecord], path: str | Path, *, mme_metric: s
         ax.set_title(bench_title(bench, mme_metric))
         ax.set_xlabel("visual tokens")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(benches):]:
+    return _finish_panels(plt, fig, axes, len(benches), path)
+
+
+def _finish_panels(plt, fig, axes, used: int, path: str | Path) -> Path:
+    """Hide unused panels, add one legend with every panel's distinct labels below them, save, close."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = [], []
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
@@ -112,19 +117,7 @@ def plot_pareto(records: Sequence[RunRecord], path: str | Path, *, mme_metric: s
         ax.set_title(bench_title(bench, mme_metric))
         ax.set_xlabel("TFLOPs / sample (" + ("papers' count" if convention == "paper" else "ours") + ")")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(benches):]:
-        ax.axis("off")
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _finish_panels(plt, fig, axes, len(benches), path)
 
 
 def plot_head_heatmaps(tables: Sequence[Any], out_dir: str | Path) -> list[Path]:
