@@ -1,9 +1,9 @@
 """On the shipped toy model, an attention-based method keeps the tokens that matter better than random.
 
 Margins are established from the measured figures of ``docs/toy.md`` (fixed small suite, 16 of 144
-tokens): GQA colour 55.6% (FastV) vs 27.8% (random), POPE F1 59.9 vs 43.4. The assertions leave room
-for about half of each gap, so they fail when a method stops finding the objects, not on noise (the
-runs are deterministic: greedy decoding, fixed suite, fixed seeds).
+tokens): GQA colour 100% (FastV) vs 27.8% (random) against 94.4% unpruned, POPE F1 99.6 vs 59.6.
+The assertions leave room for about half of each gap, so they fail when a method stops finding the
+objects, not on noise (the runs are deterministic: greedy decoding, fixed suite, fixed seeds).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ def run(toy, method, tokens):
 
 def test_fastv_beats_random_at_the_smallest_budget(toy):
     fastv, random = run(toy, "fastv", 16), run(toy, "random", 16)
-    assert fastv["gqa"]["per_type"]["color"] >= random["gqa"]["per_type"]["color"] + 12
-    assert fastv["pope"]["headline"] >= random["pope"]["headline"] + 8
+    assert fastv["gqa"]["per_type"]["color"] >= random["gqa"]["per_type"]["color"] + 36
+    assert fastv["pope"]["headline"] >= random["pope"]["headline"] + 20
 
 
 def test_pruning_to_the_smallest_budget_costs_random_selection(toy):
     vanilla, random = run(toy, "vanilla", None), run(toy, "random", 16)
-    assert random["gqa"]["per_type"]["color"] <= vanilla["gqa"]["per_type"]["color"] - 12
+    assert random["gqa"]["per_type"]["color"] <= vanilla["gqa"]["per_type"]["color"] - 33
+    assert random["pope"]["headline"] <= vanilla["pope"]["headline"] - 20

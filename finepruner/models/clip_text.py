@@ -122,6 +122,13 @@ def _read_tensor(directory: Path, key: str) -> torch.Tensor | None:
     return None
 
 
+class _ClipTextTower(CLIPTextModelWithProjection):
+    """The text tower read out of a full CLIP checkpoint: its vision weights are expected to be left
+    behind, so transformers' load report does not list them as unexpected."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"]
+
+
 def load_clip_text(path: str | Path, dtype: torch.dtype | None = None) -> ClipText:
     """Load the text tower, tokenizer and ``visual_projection`` of a local CLIP checkpoint directory.
 
@@ -138,7 +145,7 @@ def load_clip_text(path: str | Path, dtype: torch.dtype | None = None) -> ClipTe
         )
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"CLIP checkpoint {directory} has no config.json")
-    text_model = CLIPTextModelWithProjection.from_pretrained(
+    text_model = _ClipTextTower.from_pretrained(
         directory, dtype=dtype or torch.float32, local_files_only=True
     )
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

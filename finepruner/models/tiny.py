@@ -49,6 +49,7 @@ class TinyLlavaSpec:
     text_kv_heads: int | None = None
     text_intermediate: int = 128
     max_positions: int = 1024
+    rope_theta: float = 10000.0
     words: tuple[str, ...] = field(default=DEFAULT_WORDS)
 
     @property
@@ -124,6 +125,7 @@ def build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Lla
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
     )
     return LlavaConfig(
         vision_config=vision,

@@ -15,7 +15,6 @@ Public API::
 See ``docs/toy.md``.
 """
 
-from finepruner.toy.evaluate import BUDGETS, evaluate_suite
 from finepruner.toy.model import checkpoint_dir, clip_text_dir, load_clip_text
 from finepruner.toy.scenes import generate_scene, generate_scenes
 from finepruner.toy.suite import (
@@ -28,6 +27,16 @@ from finepruner.toy.suite import (
     load_suite_meta,
     write_suite,
 )
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that ``python -m finepruner.toy.evaluate`` runs a module not yet imported.
+    if name in ("BUDGETS", "evaluate_suite"):
+        from finepruner.toy import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module 'finepruner.toy' has no attribute {name!r}")
+
 
 __all__ = [
     "BENCHMARKS",

@@ -14,12 +14,34 @@ def _toy_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``["lr=1e-3", "lookup_at=answer"]`` -> TrainConfig fields, each converted to its default's type."""
+    from dataclasses import fields
+
+    from finepruner.toy.train import TrainConfig
+
+    known = {f.name: f for f in fields(TrainConfig)}
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        default = known[key].default  # a None default: the first type of the annotation ("float | None")
+        kind = {"float": float, "int": int}.get(str(known[key].type).split("|")[0].strip(), str) \
+            if default is None else type(default)
+        try:
+            out[key] = kind(value)
+        except ValueError as err:
+            raise SystemExit(f"--set {item!r}: {err}") from None
+    return out
+
+
 def _toy_train(args: argparse.Namespace) -> int:
     from finepruner.toy.train import TrainConfig, train
 
     cfg = TrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed,
                       batch_size=args.batch_size, threads=args.threads, eval_every=args.eval_every,
-                      init=args.init)
+                      init=args.init, **parse_overrides(args.set))
     final = train(cfg)
     print(f"final held-out accuracy (mean over question types): {final['mean']:.3f}")
     return 0
@@ -47,4 +69,6 @@ def register(subparsers) -> None:
     tr.add_argument("--eval-every", type=float, default=300.0, help="seconds between held-out evaluations")
     tr.add_argument("--init", default=None,
                     help="start from this toy checkpoint folder (continue training with a new schedule)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other TrainConfig field, e.g. --set lookup_at=answer (repeatable)")
     tr.set_defaults(func=_toy_train)

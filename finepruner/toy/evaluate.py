@@ -127,10 +127,11 @@ def summary_row(results: dict[str, Any]) -> dict[str, float]:
     return row
 
 
-def method_params(method: str, tokens: int | None, model, processor, checkpoint: str = "toy") -> dict[str, Any]:
+def method_params(method: str, tokens: int | None, model, processor, checkpoint: str = "toy",
+                  random_seed: int = 0) -> dict[str, Any]:
     """Parameters that run ``method`` at ``tokens`` on the toy model (shared by this script and the demo):
     the bench's defaults (``finepruner``: H = heads/4; SparseVLM: the v1.5 schedule scaled to the depth),
-    the toy CLIP text tower for CDPruner, seed 0 for random."""
+    the toy CLIP text tower for CDPruner, ``random_seed`` for random."""
     from finepruner.bench.runner import Variant
     from finepruner.bench.runner import method_params as bench_params
 
@@ -148,12 +149,13 @@ def method_params(method: str, tokens: int | None, model, processor, checkpoint:
         params["clip_text"] = load_clip_text(None if checkpoint == "toy" else checkpoint)
         params["tokenizer"] = processor  # to decode each sample's instruction from its prompt
     if method == "random":
-        params.setdefault("seed", 0)
+        params.setdefault("seed", random_seed)
     return params
 
 
 def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tuple[int, ...] = BUDGETS,
-             checkpoint: str = "toy", on_row=None, progress: bool = False) -> list[dict[str, Any]]:
+             checkpoint: str = "toy", on_row=None, progress: bool = False,
+             random_seed: int = 0) -> list[dict[str, Any]]:
     """Vanilla-style rows for every method at every budget (``tokens=None`` for vanilla): headline per
     benchmark, per-type accuracy, mean prefill FLOPs per sample, or the error of an unreachable budget."""
     from tqdm import tqdm
@@ -162,7 +164,7 @@ def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tu
     rows: list[dict[str, Any]] = []
     for method, tokens in tqdm(grid, desc="toy suite", unit="config", disable=not progress):
         try:
-            params = method_params(method, tokens, model, processor, checkpoint)
+            params = method_params(method, tokens, model, processor, checkpoint, random_seed)
             res = evaluate_suite(model, processor, root, method=method, method_params=params)
         except (ValueError, RuntimeError) as err:  # e.g. a budget a schedule cannot reach on 6 layers
             row = {"method": method, "tokens": tokens, "error": str(err)}
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="vanilla", help="comma-separated, e.g. vanilla,random,fastv")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--random-seed", type=int, default=0, help="seed of the random selection control")
     parser.add_argument("--json", default=None, help="write all results here")
     args = parser.parse_args(argv)
 
@@ -218,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {b}: " + ", ".join(f"{t} {v:.1f}" for t, v in row["per_type"][b].items()))
 
     budgets = tuple(int(b) for b in args.budgets.split(","))
-    runs = run_grid(model, processor, root, args.methods.split(","), budgets, args.model, on_row=show)
-    out: dict[str, Any] = {"n": args.n, "seed": args.seed, "runs": runs}
+    runs = run_grid(model, processor, root, args.methods.split(","), budgets, args.model, on_row=show,
+                    random_seed=args.random_seed)
+    out: dict[str, Any] = {"n": args.n, "seed": args.seed, "random_seed": args.random_seed, "runs": runs}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -19,16 +19,27 @@ SHIPPED = ("config.json", "generation_config.json", "model.safetensors", "proces
            "train_history.json")
 
 
+def _run_paths(run_dir: Path) -> dict[str, str]:
+    """This machine's paths the logs may name (the run folder and the ``--init`` folder) -> placeholders."""
+    paths = {str(run_dir): "RUN_DIR", str(run_dir.resolve()): "RUN_DIR"}
+    tag = run_dir / "toy_training.json"
+    init = json.loads(tag.read_text(encoding="utf-8")).get("config", {}).get("init") if tag.is_file() else None
+    if init:  # a relative --init names no machine path; its absolute form may appear in the log
+        paths[str(Path(init).resolve())] = "INIT_DIR"
+    return dict(sorted(paths.items(), key=lambda kv: -len(kv[0])))  # longest first: no partial replaces
+
+
 def ship(run_dir: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
+    paths = _run_paths(run_dir)
     for name in SHIPPED:
         if not (run_dir / name).is_file():
             continue
         if name.endswith((".json", ".txt")) and name.startswith(("toy_", "train_")):
             # the logs name the run folder: keep this machine's paths out of the package
             text = (run_dir / name).read_text(encoding="utf-8")
-            for form in {str(run_dir), str(run_dir.resolve())}:
-                text = text.replace(form, "RUN_DIR")
+            for form, placeholder in paths.items():
+                text = text.replace(form, placeholder)
             (dest / name).write_text(text, encoding="utf-8")
         else:
             shutil.copy2(run_dir / name, dest / name)

@@ -45,6 +45,7 @@ class ToySpec(TinyLlavaSpec):
     text_heads: int = 8
     text_intermediate: int = 512
     max_positions: int = 1024
+    rope_theta: float = 1e6
     projection_dim: int = 64
     clip_text_layers: int = 2
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from finepruner.toy.model import CLIP_TEXT_SUBDIR, ToySpec, build_clip_text, build_toy_llava, save_clip_text
 from finepruner.toy.questions import QUESTION_TYPES, Question, make_question
-from finepruner.toy.scenes import COLOR_NAMES, GRID, SHAPES, Scene, generate_scene
+from finepruner.toy.scenes import COLOR_NAMES, GRID, PLURALS, SHAPES, Scene, generate_scene
 from finepruner.toy.text import conversation, eval_prompt, user_text
 
 #: Relative frequency of each question type in the training conversations.
@@ -56,8 +56,14 @@ class TrainConfig:
     aux_dense: float = 0.5
     aux_cls: float = 0.2
     aux_contrastive: float = 0.2
+    aux_ground: float = 0.5
+    aux_lookup: float = 0.3
+    lookup_layer: int = 1
+    lookup_heads: int = 4
+    lookup_at: str = "name"
+    rope_theta: float | None = None
     eval_every: float = 300.0
-    curriculum: float = 0.3
+    curriculum: float = 0.15
     init: str | None = None
     projector_init_scale: float = 1.0
     eval_scenes: int = 60
@@ -112,6 +118,27 @@ def pair_targets(scene: Scene) -> torch.Tensor:
     return y
 
 
+#: Which named attributes pick out the objects a question is about (the rest of the scene is context).
+_LOOKUP_KEYS = {"color": ("shape",), "count": ("shape",), "count_yn": ("shape",), "color_yn": ("shape",),
+                "shape": ("color",), "position": ("color", "shape"), "position_yn": ("color", "shape"),
+                "exist": ("color", "shape")}
+
+
+def relevant_patches(scene: Scene, q: Question) -> list[int]:
+    """Patches of the objects the question names (empty for a negative existence question)."""
+    keys = _LOOKUP_KEYS[q.meta["base"] if q.qtype == "mcq" else q.qtype]
+    objs = [o for o in scene.objects if all(getattr(o, k) == q.meta[k] for k in keys)]
+    return sorted(p for o in objs for p in o.patches())
+
+
+def naming_words(q: Question) -> set[str]:
+    """The word of the question that names its objects: the shape (singular or plural) when the question
+    names one (it follows the colour in "the red circle"), else the colour."""
+    keys = _LOOKUP_KEYS[q.meta["base"] if q.qtype == "mcq" else q.qtype]
+    word = q.meta["shape"] if "shape" in keys else q.meta["color"]
+    return {word, PLURALS.get(word, word)}
+
+
 def encode_conversation(tokenizer, turns: list[tuple[str, str]], n_image_tokens: int,
                         image_token_id: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 outside answers) of a vicuna_v1 conversation, ``<image>`` expanded."""
@@ -127,16 +154,35 @@ def encode_conversation(tokenizer, turns: list[tuple[str, str]], n_image_tokens:
     return ids, labels
 
 
+def answer_positions(labels: list[int]) -> list[int]:
+    """Index of the token that predicts each turn's answer (the ``:`` before its first labelled token)."""
+    return [i - 1 for i in range(1, len(labels)) if labels[i] != -100 and labels[i - 1] == -100]
+
+
+def naming_positions(tokens: list[str], labels: list[int], questions: list[Question]) -> list[int]:
+    """Per turn, the index of the last token before the answer that is one of :func:`naming_words`."""
+    out = []
+    for end, q in zip(answer_positions(labels), questions, strict=True):
+        words = naming_words(q)
+        out.append(next(i for i in range(end, -1, -1) if tokens[i] in words))
+    return out
+
+
 def make_batch(rng: random.Random, processor, cfg: TrainConfig, image_token_id: int,
                max_objects: int = 5, max_clutter: int = 4) -> dict:
     tok = processor.tokenizer
     scenes = [generate_scene(rng, max_objects, max_clutter) for _ in range(cfg.batch_size)]
     pixel_values = processor.image_processor([s.render() for s in scenes], return_tensors="pt")["pixel_values"]
-    seqs = []
-    for s in scenes:
+    seqs, lookups = [], []
+    for b, s in enumerate(scenes):
         qs = sample_turns(s, rng, cfg.turns)
-        seqs.append(encode_conversation(tok, [(user_text(q.text, q.options), q.answer) for q in qs],
-                                        GRID * GRID, image_token_id))
+        ids, labels = encode_conversation(tok, [(user_text(q.text, q.options), q.answer) for q in qs],
+                                          GRID * GRID, image_token_id)
+        seqs.append((ids, labels))
+        positions = (naming_positions(tok.convert_ids_to_tokens(ids), labels, qs) if cfg.lookup_at == "name"
+                     else answer_positions(labels))
+        lookups.extend((b, pos, relevant_patches(s, q))
+                       for pos, q in zip(positions, qs, strict=True) if relevant_patches(s, q))
     width = max(len(i) for i, _ in seqs)
     input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
@@ -152,6 +198,7 @@ def make_batch(rng: random.Random, processor, cfg: TrainConfig, image_token_id: 
         "dense_half": torch.stack([d[2] for d in dense]),
         "pairs": torch.stack([pair_targets(s) for s in scenes]),
         "captions": [caption(s, rng) for s in scenes],
+        "lookups": lookups,
     }
 
 
@@ -209,13 +256,57 @@ def accuracy_by_type(items, preds) -> dict[str, float]:
 class AuxHeads(torch.nn.Module):
     """Throw-away heads for the vision tower's auxiliary objectives (not shipped)."""
 
-    def __init__(self, vision_hidden: int):
+    def __init__(self, vision_hidden: int, text_hidden: int):
         super().__init__()
         self.color = torch.nn.Linear(vision_hidden, len(COLOR_NAMES) + 1)
         self.shape = torch.nn.Linear(vision_hidden, len(SHAPES) + 1)
         self.side = torch.nn.Linear(vision_hidden, 2)
         self.pairs = torch.nn.Linear(vision_hidden, len(COLOR_NAMES) * len(SHAPES))
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+        self.ground_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+        self.no_color = torch.nn.Parameter(torch.randn(text_hidden) * 0.02)
+        self.no_shape = torch.nn.Parameter(torch.randn(text_hidden) * 0.02)
+
+
+def grounding_loss(image_tokens: torch.Tensor, embeddings: torch.Tensor, heads: AuxHeads,
+                   color_ids: list[int], shape_ids: list[int], batch: dict) -> torch.Tensor:
+    """Align each image token with the word embeddings of its object's colour and shape.
+
+    The miniature of LLaVA's stage-1 alignment: the projected patch of a red circle should point the
+    way of the words ``red`` and ``circle`` (cosine logits against those rows of the language model's
+    input embeddings, plus a learned "nothing" row), so the question's words can find it by attention.
+    """
+    x = F.normalize(image_tokens.flatten(0, 1), dim=-1)
+    scale = heads.ground_scale.exp().clamp(max=100)
+    loss = image_tokens.new_zeros(())
+    for none, ids, target in ((heads.no_color, color_ids, batch["dense_color"]),
+                              (heads.no_shape, shape_ids, batch["dense_shape"])):
+        rows = F.normalize(torch.cat([none[None], embeddings[ids]]), dim=-1)
+        loss = loss + F.cross_entropy(scale * x @ rows.T, target.flatten())
+    return loss
+
+
+def lookup_loss(captured: dict, attention, batch: dict, image_token_id: int, n_heads: int) -> torch.Tensor:
+    """Teach ``n_heads`` heads of one language-model layer where to look: at the word of each question
+    that names its objects, their attention over the image tokens should fall on those objects' patches
+    (cross-entropy against the uniform distribution over those patches). The softmax is taken over the
+    image tokens only, so how much a head attends to the image at all stays free.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hidden, (cos, sin) = captured["hidden"], captured["rope"]
+    shape = (*hidden.shape[:2], -1, attention.head_dim)
+    q = attention.q_proj(hidden).view(shape).transpose(1, 2)[:, :n_heads]
+    k = attention.k_proj(hidden).view(shape).transpose(1, 2)[:, :n_heads]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    image = batch["input_ids"][0] == image_token_id  # the image block sits at the same place in every row
+    rows = torch.tensor([b for b, _, _ in batch["lookups"]])
+    pos = torch.tensor([p for _, p, _ in batch["lookups"]])
+    logits = torch.einsum("nhd,nhkd->nhk", q[rows, :, pos], k[rows][:, :, image]) * attention.scaling
+    target = torch.zeros(len(rows), int(image.sum()))
+    for i, (_, _, patches) in enumerate(batch["lookups"]):
+        target[i, patches] = 1.0 / len(patches)
+    return -(target[:, None] * logits.log_softmax(-1)).sum(-1).mean()
 
 
 def save_checkpoint(model, processor, clip_text, out: Path, tag: dict) -> None:
@@ -248,6 +339,8 @@ def init_from(directory: Path, model, clip_text) -> None:
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
+    if cfg.lookup_at not in ("name", "answer"):
+        raise ValueError(f"lookup_at={cfg.lookup_at!r}: use 'name' (the question's naming word) or 'answer'")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,10 +351,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log_file.write(msg + "\n")
         log_file.flush()
 
-    spec = ToySpec()
+    spec = ToySpec() if cfg.rope_theta is None else ToySpec(rope_theta=cfg.rope_theta)
     model, processor = build_toy_llava(spec, seed=cfg.seed)
     clip_text = build_clip_text(spec, processor.tokenizer, spec.vision_hidden)
-    heads = AuxHeads(spec.vision_hidden)
+    heads = AuxHeads(spec.vision_hidden, spec.text_hidden)
     if cfg.init:  # continue from a saved checkpoint (weights only; a fresh optimizer and schedule)
         init_from(Path(cfg.init), model, clip_text)
         emit(f"initialised from {cfg.init}")
@@ -280,6 +373,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     captured: dict = {}
     model.model.vision_tower.register_forward_hook(lambda m, a, o: captured.__setitem__("v", o))
+    model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.__setitem__("p", o))
+    lookup_attention = model.model.language_model.layers[cfg.lookup_layer].self_attn
+    lookup_attention.register_forward_hook(
+        lambda m, a, kw, o: captured.update(hidden=kw["hidden_states"] if "hidden_states" in kw else a[0],
+                                            rope=kw["position_embeddings"]), with_kwargs=True)
+    color_ids = processor.tokenizer.convert_tokens_to_ids(list(COLOR_NAMES))
+    shape_ids = processor.tokenizer.convert_tokens_to_ids(list(SHAPES))
     data_rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     held_out = eval_set(10_000 + cfg.seed, cfg.eval_scenes)
@@ -345,18 +445,23 @@ def train(cfg: TrainConfig, log=print) -> dict:
         logits = heads.logit_scale.exp().clamp(max=100) * img_emb @ txt_emb.T
         target = torch.arange(len(logits))
         loss_con = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        loss_ground = grounding_loss(captured["p"], model.get_input_embeddings().weight, heads,
+                                     color_ids, shape_ids, batch) if cfg.aux_ground else loss_dense * 0
+        loss_lookup = (lookup_loss(captured, lookup_attention, batch, image_token_id, cfg.lookup_heads)
+                       if cfg.aux_lookup and batch["lookups"] else loss_dense * 0)
         loss = (outputs.loss + cfg.aux_dense * loss_dense + cfg.aux_cls * loss_cls
-                + cfg.aux_contrastive * loss_con)
+                + cfg.aux_contrastive * loss_con + cfg.aux_ground * loss_ground + cfg.aux_lookup * loss_lookup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        for k, val in (("lm", outputs.loss), ("dense", loss_dense), ("cls", loss_cls), ("con", loss_con)):
+        for k, val in (("lm", outputs.loss), ("dense", loss_dense), ("cls", loss_cls), ("con", loss_con),
+                       ("ground", loss_ground), ("lookup", loss_lookup)):
             running[k] += float(val.detach())
         if step % cfg.log_every == 0:
             emit(f"step {step}/{total} lr {lr:.2e} " + " ".join(
-                f"{k} {running[k] / cfg.log_every:.3f}" for k in ("lm", "dense", "cls", "con"))
+                f"{k} {running[k] / cfg.log_every:.3f}" for k in ("lm", "dense", "cls", "con", "ground", "lookup"))
                 + f" | {(time.time() - t0) / step:.2f} s/step, {(time.time() - t0) / 60:.1f} min")
             running.clear()
         if time.time() - last_eval >= cfg.eval_every:
