@@ -181,8 +181,9 @@ def make_batch(rng: random.Random, processor, cfg: TrainConfig, image_token_id: 
         seqs.append((ids, labels))
         positions = (naming_positions(tok.convert_ids_to_tokens(ids), labels, qs) if cfg.lookup_at == "name"
                      else answer_positions(labels))
-        lookups.extend((b, pos, relevant_patches(s, q))
-                       for pos, q in zip(positions, qs, strict=True) if relevant_patches(s, q))
+        for pos, q in zip(positions, qs, strict=True):
+            if patches := relevant_patches(s, q):
+                lookups.append((b, pos, patches))
     width = max(len(i) for i, _ in seqs)
     input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
