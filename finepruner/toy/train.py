@@ -124,9 +124,13 @@ _LOOKUP_KEYS = {"color": ("shape",), "count": ("shape",), "count_yn": ("shape",)
                 "exist": ("color", "shape")}
 
 
+def _lookup_keys(q: Question) -> tuple[str, ...]:
+    return _LOOKUP_KEYS[q.meta["base"] if q.qtype == "mcq" else q.qtype]
+
+
 def relevant_patches(scene: Scene, q: Question) -> list[int]:
     """Patches of the objects the question names (empty for a negative existence question)."""
-    keys = _LOOKUP_KEYS[q.meta["base"] if q.qtype == "mcq" else q.qtype]
+    keys = _lookup_keys(q)
     objs = [o for o in scene.objects if all(getattr(o, k) == q.meta[k] for k in keys)]
     return sorted(p for o in objs for p in o.patches())
 
@@ -134,8 +138,7 @@ def relevant_patches(scene: Scene, q: Question) -> list[int]:
 def naming_words(q: Question) -> set[str]:
     """The word of the question that names its objects: the shape (singular or plural) when the question
     names one (it follows the colour in "the red circle"), else the colour."""
-    keys = _LOOKUP_KEYS[q.meta["base"] if q.qtype == "mcq" else q.qtype]
-    word = q.meta["shape"] if "shape" in keys else q.meta["color"]
+    word = q.meta["shape"] if "shape" in _lookup_keys(q) else q.meta["color"]
     return {word, PLURALS.get(word, word)}
 
 
@@ -462,7 +465,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             running[k] += float(val.detach())
         if step % cfg.log_every == 0:
             emit(f"step {step}/{total} lr {lr:.2e} " + " ".join(
-                f"{k} {running[k] / cfg.log_every:.3f}" for k in ("lm", "dense", "cls", "con", "ground", "lookup"))
+                f"{k} {total_loss / cfg.log_every:.3f}" for k, total_loss in running.items())
                 + f" | {(time.time() - t0) / step:.2f} s/step, {(time.time() - t0) / 60:.1f} min")
             running.clear()
         if time.time() - last_eval >= cfg.eval_every:
