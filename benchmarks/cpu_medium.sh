@@ -2,7 +2,8 @@
 # CPU figures of docs/performance.md: the `medium` shape (576 visual tokens, 8-layer 1024-wide decoder,
 # random weights, fp32, one thread: see docs/performance.md for why), every method at 64/128/192 tokens,
 # plus FinePruner's dynamic head selector and FastV with eager scoring; batch 1, 7 interleaved rounds
-# after one warm-up. About 6-10 minutes on one lightly loaded core.
+# after one warm-up (plain transformers and vanilla always run too: the engine's overhead is printed under
+# the table). About 6-10 minutes on one lightly loaded core.
 # Variables: OUT (default benchmarks/results), BATCH (1), ROUNDS (7), THREADS (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."

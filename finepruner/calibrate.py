@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import finepruner
 from finepruner.eval import benchmarks
+from finepruner.eval.errors import EvalError
 from finepruner.eval.prompting import build_prompt
 from finepruner.eval.runner import Generator
 from finepruner.heads import HeadSet, HeadStatsAccumulator, strategies
@@ -50,7 +51,7 @@ def calibrate(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     # Keeping every token through FastV's path records the attention rows without changing the model.
-    with finepruner.apply(model, "fastv", tokens=adapter.num_visual_tokens, K=K) as handle:
+    with finepruner.apply(model, "fastv", tokens=adapter.num_visual_tokens, K=K, processor=processor) as handle:
         bar = tqdm(range(0, len(samples), batch_size), desc="calibrate", unit="batch", disable=not progress)
         for start in bar:
             batch = samples[start : start + batch_size]
@@ -64,16 +65,43 @@ def calibrate(
     return accumulator.result()
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without the model's weights (its config.json included);
+    raises ``ValueError`` naming the argument and what is allowed."""
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--layer", args.layer)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be an integer >= 1")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; pass the heads.json file to write")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    from finepruner.sweep.config import check_device, check_dtype, model_shape
+
+    if args.dtype is not None:
+        check_dtype(args.dtype, "--dtype")
+    if args.device is not None:
+        check_device(args.device)
+    shape = model_shape(args.model)  # a ValueError naming a missing checkpoint or a bad config.json
+    if args.layer > shape.num_layers - 1:
+        raise ValueError(f"--layer {args.layer}: out of range for {args.model} ({shape.num_layers} decoder "
+                         f"layers); allowed: 1..{shape.num_layers - 1}")
+
+
 def run(args: argparse.Namespace) -> int:
-    bench = benchmarks.get(args.bench)
     try:
+        _check_args(args)
+        bench = benchmarks.get(args.bench)
         bench.check(args.data_root, inference=True, scoring=False)
-    except Exception as err:  # a DataError naming every missing path
-        print(f"finepruner calibrate: {err}", file=sys.stderr)
+        samples = bench.load(args.data_root)
+        samples = [s for s in samples if s.has_image][: args.n]
+        if not samples:
+            raise ValueError(f"--bench {args.bench}: no question with an image under {args.data_root}")
+        model, processor = finepruner.load_model(args.model, dtype=args.dtype, device=args.device)
+    except (EvalError, ValueError, OSError, RuntimeError) as err:  # DataError names every missing path
+        print(f"finepruner calibrate: error: {err}", file=sys.stderr)
         return 2
-    samples = bench.load(args.data_root)
-    samples = [s for s in samples if s.has_image][: args.n]
-    model, processor = finepruner.load_model(args.model, dtype=args.dtype, device=args.device)
     head_set = calibrate(model, processor, samples, K=args.layer, strategy=args.strategy,
                          batch_size=args.batch_size, progress=not args.no_progress)
     out = Path(args.out)

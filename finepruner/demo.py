@@ -1,23 +1,40 @@
-"""``finepruner demo``: every registered method at three budgets on the shipped toy model.
+"""``finepruner demo``: every registered method at low budgets on the shipped toy model, compared at equal cost.
 
-Runs vanilla and each method at 16 / 32 / 48 of the toy model's 144 visual tokens (the fractions of
-64 / 128 / 192 of LLaVA-1.5's 576) over the fixed small toy suite, through the real loaders, generation
-and scorers; prints accuracy per benchmark and analytic prefill FLOPs per configuration, and writes a
-PNG of accuracy versus budget per method (``docs/toy.md``).
+Runs vanilla and each method at 4 / 8 / 16 / 32 of the toy model's 144 visual tokens (``DEMO_BUDGETS``) over
+a toy suite of ``DEMO_N`` images per benchmark, through the real loaders, generation and scorers. Prints,
+per configuration, the headline of each benchmark, the suite mean with its 95% bootstrap interval, the
+layer-averaged visual tokens and the analytic language-model prefill GFLOPs per sample; then the spread
+between the best and the worst method at the lowest budget with its paired interval. Draws the suite mean
+against prefill GFLOPs with the intervals as error bars (``docs/toy.md``).
+
+Prefill FLOPs, not the budget, are the x axis: each method defines "N tokens" differently (kept after layer
+K, entering the LLM, layer average), so equal N is not equal cost, while the FLOPs count what each
+configuration computes (every layer's tokens, attention included).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import finepruner
-from finepruner.toy.evaluate import BUDGETS, run_grid
+from finepruner.toy.evaluate import SuiteBootstrap, bootstrap_suite, json_row, run_grid
 from finepruner.toy.suite import BENCHMARKS, DEFAULT_N, DEFAULT_SEED, build_default_suite, load_suite_meta
+
+#: Budgets of the demo, of the toy model's 144 visual tokens (2.8-22%; LLaVA's 64 of 576 is 11%).
+DEMO_BUDGETS = (4, 8, 16, 32)
+#: Images per benchmark (per MME subtask) of the demo's suite, the fixed small suite of the tests: at the
+#: lowest budget the best and the worst method's 95% intervals are far apart, also without the baselines
+#: (``docs/toy.md``), and the demo takes about 4 minutes on one core.
+DEMO_N = DEFAULT_N
+RESAMPLES = 2000
+#: Baselines (random selection, plain pooling): the spread is also given without them.
+CONTROLS = ("random", "pool")
 
 
 def chance_percent(chance: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -30,48 +47,105 @@ def chance_percent(chance: dict[str, dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def attach_intervals(rows: list[dict[str, Any]], resamples: int = RESAMPLES,
+                     seed: int = 0) -> tuple[SuiteBootstrap, list[dict[str, Any]]]:
+    """Bootstrap the rows that ran (one joint paired bootstrap, ``bootstrap_suite``) and add to each its
+    95% intervals, ``"interval": {bench | "mean": [low, high]}``; returns the bootstrap and those rows."""
+    ran = [r for r in rows if "row" in r and "same_as" not in r]
+    boot = bootstrap_suite(ran, resamples=resamples, seed=seed)
+    for i, row in enumerate(ran):
+        row["interval"] = {b: list(boot.interval(i, b)) for b in (*BENCHMARKS, "mean")}
+    by_key = {(r["method"], r["tokens"]): r for r in ran}
+    for row in rows:
+        if "same_as" in row:
+            row["interval"] = by_key[(row["method"], row["same_as"])]["interval"]
+    return boot, ran
+
+
+def spread_at(budget: int, boot: SuiteBootstrap, ran: list[dict[str, Any]],
+              exclude: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """Best and worst method by suite mean at ``budget`` (methods in ``exclude`` left out), the spread
+    and its paired 95% interval (best minus worst on the same resamples); None with fewer than two."""
+    at = [i for i, r in enumerate(ran) if r["tokens"] == budget and r["method"] not in exclude]
+    if len(at) < 2:
+        return None
+    best = max(at, key=lambda i: ran[i]["row"]["mean"])
+    worst = min(at, key=lambda i: ran[i]["row"]["mean"])
+    low, high = boot.difference(worst, best)
+    return {"budget": budget, "best": ran[best]["method"], "worst": ran[worst]["method"],
+            "best_mean": ran[best]["row"]["mean"], "worst_mean": ran[worst]["row"]["mean"],
+            "best_interval": ran[best]["interval"]["mean"], "worst_interval": ran[worst]["interval"]["mean"],
+            "spread": ran[best]["row"]["mean"] - ran[worst]["row"]["mean"], "spread_interval": [low, high]}
+
+
+def _interval(values: list[float]) -> str:
+    return f"[{values[0]:.1f}, {values[1]:.1f}]"
+
+
 def print_table(rows: list[dict[str, Any]], chance: dict[str, float]) -> None:
-    """Accuracy (%) per benchmark, their mean, visual tokens and prefill GFLOPs per configuration."""
-    head = f"{'method':<11}{'tokens':>7}{'avg vis':>8}" + "".join(f"{b:>9}" for b in BENCHMARKS)
-    print(head + f"{'mean':>8}{'GFLOPs':>9}")
-    print("-" * len(head + " " * 17))
-    print(f"{'(chance)':<11}{'':>7}{'':>8}" + "".join(f"{chance[b]:>9.1f}" for b in BENCHMARKS))
+    """Headline (%) per benchmark, suite mean with its 95% interval, layer-averaged visual tokens and
+    prefill GFLOPs per configuration."""
+    head = (f"{'method':<11}{'tokens':>7}{'avg vis':>8}{'GFLOPs':>8}" + "".join(f"{b:>9}" for b in BENCHMARKS)
+            + f"{'mean':>7}  95% interval")
+    print(head)
+    print("-" * len(head))
+    print(f"{'(chance)':<11}{'':>7}{'':>8}{'':>8}" + "".join(f"{chance[b]:>9.1f}" for b in BENCHMARKS))
     for row in rows:
         label = f"{row['method']:<11}{row['tokens'] or '-':>7}"
         if "error" in row:
             print(f"{label}  not reachable on this model: {row['error'].split(';')[0]}")
             continue
         values = row["row"]
-        print(f"{label}{row['average_visual_tokens']:>8.1f}" + "".join(f"{values[b]:>9.1f}" for b in BENCHMARKS)
-              + f"{values['mean']:>8.1f}{row['prefill_gflops']:>9.3f}")
+        same = f"  (same parameters as {row['same_as']})" if "same_as" in row else ""
+        print(f"{label}{row['average_visual_tokens']:>8.1f}{row['prefill_gflops']:>8.3f}"
+              + "".join(f"{values[b]:>9.1f}" for b in BENCHMARKS)
+              + f"{values['mean']:>7.1f}  {_interval(row['interval']['mean'])}{same}")
 
 
-def plot(rows: list[dict[str, Any]], path: Path, num_visual: int) -> None:
-    """Mean toy accuracy versus kept visual tokens, one line per method, vanilla as a dashed line."""
-    import matplotlib
+def print_spread(spread: dict[str, Any] | None, what: str) -> None:
+    if spread is None:
+        return
+    print(f"at {spread['budget']} tokens, {what}: best {spread['best']} {spread['best_mean']:.1f} "
+          f"{_interval(spread['best_interval'])}, worst {spread['worst']} {spread['worst_mean']:.1f} "
+          f"{_interval(spread['worst_interval'])}; spread {spread['spread']:.1f}, paired 95% interval "
+          f"{_interval(spread['spread_interval'])}")
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    vanilla = next((r for r in rows if r["method"] == "vanilla" and "row" in r), None)
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "vanilla"):
-        points = sorted((r["tokens"], r["row"]["mean"]) for r in rows if r["method"] == method and "row" in r)
-        if points:
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    if vanilla is not None:
-        axis.axhline(vanilla["row"]["mean"], color="black", linestyle="--", label=f"vanilla ({num_visual} tokens)")
-    axis.set_xlabel("token budget N (as each method defines it)")
-    axis.set_ylabel("mean toy accuracy (%)")
-    axis.set_title("finepruner demo: toy suite, accuracy vs budget")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+def plot(rows: list[dict[str, Any]], path: Path, num_visual: int, n: int) -> None:
+    """Suite mean against prefill GFLOPs with 95% intervals, one colour per method, vanilla as reference;
+    each point annotated with its budget(s)."""
+    from finepruner.report.plots import CostPoint, plot_cost
+
+    notes: dict[tuple[str, int | None], list[str]] = {}
+    for r in rows:
+        if "row" in r:
+            notes.setdefault((r["method"], r.get("same_as", r["tokens"])), []).append(str(r["tokens"]))
+    points, reference = [], None
+    for r in rows:
+        if "row" not in r or "same_as" in r:
+            continue
+        point = CostPoint(method=r["method"], x=r["prefill_gflops"], y=r["row"]["mean"], low=r["interval"]["mean"][0],
+                          high=r["interval"]["mean"][1], note="/".join(notes[(r["method"], r["tokens"])]))
+        if r["method"] == "vanilla":
+            reference = CostPoint(method="vanilla", x=point.x, y=point.y, low=point.low, high=point.high,
+                                  note=f"({num_visual} tokens, {point.x:.3f} GFLOPs; 95% interval shaded)")
+        else:
+            points.append(point)
+    plot_cost(points, path, xlabel="language-model prefill GFLOPs per sample (analytic)",
+              ylabel="toy suite mean accuracy (%), 95% interval",
+              title=f"finepruner demo: toy LLaVA, {n} images per benchmark; labels = token budget",
+              reference=reference)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    out = Path(args.out)
+    if out.is_dir():
+        print(f"finepruner demo: --out {out} is a folder; give a PNG file name", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
+    start = time.time()
     model, processor = finepruner.load_model("toy")
     vision = model.config.vision_config
     num_visual = (vision.image_size // vision.patch_size) ** 2
@@ -80,22 +154,57 @@ def run(args: argparse.Namespace) -> int:
     methods = args.methods or finepruner.methods.available()
     methods = ["vanilla", *[m for m in methods if m != "vanilla"]]
     rows = run_grid(model, processor, root, methods, tuple(args.budgets), progress=True)
-    print(f"\ntoy LLaVA ({num_visual} visual tokens), fixed toy suite (n={args.n}, seed={args.seed}); "
-          "headline metrics in %")
+    boot, ran = attach_intervals(rows, args.resamples, args.bootstrap_seed)
+    meta = load_suite_meta(root)["benchmarks"]
+    sizes = ", ".join(f"{meta[b]['questions']} {b}" for b in BENCHMARKS)
+    print(f"\ntoy LLaVA ({num_visual} visual tokens), toy suite n={args.n} seed={args.seed} ({sizes} questions); "
+          f"headline metrics in %; mean = mean of the four, 95% interval from {args.resamples} bootstrap resamples; "
+          "GFLOPs = analytic language-model prefill per sample")
     print_table(rows, chance)
-    out = Path(args.out)
+    lowest = min(args.budgets)
+    spreads = [spread_at(lowest, boot, ran), spread_at(lowest, boot, ran, exclude=CONTROLS)]
+    print()
+    print_spread(spreads[0], "all methods")
+    if spreads[1] is not None and spreads[1] != spreads[0]:
+        print_spread(spreads[1], f"without the baselines ({', '.join(CONTROLS)})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, out, num_visual)
+    plot(rows, out, num_visual, args.n)
     print(f"\nwrote {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "n": args.n, "seed": args.seed, "budgets": list(args.budgets), "resamples": args.resamples,
+            "bootstrap_seed": args.bootstrap_seed, "rows": [json_row(r) for r in rows],
+            "spread_at_lowest_budget": spreads[0], "spread_without_baselines": spreads[1],
+        }, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    print(f"{len(ran)} configurations run in {time.time() - start:.0f} s")
     return 0
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="every method at three budgets on the embedded toy model")
+    parser = subparsers.add_parser("demo", help="every method at four low budgets on the embedded toy model")
     parser.add_argument("--methods", nargs="*", help="methods to run (default: every registered method)")
-    parser.add_argument("--budgets", nargs="*", type=int, default=list(BUDGETS), help="visual tokens kept")
-    parser.add_argument("--n", type=int, default=DEFAULT_N, help="toy suite size per benchmark")
+    parser.add_argument("--budgets", nargs="+", type=_positive, default=list(DEMO_BUDGETS),
+                        help=f"visual-token budgets, as each method defines them (default {list(DEMO_BUDGETS)})")
+    parser.add_argument("--n", type=_positive, default=DEMO_N,
+                        help=f"toy suite images per benchmark (default {DEMO_N})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="toy suite seed")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", default="demo_accuracy_vs_budget.png", help="PNG of accuracy vs budget")
+    parser.add_argument("--resamples", type=_positive, default=RESAMPLES, help="bootstrap resamples")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--threads", type=_positive, default=1,
+                        help="torch CPU threads (default 1: the toy model gains little from more, and a second "
+                             "thread slows it down many times on a busy machine)")
+    parser.add_argument("--out", default="demo_accuracy_vs_flops.png", help="PNG of accuracy vs prefill FLOPs")
+    parser.add_argument("--json", default=None, help="also write every row, interval and the spread here")
     parser.set_defaults(func=run)

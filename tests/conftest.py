@@ -8,11 +8,32 @@ from PIL import Image
 
 from finepruner.models.tiny import build_tiny_llava
 
+#: Visual tokens per image of the tiny model, and its image token id.
+NUM_VISUAL = 64
+IMAGE_TOKEN_ID = 4
+#: Greedy generation that returns the step scores, never emitting the image token.
+GEN = {"max_new_tokens": 5, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
+       "suppress_tokens": [IMAGE_TOKEN_ID]}
+
 PROMPTS = [
     "USER: <image> what color is the circle ? ASSISTANT:",
     "USER: <image> how many red objects are there in this image ? answer using a single word . ASSISTANT:",
     "USER: <image> is there a square ? ASSISTANT:",
 ]
+
+
+def generate(model, inputs, **extra):
+    """``model.generate`` with ``GEN`` (overridden by ``extra``), without gradients."""
+    with torch.no_grad():
+        return model.generate(**inputs, **{**GEN, **extra})
+
+
+def assert_same_generation(pruned, reference, atol: float = 1e-5) -> None:
+    """The same tokens, and every step's finite scores within ``atol``."""
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for x, y in zip(pruned.scores, reference.scores, strict=True):
+        finite = torch.isfinite(x)
+        assert (x[finite] - y[finite]).abs().max().item() <= atol
 
 
 def noise_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
@@ -47,3 +68,22 @@ def batch(tiny):
 def single(processor, index: int):
     """Sample ``index`` of the batch, alone (no padding)."""
     return processor(images=noise_images(3)[index : index + 1], text=[PROMPTS[index]], return_tensors="pt")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch) -> list[str]:
+    """Make any model load fail the test, for checks that must report bad input before loading;
+    returns the paths that something tried to load."""
+    import finepruner
+    import finepruner.models.loading as loading
+
+    calls: list[str] = []
+
+    def refuse(path, *args, **kwargs):
+        calls.append(str(path))
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(finepruner, "load_model", refuse)
+    return calls
+

@@ -61,7 +61,42 @@ def test_markdown_and_plot(bench_run):
     table = (bench_run / "bench.md").read_text()
     assert table.startswith("| variant |")
     assert "| vanilla |" in table and f"| fastv@{BUDGETS[0]} |" in table
+    header = table.splitlines()[0].split(" | ")
+    assert "peak MiB" in header and "KV MiB" in header and "KV MB" not in header  # the values are / 2**20
+    document = json.loads((bench_run / "bench.json").read_text())
+    vanilla = next(e for e in document["variants"] if e["label"] == "vanilla")
+    kv_column = header.index("KV MiB")
+    row = next(line for line in table.splitlines() if line.startswith("| vanilla |")).split(" | ")
+    assert float(row[kv_column]) == pytest.approx(vanilla["kv_cache_bytes"] / 2**20, abs=0.01)
     assert (bench_run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plain_transformers_row_and_vanilla_ratios(bench_run):
+    """Plain transformers (nothing applied) runs in the same rounds as vanilla; vanilla's prefill, decode and
+    peak-memory ratios over it are always in the JSON and under the table."""
+    document = json.loads((bench_run / "bench.json").read_text())
+    entries = {e["label"]: e for e in document["variants"]}
+    plain = entries[runner.PLAIN]
+    assert plain["status"] == "ok" and plain["method"] == "plain"
+    assert plain["flops"]["language_model"] == entries["vanilla"]["flops"]["language_model"]
+    assert plain["kv_cache_bytes"] == entries["vanilla"]["kv_cache_bytes"]
+    comparison = document["vanilla_vs_plain"]
+    assert comparison == entries["vanilla"]["vs_plain"] and comparison["rounds"] == 1
+    for key in ("prefill_s", "decode_s_per_token", "peak_memory_bytes", "prefill_cpu_s", "decode_cpu_s_per_token"):
+        assert set(comparison[key]) == {"median", "min", "paired_median"}, key
+        assert comparison[key]["median"] > 0, key
+    table = (bench_run / "bench.md").read_text()
+    assert "| plain |" in table and "vanilla / plain transformers over 1 rounds: prefill " in table
+
+
+def test_plain_comparison_pairs_rounds():
+    plain = [{"prefill_s": 1.0, "peak_memory_bytes": 0}, {"prefill_s": 2.0, "peak_memory_bytes": 0}]
+    vanilla = [{"prefill_s": 1.1, "peak_memory_bytes": 5}, {"prefill_s": 2.0, "peak_memory_bytes": 5}]
+    out = runner.plain_comparison(plain, vanilla)
+    assert out["prefill_s"]["median"] == pytest.approx(3.1 / 3.0)
+    assert out["prefill_s"]["min"] == pytest.approx(1.1)
+    assert out["prefill_s"]["paired_median"] == pytest.approx(1.05)
+    assert out["peak_memory_bytes"] is None  # no ratio over a zero peak
 
 
 def test_method_specs():
@@ -70,7 +105,7 @@ def test_method_specs():
     with pytest.raises(ValueError, match="available"):
         runner.parse_method("nope")
     variants = runner.build_variants(["fastv", "pdrop:lam=0.5"], [64, 128])
-    assert [v.label for v in variants] == ["vanilla", "fastv@64", "fastv@128", "pdrop:lam=0.5@64",
+    assert [v.label for v in variants] == ["plain", "vanilla", "fastv@64", "fastv@128", "pdrop:lam=0.5@64",
                                            "pdrop:lam=0.5@128"]
     assert variants[-1].params == {"lam": 0.5, "tokens": 128}
 
@@ -86,6 +121,6 @@ def test_gpu_script_smoke(tmp_path):
     assert code == 0
     document = json.loads((tmp_path / "gpu_tiny_b1.json").read_text())
     labels = [e["label"] for e in document["variants"]]
-    assert labels == ["vanilla", "fastv@32", "vispruner@32", "fastv:score_impl=eager@32"]
+    assert labels == ["plain", "vanilla", "fastv@32", "vispruner@32", "fastv:score_impl=eager@32"]
     assert all(e["status"] == "ok" for e in document["variants"])
     assert (tmp_path / "gpu_tiny.md").read_text().count("| vanilla |") == 1

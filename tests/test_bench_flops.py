@@ -54,6 +54,9 @@ def test_scoring_flops_by_hand():
     assert F.scoring_flops(SMALL, 5) == 128 + 320 + 80
     # eager: q and k over 5 tokens 2*5*8*(8+4), the 5 x 5 product 2*25*8
     assert F.scoring_flops(SMALL, 5, "eager") == 960 + 400
+    assert F.scoring_flops(SMALL, 5, keys_reused=True) == 128 + 80  # no k projection
+    assert F.prefill_flops(SMALL, [5, 3], score_lengths=[5, 3], score_keys_reused=[True])["scoring"] == (
+        208 + 128 + 192 + 48)
     assert F.prefill_flops(SMALL, [5, 3], score_lengths=[5])["scoring"] == 528
 
 
@@ -95,9 +98,10 @@ def test_prune_stats_flops(tiny, batch):
         model(**batch)
     stats = handle.stats
     assert stats.batch == 3 and stats.score_lengths == [stats.sequence_length[1]]
+    assert stats.score_keys_reused == [True]  # FastV scores with layer K-1, whose keys are in the cache
     assert stats.selection_seconds > 0
     shape = F.DecoderShape.from_config(model.config)
-    expected = F.prefill_flops(shape, stats.sequence_length, 3, stats.score_lengths)
+    expected = F.prefill_flops(shape, stats.sequence_length, 3, stats.score_lengths, score_keys_reused=[True])
     report = stats.flops
     assert report["decoder"] == expected["decoder"]
     assert report["language_model"] == expected["total"]

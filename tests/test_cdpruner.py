@@ -10,12 +10,8 @@ import torch
 import finepruner
 from finepruner.methods.cdpruner import dpp_greedy, instruction_from_prompt
 from finepruner.models.clip_text import build_tiny_clip_text, load_clip_text, save_tiny_clip_checkpoint
-from tests.conftest import PROMPTS, single
+from tests.conftest import GEN, NUM_VISUAL, PROMPTS, assert_same_generation, generate, single
 
-NUM_VISUAL = 64
-IMAGE_TOKEN_ID = 4
-GEN = {"max_new_tokens": 5, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
-       "suppress_tokens": [IMAGE_TOKEN_ID]}
 #: The instruction of each of conftest's PROMPTS, as the tiny tokenizer decodes it.
 INSTRUCTIONS = [
     "what color is the circle?",
@@ -27,11 +23,6 @@ INSTRUCTIONS = [
 @pytest.fixture(scope="module")
 def clip():
     return build_tiny_clip_text(32, seed=3, max_positions=8)  # short segments: texts span several
-
-
-def generate(model, inputs, **extra):
-    with torch.no_grad():
-        return model.generate(**inputs, **{**GEN, **extra})
 
 
 def reference_text_embeds(clip, text: str) -> torch.Tensor:
@@ -115,12 +106,11 @@ def test_instruction_text_from_prompt():
 @pytest.mark.parametrize("tokens", [1, 8, 20, 40, 60])
 def test_kept_set_equals_plain_reference(tiny, batch, clip, tokens):
     model, processor = tiny
-    with finepruner.apply(model, "cdpruner", tokens=tokens, clip_text=clip, tokenizer=processor) as handle:
+    with finepruner.apply(model, "cdpruner", tokens=tokens, clip_text=clip, processor=processor) as handle:
         with torch.no_grad():
             model(**batch)
-    # the prompt-derived instructions, and a two-segment text (15 tokens > 8) among them
-    assert handle.method.instructions(3, [single(processor, r)["input_ids"][0].tolist() for r in range(3)],
-                                      IMAGE_TOKEN_ID) == INSTRUCTIONS
+    # the prompt-derived instructions (decoded by the engine), and a two-segment text (15 tokens > 8) among them
+    assert handle.instructions == INSTRUCTIONS
     assert reference_text_embeds(clip, INSTRUCTIONS[1]).shape[0] == 2
     assert handle.kept[0].tolist() == reference_cdpruner(model, clip, batch, INSTRUCTIONS, tokens)
 
@@ -174,12 +164,9 @@ def test_dpp_exhausted_rank_still_returns_distinct_tokens():
 def test_keep_all_equals_transformers(tiny, batch, clip):
     model, processor = tiny
     reference = generate(model, batch)
-    with finepruner.apply(model, "cdpruner", tokens=NUM_VISUAL, clip_text=clip, tokenizer=processor) as handle:
+    with finepruner.apply(model, "cdpruner", tokens=NUM_VISUAL, clip_text=clip, processor=processor) as handle:
         pruned = generate(model, batch)
-    assert torch.equal(pruned.sequences, reference.sequences)
-    for x, y in zip(pruned.scores, reference.scores, strict=True):
-        finite = torch.isfinite(x)
-        assert (x[finite] - y[finite]).abs().max().item() <= 1e-5
+    assert_same_generation(pruned, reference)
     assert handle.stats.visual_tokens == [NUM_VISUAL] * 4
 
 
@@ -187,7 +174,7 @@ def test_padded_batch_equals_each_sample_alone_and_kv_lengths(tiny, batch, clip)
     model, processor = tiny
     new = GEN["max_new_tokens"]
     text = batch["input_ids"].shape[1] - NUM_VISUAL
-    with finepruner.apply(model, "cdpruner", tokens=12, clip_text=clip, tokenizer=processor) as handle:
+    with finepruner.apply(model, "cdpruner", tokens=12, clip_text=clip, processor=processor) as handle:
         together = generate(model, batch)
         kept = handle.kept[0].clone()
         assert [layer.keys.shape[2] for layer in together.cache.layers] == [text + 12 + new - 1] * 4
@@ -220,16 +207,26 @@ def test_clip_model_path_loads_a_local_checkpoint(tmp_path, tiny, batch):
     ids = loaded.tokenizer("is there a square ?")["input_ids"]
     assert ids[0] == loaded.tokenizer.bos_token_id and ids[-1] == loaded.tokenizer.eos_token_id
     model, processor = tiny
-    with finepruner.apply(model, "cdpruner", tokens=16, clip_model=str(directory), tokenizer=processor) as handle:
+    with finepruner.apply(model, "cdpruner", tokens=16, clip_model=str(directory), processor=processor) as handle:
         with torch.no_grad():
             model(**batch)
     assert handle.method.describe()["clip_model"] == str(directory)
     assert handle.kept[0].tolist() == reference_cdpruner(model, loaded, batch, INSTRUCTIONS, 16)
 
 
+def test_clip_tower_shipped_in_the_model_folder_is_the_default(tmp_path, tiny, batch, monkeypatch):
+    model, processor = tiny
+    directory = save_tiny_clip_checkpoint(tmp_path / "checkpoint" / "clip_text", 32, seed=4)
+    monkeypatch.setattr(model, "name_or_path", str(tmp_path / "checkpoint"))
+    with finepruner.apply(model, "cdpruner", tokens=16, processor=processor) as handle, torch.no_grad():
+        model(**batch)
+    assert handle.method.describe()["clip_model"] == str(directory.resolve())
+    assert handle.kept[0].tolist() == reference_cdpruner(model, load_clip_text(directory), batch, INSTRUCTIONS, 16)
+
+
 def test_missing_clip_text_model_is_a_clear_error(tiny):
     model, _ = tiny
-    with pytest.raises(ValueError, match="needs CLIP's text tower: pass clip_model=PATH"):
+    with pytest.raises(ValueError, match="needs CLIP's text tower: pass clip_model=PATH.*has no clip_text/ tower"):
         finepruner.apply(model, "cdpruner", tokens=16)
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         finepruner.apply(model, "cdpruner", tokens=16, clip_model="openai/clip-vit-large-patch14-336")
@@ -238,9 +235,25 @@ def test_missing_clip_text_model_is_a_clear_error(tiny):
 
 def test_missing_instruction_is_a_clear_error(tiny, batch, clip):
     model, _ = tiny
-    with finepruner.apply(model, "cdpruner", tokens=16, clip_text=clip), torch.no_grad():
-        with pytest.raises(RuntimeError, match="pass tokenizer=processor.*set_instructions"):
-            model(**batch)
+    calls = []
+    hook = model.model.vision_tower.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with finepruner.apply(model, "cdpruner", tokens=16, clip_text=clip), torch.no_grad():
+            with pytest.raises(RuntimeError, match="pass processor= to finepruner.apply.*set_instructions"):
+                model(**batch)
+    finally:
+        hook.remove()
+    assert not calls  # raised before any forward: the vision tower never ran
+
+
+def test_deprecated_tokenizer_parameter_still_decodes(tiny, batch, clip):
+    model, processor = tiny
+    with pytest.warns(DeprecationWarning, match="pass processor= to finepruner.apply"):
+        method = finepruner.methods.create("cdpruner", tokens=16, clip_text=clip, tokenizer=processor)
+    with finepruner.apply(model, method) as handle, torch.no_grad():
+        model(**batch)
+    assert handle.instructions == INSTRUCTIONS
+    assert handle.kept[0].tolist() == reference_cdpruner(model, clip, batch, INSTRUCTIONS, 16)
 
 
 @pytest.mark.parametrize(

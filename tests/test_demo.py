@@ -1,28 +1,90 @@
-"""``finepruner demo`` on the shipped toy model: the table and the plot."""
+"""``finepruner demo`` on the shipped toy model: the table with intervals and FLOPs, the spread at the lowest
+budget, the plot of accuracy vs prefill FLOPs; and the suite bootstrap behind the intervals."""
 
 from __future__ import annotations
 
+import json
+import re
+
+import numpy as np
 import pytest
 from PIL import Image
 
+import finepruner
 from finepruner.cli import main
 from finepruner.demo import chance_percent
-from finepruner.toy.suite import benchmark_chance
+from finepruner.toy.evaluate import bootstrap_suite, run_grid
+from finepruner.toy.suite import BENCHMARKS, benchmark_chance, build_default_suite
+
+INTERVAL = re.compile(r"(-?\d+\.\d) +\[(-?\d+\.\d), (-?\d+\.\d)\]")
 
 
 def test_demo_prints_table_and_writes_plot(tmp_path, capsys):
-    pytest.importorskip("finepruner.toy.model").checkpoint_dir()
-    out = tmp_path / "demo.png"
-    code = main(["demo", "--methods", "fastv", "pdrop", "--budgets", "16", "--n", "2", "--threads", "1",
-                 "--out", str(out)])
+    out, report = tmp_path / "demo.png", tmp_path / "demo.json"
+    code = main(["demo", "--methods", "fastv", "pdrop", "random", "sparsevlm", "--budgets", "4", "8", "--n", "2",
+                 "--threads", "1", "--resamples", "200", "--out", str(out), "--json", str(report)])
     assert code == 0
     printed = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in printed.splitlines() if line.split()[:1]}
-    assert "vanilla" in lines and "fastv" in lines
-    assert "144.0" in lines["vanilla"]  # every visual token, layer average
-    assert "not reachable" in lines["pdrop"]  # 16 tokens is below PDrop's floor on 6 layers
+    lines = {tuple(line.split()[:2]): line for line in printed.splitlines() if len(line.split()) > 1}
+    vanilla = lines[("vanilla", "-")]
+    assert "144.0" in vanilla  # every visual token, layer average
+    mean, low, high = map(float, INTERVAL.search(vanilla).groups())
+    assert low <= mean <= high and high - low > 0
+    assert "not reachable" in lines[("pdrop", "4")]  # 4 tokens is below PDrop's layer-average floor on 6 layers
+    assert "same parameters as 4" in lines[("sparsevlm", "8")]  # mapped onto the same schedule: not run twice
+    gflops = {key: float(line.split()[3]) for key, line in lines.items()
+              if key[0] in ("vanilla", "fastv", "random", "sparsevlm") and INTERVAL.search(line)}
+    assert gflops[("random", "4")] < gflops[("random", "8")] < gflops[("fastv", "4")] < gflops[("vanilla", "-")]
+    assert "at 4 tokens, all methods: best fastv" in printed and "worst random" in printed
+    assert "without the baselines (random, pool)" in printed
+
+    data = json.loads(report.read_text())
+    rows = {(r["method"], r["tokens"]): r for r in data["rows"]}
+    for row in (rows[("vanilla", None)], rows[("fastv", 4)], rows[("random", 8)]):
+        assert set(row["interval"]) == {*BENCHMARKS, "mean"}
+        assert row["prefill_gflops"] > 0 and row["average_visual_tokens"] > 0
+        assert row["row"]["mean"] == pytest.approx(np.mean([row["row"][b] for b in BENCHMARKS]))
+    assert rows[("random", 4)]["average_visual_tokens"] == 4.0
+    spread = data["spread_at_lowest_budget"]
+    assert spread["best"] == "fastv" and spread["worst"] == "random" and spread["spread"] > 0
+    assert spread["spread_interval"][0] <= spread["spread"] <= spread["spread_interval"][1]
     with Image.open(out) as image:
-        assert image.size[0] > 300 and image.size[1] > 200
+        assert image.size[0] > 600 and image.size[1] > 300
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    model, processor = finepruner.load_model("toy")
+    root = build_default_suite(tmp_path_factory.mktemp("suite"), n=2, seed=5)
+    return run_grid(model, processor, root, ["vanilla", "random", "pdrop"], (4,))
+
+
+def test_bootstrap_suite_centres_on_the_scorers_headlines(grid):
+    ran = [r for r in grid if "row" in r]
+    assert [r["method"] for r in ran] == ["vanilla", "random"] and "error" in grid[-1]  # pdrop at 4
+    boot = bootstrap_suite(ran, resamples=400, seed=1)
+    assert boot.values["mean"].shape == (2, 400)
+    for i, row in enumerate(ran):
+        for bench in BENCHMARKS:  # the units give back the scorer's headline (MME as % of 800)
+            scores = row["scores"][bench]
+            value = scores.value() / (8 if bench == "mme" else 1)
+            assert value == pytest.approx(row["row"][bench] or 0.0, abs=1e-9) or np.isnan(value)
+        low, high = boot.interval(i)
+        assert low <= row["row"]["mean"] <= high
+    assert boot.difference(0, 0) == (0.0, 0.0)  # the same draws for every row: paired
+    low, high = boot.difference(1, 0)  # vanilla minus random
+    assert 0 < low < high
+    again = bootstrap_suite(ran, resamples=400, seed=1)
+    assert np.array_equal(again.values["mean"], boot.values["mean"])  # deterministic by seed
+
+
+def test_bootstrap_suite_rejects_rows_of_different_suites(grid, tmp_path):
+    model, processor = finepruner.load_model("toy")
+    other = run_grid(model, processor, build_default_suite(tmp_path, n=1, seed=6), ["vanilla"])
+    with pytest.raises(ValueError, match="different questions"):
+        bootstrap_suite([grid[0], other[0]], resamples=10)
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_suite(grid[:1], resamples=0)
 
 
 def test_chance_levels_in_table_units():

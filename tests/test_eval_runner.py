@@ -228,14 +228,12 @@ def test_cli_eval_and_score(tiny, playground, tmp_path, capsys) -> None:
             "--batch-size",
             "2",
             "--no-progress",
-            "--param",
-            "alpha=0.5",
         ]
     )
     assert rc == 0
     assert "mme: perception" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] is None and config["method_params"] == {"alpha": 0.5} and config["limit"] == 2
+    assert config["method"] is None and config["method_params"] == {} and config["limit"] == 2
     assert len(read_answers(out / "mme" / "answers.jsonl")) == 2
     rc = eval_cli(
         [

@@ -64,6 +64,12 @@ def test_show_heads_of_a_chosen_method_and_cli(tmp_path, tiny, monkeypatch):
     image_path = tmp_path / "img.png"
     Image.new("RGB", (30, 30), (120, 10, 200)).save(image_path)
     monkeypatch.setattr("finepruner.models.loading.load_model", lambda *a, **k: (model, processor))
+    from finepruner.models.adapter import LlavaAdapter
+    from finepruner.sweep.config import ModelShape
+
+    adapter = LlavaAdapter(model)  # "tiny" has no config.json to check the methods against: give its shape
+    shape = ModelShape(adapter.num_layers, adapter.num_heads, adapter.num_visual_tokens)
+    monkeypatch.setattr("finepruner.sweep.config.model_shape", lambda path: shape)
     out = tmp_path / "out"
     assert main(["show", "--model", "tiny", "--image", str(image_path), "--question", "Color?", "--out", str(out),
                  "--method", "vanilla", "--method", "finepruner:tokens=8,K=1,heads=1,strategy=max_attention",

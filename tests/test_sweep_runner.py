@@ -70,11 +70,12 @@ def test_resume_interrupt_and_crash_isolation(tmp_path, tiny):
 
 
 def test_gpu_worker_plumbing():
-    assert parse_gpus("0,2,5") == ["0", "2", "5"]
-    assert parse_gpus("3") == ["0", "1", "2"]
+    assert parse_gpus("0,2,5", available=8) == ["0", "2", "5"]
+    assert parse_gpus("3", available=8) == ["0", "1", "2"]
+    assert parse_gpus("all", available=2) == ["0", "1"]
     assert parse_gpus(None) == []
     with pytest.raises(ValueError):
-        parse_gpus("1,1")
+        parse_gpus("1,1", available=8)
     argv = ["sweep", "configs/eval.yaml", "--model", "m", "--gpus", "0,1", "--data-root", "d", "--gpus=0"]
     cmds = worker_commands(argv, ["0", "1"], "sess", env={"PATH": "x", "RANK": "3"})
     assert len(cmds) == 2
@@ -90,7 +91,7 @@ def test_cli_dry_run_and_bad_config(tmp_path, capsys):
     cfg.write_text("name: s\nbenchmarks: [pope]\ngrid:\n  - method: fastv\n    tokens: [64, 32]\n")
     assert main(["sweep", str(cfg), "--dry-run", "--runs", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    assert "s: 2 cells (2 new)" in out and "fastv t64" in out
+    assert "s: 2 cells (run ids and status hash the model name" in out and "fastv t64" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: b\nbenchmarks: [pope]\ngrid:\n  - method: fastv\n  - method: nosuch\n")
     assert main(["sweep", str(bad), "--model", "m", "--data-root", str(tmp_path)]) == 2

@@ -16,12 +16,6 @@ from finepruner.toy.model import CHECKPOINT_DIR, ToySpec, build_clip_text, build
 REFERENCE = CHECKPOINT_DIR / "toy_reference.json"
 TOLERANCE = 3.0  # points of each headline metric
 
-shipped = pytest.mark.skipif(
-    not (CHECKPOINT_DIR / "model.safetensors").is_file(),
-    reason="toy checkpoint not shipped yet (run `finepruner toy-train`, see docs/toy.md)",
-)
-
-
 def test_clip_text_saves_in_the_engine_format(tmp_path):
     from finepruner.models.clip_text import load_clip_text
 
@@ -45,7 +39,6 @@ def test_missing_checkpoint_error(monkeypatch, tmp_path):
         toy_model.checkpoint_dir()
 
 
-@shipped
 def test_shipped_checkpoint_files_and_size():
     names = {p.name for p in CHECKPOINT_DIR.iterdir()}
     for required in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -55,7 +48,6 @@ def test_shipped_checkpoint_files_and_size():
     assert total < 30 * 2**20
 
 
-@shipped
 def test_shipped_model_answers_prompts():
     model, processor = finepruner.load_model("toy")
     assert model.config.vision_config.image_size // model.config.vision_config.patch_size == 12
@@ -71,9 +63,7 @@ def test_shipped_model_answers_prompts():
     assert new[-1] == processor.tokenizer.eos_token_id and len(new) == 2, "one word, then </s>"
 
 
-@shipped
 def test_shipped_model_reaches_documented_accuracy():
-    pytest.importorskip("finepruner.eval.benchmarks", reason="finepruner.eval is not available")
     from finepruner.toy import build_default_suite, evaluate_suite
 
     reference = json.loads(REFERENCE.read_text())

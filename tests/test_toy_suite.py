@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from finepruner.eval import benchmarks
 from finepruner.toy.questions import rule_answer
 from finepruner.toy.suite import BENCHMARKS, benchmark_chance, chance_levels, load_suite_meta, write_suite
-
-benchmarks = pytest.importorskip("finepruner.eval.benchmarks", reason="finepruner.eval is not available")
 
 N = 6
 

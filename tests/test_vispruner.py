@@ -9,17 +9,7 @@ import finepruner
 from finepruner.engine.vision import VISION_SIGNALS, cls_attention
 from finepruner.methods.base import PruningMethod, Stage
 from finepruner.methods.vispruner import vispruner_select
-from tests.conftest import PROMPTS, single
-
-NUM_VISUAL = 64
-IMAGE_TOKEN_ID = 4
-GEN = {"max_new_tokens": 5, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
-       "suppress_tokens": [IMAGE_TOKEN_ID]}
-
-
-def generate(model, inputs, **extra):
-    with torch.no_grad():
-        return model.generate(**inputs, **{**GEN, **extra})
+from tests.conftest import GEN, NUM_VISUAL, PROMPTS, assert_same_generation, generate, single
 
 
 def eager_vision(model, inputs):
@@ -136,10 +126,7 @@ def test_keep_all_equals_transformers(tiny, batch):
     reference = generate(model, batch)
     with finepruner.apply(model, "vispruner", tokens=NUM_VISUAL) as handle:
         pruned = generate(model, batch)
-    assert torch.equal(pruned.sequences, reference.sequences)
-    for x, y in zip(pruned.scores, reference.scores, strict=True):
-        finite = torch.isfinite(x)
-        assert (x[finite] - y[finite]).abs().max().item() <= 1e-5
+    assert_same_generation(pruned, reference)
     assert handle.stats.visual_tokens == [NUM_VISUAL] * 4
 
 

@@ -15,8 +15,9 @@ Conventions (``docs/performance.md``, "FLOPs"):
 
   plus the LM head on the last token of each sample (``2·d·vocab``; ``logits_to_keep=1`` as
   ``generate`` does). The engine's scoring signal (one query row: the last token's q projection, the
-  score layer's k projection over its ``n`` tokens and one 1 x n product) is counted separately as
-  ``scoring``; with ``score_impl="eager"`` it is the full q and k projections and the n x n product.
+  score layer's k projection over its ``n`` tokens unless its cached keys are reused, and one 1 x n
+  product) is counted separately as ``scoring``; with ``score_impl="eager"`` it is the full q and k
+  projections and the n x n product.
 * **The papers' count** (``paper_flops``): ``T·(4nd² + 2n²d + 2ndm)`` per sample, spec ``methods.md`` §0.4
   (FastV §4.2, VisPruner, CDPruner): one multiply-add = **1** op, MHA projections, full attention
   square, a two-matrix MLP (SwiGLU's gate not counted) and no LM head. ``gate=True`` gives SparseVLM's
@@ -150,16 +151,17 @@ def lm_head_flops(shape: DecoderShape, rows: int = 1) -> int:
     return 2 * rows * shape.hidden * shape.vocab
 
 
-def scoring_flops(shape: DecoderShape, n: int, impl: str = "cheap") -> int:
+def scoring_flops(shape: DecoderShape, n: int, impl: str = "cheap", keys_reused: bool = False) -> int:
     """The engine's attention signal at one stage, over a score layer holding ``n`` tokens, one sample.
 
-    ``"cheap"``: the last token's q projection, k over ``n`` tokens, one 1 x n product per head.
+    ``"cheap"``: the last token's q projection, k over ``n`` tokens (not when ``keys_reused``: the score
+    layer's cached keys are used), one 1 x n product per head.
     ``"eager"``: q and k over all ``n`` tokens and the n x n product (the materialised attention).
     """
     d, dq, dkv = shape.hidden, shape.q_width, shape.kv_width
     if impl == "eager":
         return 2 * n * d * (dq + dkv) + 2 * n * n * dq
-    return 2 * d * dq + 2 * n * d * dkv + 2 * n * dq
+    return 2 * d * dq + (0 if keys_reused else 2 * n * d * dkv) + 2 * n * dq
 
 
 def prefill_flops(
@@ -169,18 +171,21 @@ def prefill_flops(
     score_lengths: Sequence[int] = (),
     score_impl: str = "cheap",
     causal: bool = False,
+    score_keys_reused: Sequence[bool] = (),
 ) -> dict:
     """FLOPs of a prefill whose layer ``i`` holds ``sequence_length[i]`` tokens per sample.
 
     Returns a dict of totals for the whole batch: ``layers`` (list), ``decoder``, ``lm_head``,
-    ``scoring`` (the engine's signals at the ``score_lengths`` stages) and ``total`` (their sum).
+    ``scoring`` (the engine's signals at the ``score_lengths`` stages; ``score_keys_reused[s]`` says
+    whether stage s reused the score layer's keys, False where not given) and ``total`` (their sum).
     """
     if len(sequence_length) != shape.layers:
         raise ValueError(f"{len(sequence_length)} layer lengths for a {shape.layers}-layer decoder")
     layers = [batch * decoder_layer_flops(shape, n, causal=causal)["total"] for n in sequence_length]
     decoder = sum(layers)
     head = batch * lm_head_flops(shape)
-    scoring = batch * sum(scoring_flops(shape, n, score_impl) for n in score_lengths)
+    reused = list(score_keys_reused) + [False] * (len(score_lengths) - len(score_keys_reused))
+    scoring = batch * sum(scoring_flops(shape, n, score_impl, r) for n, r in zip(score_lengths, reused))
     return {"layers": layers, "decoder": decoder, "lm_head": head, "scoring": scoring,
             "total": decoder + head + scoring}
 
@@ -231,6 +236,7 @@ def prefill_report(
     batch: int = 1,
     score_lengths: Sequence[int] = (),
     score_impl: str = "cheap",
+    score_keys_reused: Sequence[bool] = (),
 ) -> dict:
     """Everything about one prefill's FLOPs, JSON-serialisable (``PruneStats.flops``).
 
@@ -238,7 +244,8 @@ def prefill_report(
     ``images`` is inferred from the visual tokens entering layer 0 (patches per image).
     """
     decoder = DecoderShape.from_config(config)
-    lm = prefill_flops(decoder, sequence_length, batch, score_lengths, score_impl)
+    lm = prefill_flops(decoder, sequence_length, batch, score_lengths, score_impl,
+                       score_keys_reused=score_keys_reused)
     report = {
         "convention": "FLOPs, multiply-add = 2, SwiGLU gate counted, full attention square",
         "batch": batch,

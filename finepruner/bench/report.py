@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finepruner.bench.runner import PLAIN
+
 
 def _ms(summary: dict | None, stat: str = "median") -> str:
     return "-" if not summary else f"{1000 * summary[stat]:.1f}"
@@ -15,13 +17,36 @@ def _fmt(value, digits: int = 3) -> str:
 
 COLUMNS = (
     "variant", "avg vis", "vision ms", "prefill ms med/min", "LLM ms med/min", "decode ms/tok",
-    "select ms (% van.)", "peak MB", "KV MB", "LLM GFLOPs", "paper TFLOPs", "time/van. (LLM)",
+    "select ms (% van.)", "peak MiB", "KV MiB", "LLM GFLOPs", "paper TFLOPs", "time/van. (LLM)",
     "FLOPs/van. (LLM)", "time÷FLOPs med/min",
 )
 
 
+def plain_line(entries: list[dict]) -> str:
+    """One line: vanilla's prefill, decode-per-token and peak-memory ratios over plain transformers, measured
+    in the same rounds (ratio of medians; min, and median of the per-round ratios, in brackets; CPU time
+    too where measured); "" when either did not run."""
+    vanilla = next((e for e in entries if e["label"] == "vanilla" and e["status"] == "ok"), None)
+    comparison = (vanilla or {}).get("vs_plain")
+    if not comparison:
+        return ""
+
+    def part(name: str, key: str) -> str | None:
+        r = comparison.get(key)
+        if not r:
+            return None
+        return f"{name} {r['median']:.3f} (min {r['min']:.3f}, per-round {r['paired_median']:.3f})"
+
+    parts = [part("prefill", "prefill_s"), part("decode/token", "decode_s_per_token"),
+             part("peak memory", "peak_memory_bytes"), part("CPU-time prefill", "prefill_cpu_s"),
+             part("CPU-time decode/token", "decode_cpu_s_per_token")]
+    return (f"vanilla / plain transformers over {comparison['rounds']} rounds: "
+            + "; ".join(p for p in parts if p) + "\n")
+
+
 def markdown_table(entries: list[dict]) -> str:
-    """One row per variant; skipped variants are listed under the table with their reason."""
+    """One row per variant (``plain`` = plain transformers, nothing applied); then the vanilla / plain
+    ratios (``plain_line``); skipped variants are listed under the table with their reason."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     skipped = []
     for e in entries:
@@ -48,6 +73,9 @@ def markdown_table(entries: list[dict]) -> str:
             f"{_fmt(r.get('llm_time_over_flops_median'))} / {_fmt(r.get('llm_time_over_flops_min'))}",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    comparison = plain_line(entries)
+    if comparison:
+        lines += ["", comparison.rstrip("\n")]
     if skipped:
         lines += ["", "Not run:", *skipped]
     return "\n".join(lines) + "\n"
@@ -62,7 +90,8 @@ def plot_png(entries: list[dict], path: str | Path, title: str = "") -> None:
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
     points = [(e["ratios"]["llm_flops"], e["ratios"]["llm_time_median"], e) for e in entries
-              if e["status"] == "ok" and e.get("ratios") and e["ratios"].get("llm_flops") is not None]
+              if e["status"] == "ok" and e.get("ratios") and e["ratios"].get("llm_flops") is not None
+              and e["label"] != PLAIN]
     top = max([1.0] + [max(x, y) for x, y, _ in points]) * 1.05
 
     def xy(x: float, y: float) -> tuple[float, float]:
@@ -80,12 +109,12 @@ def plot_png(entries: list[dict], path: str | Path, title: str = "") -> None:
         draw.text((x1 - 35, y1 - 6), f"{tick:g}", fill="black")
     draw.text((size / 2 - 90, size - 25), "FLOPs ratio vs vanilla (LLM prefill)", fill="black")
     draw.text((5, 10), "time ratio vs vanilla (LLM prefill, median)  " + title, fill="black")
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    from finepruner.report.colours import method_rgb  # the method's colour in every plot
+
     colours: dict[str, tuple[int, int, int]] = {}
     for x, y, e in points:
         method = e["label"].split("@")[0]
-        colour = colours.setdefault(method, palette[len(colours) % len(palette)])
+        colour = colours.setdefault(method, method_rgb(method))
         cx, cy = xy(x, y)
         draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
         if e.get("budget"):
@@ -107,7 +136,7 @@ def ratio_table(entries: list[dict], time_over_flops_max: float = 1.15, selectio
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         r = e.get("ratios")
-        if e["status"] != "ok" or not r or e["label"] == "vanilla":
+        if e["status"] != "ok" or not r or e["label"] in ("vanilla", PLAIN):
             continue
         checks = []
         if "score_impl=eager" not in e["label"]:

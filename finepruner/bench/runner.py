@@ -6,6 +6,9 @@ Methodology (``docs/performance.md``):
   applied, run (a prefill, then ``decode_steps`` single-token steps on the same cache) and removed.
   After ``warmup`` unrecorded rounds, ``rounds`` rounds run every variant, the order rotated by one
   place each round; median and min over rounds are reported.
+* ``plain`` is the model with nothing applied (plain transformers), run in the same rounds as every
+  variant: ``vanilla_vs_plain`` gives vanilla's prefill, decode and peak-memory ratios over it (the
+  engine's own overhead), as ratios of medians, of mins and the median of the per-round ratios.
 * ``prefill`` = time to first token: one ``model(**inputs, logits_to_keep=1)`` call with the pixels
   (vision tower, projector, language model, selection, LM head on the last token). ``vision`` = from
   the vision tower's pre-hook to the projector's forward hook, minus the time of the method's vision
@@ -18,6 +21,9 @@ Methodology (``docs/performance.md``):
   run (``/proc/self/clear_refs`` = 5, Linux) after ``malloc_trim(0)`` returned freed heap memory; where
   ``clear_refs`` is not writable, ``ru_maxrss`` deltas (only new highs show).
 * ``kv bytes``: the sum of the cache tensors' ``nbytes`` right after the prefill.
+* CPU time (``prefill_cpu_s``, ``decode_cpu_s_per_token``; CPU devices only): ``time.process_time`` of
+  the same spans, all threads of the process; less disturbed than wall time by other processes on a
+  shared machine (it still includes their cache and memory-bandwidth interference).
 * FLOPs: ``PruneStats.flops`` (``finepruner.bench.flops``) of the variant's last prefill.
 """
 
@@ -39,9 +45,15 @@ import torch
 import finepruner
 from finepruner import methods
 from finepruner.bench.flops import TFLOP, shape_dict
+from finepruner.engine.state import PruneStats
 from finepruner.models.adapter import LlavaAdapter
 
 DEFAULT_BUDGETS = (64, 128, 192)
+#: Default budgets by visual tokens per image (LLaVA-1.5's 576; the toy model's 144; the tiny shape's 64);
+#: other counts get ``default_budgets``' proportional choice.
+BUDGETS_BY_VISUAL: dict[int, tuple[int, ...]] = {576: DEFAULT_BUDGETS, 144: (16, 32, 64), 64: (8, 16, 32)}
+#: Label (and ``method``) of the reference run without any method applied: plain transformers.
+PLAIN = "plain"
 #: Methods scored with the engine's last-query attention (``score_impl`` applies).
 ATTENTION_SCORED = ("fastv", "pdrop", "finepruner")
 
@@ -72,9 +84,16 @@ def parse_method(text: str) -> tuple[str, dict]:
     return name, params
 
 
+def default_budgets(num_visual: int) -> tuple[int, ...]:
+    """``BUDGETS_BY_VISUAL[num_visual]``, else 1/9, 2/9 and 1/3 of the visual tokens (64/128/192 of 576)."""
+    if num_visual in BUDGETS_BY_VISUAL:
+        return BUDGETS_BY_VISUAL[num_visual]
+    return tuple(sorted({max(1, round(num_visual * f)) for f in (1 / 9, 2 / 9, 1 / 3)}))
+
+
 def build_variants(specs: Sequence[str], budgets: Sequence[int]) -> list[Variant]:
-    """Vanilla first, then every method spec at every budget (``tokens=N``)."""
-    variants = [Variant("vanilla", "vanilla")]
+    """Plain transformers and vanilla first, then every method spec at every budget (``tokens=N``)."""
+    variants = [Variant(PLAIN, PLAIN), Variant("vanilla", "vanilla")]
     for spec in specs:
         name, params = parse_method(spec)
         if name == "vanilla":
@@ -182,9 +201,28 @@ def kv_cache_bytes(cache) -> int:
 
 
 # -- one run of one variant ---------------------------------------------------------------------------
+def _cpu_clock(device: torch.device) -> float | None:
+    """Process CPU time (every thread), or None on accelerators (where it says nothing about the work)."""
+    return time.process_time() if device.type == "cpu" else None
+
+
+def _elapsed(start: float | None, end: float | None, per: int = 1) -> float | None:
+    return None if start is None or end is None else (end - start) / max(1, per)
+
+
+def unpruned_stats(model, inputs: dict) -> PruneStats:
+    """The ``PruneStats`` of a prefill in which every decoder layer sees the whole prompt (what vanilla
+    records; used for the plain-transformers run, which has no handle)."""
+    adapter = LlavaAdapter(model)
+    batch, length = inputs["input_ids"].shape
+    layers = adapter.num_layers
+    return PruneStats(sequence_length=[length] * layers, visual_tokens=[adapter.num_visual_tokens] * layers,
+                      batch=batch, config=model.config)
+
+
 def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_steps: int, memory: _Memory,
                 instruction: str | None = None) -> dict:
-    """Apply ``variant``, time one prefill and ``decode_steps`` decode steps, remove it."""
+    """Apply ``variant`` (nothing for ``PLAIN``), time one prefill and ``decode_steps`` decode steps, remove it."""
     device = inputs["input_ids"].device
     batch = inputs["input_ids"].shape[0]
     llava = LlavaAdapter(model)
@@ -194,33 +232,37 @@ def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_step
         llava.vision_tower.register_forward_pre_hook(lambda *a: vision_marks.append(_now(device))),
         llava.llava_model.multi_modal_projector.register_forward_hook(lambda *a: vision_marks.append(_now(device))),
     ]
-    handle = finepruner.apply(model, variant.method, **params)
-    handle.synchronize_timing = True
+    handle = None
     try:
-        _timed_hooks(handle, device, capture_total)
-        if instruction is not None and hasattr(handle.method, "set_instructions"):
-            handle.method.set_instructions([instruction] * batch)
+        if variant.method != PLAIN:
+            handle = finepruner.apply(model, variant.method, **params)
+            handle.synchronize_timing = True
+            _timed_hooks(handle, device, capture_total)
+            if instruction is not None and getattr(handle.method, "needs_instructions", False):
+                handle.method.set_instructions([instruction] * batch)  # the synthetic prompt's text
         memory.start()
         with torch.inference_mode():
-            started = _now(device)
+            cpu_started, started = _cpu_clock(device), _now(device)
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-            prefill = _now(device) - started
+            prefill, cpu_prefilled = _now(device) - started, _cpu_clock(device)
             cache = getattr(out, "cache", None) or out.past_key_values
             kv_bytes = kv_cache_bytes(cache)
             token = out.logits[:, -1:].argmax(-1)
             mask = inputs["attention_mask"]
             del out
-            decode_started = _now(device)
+            cpu_decode_started, decode_started = _cpu_clock(device), _now(device)
             for _ in range(decode_steps):
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
                 step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
                 token = step.logits[:, -1:].argmax(-1)
             decode = (_now(device) - decode_started) / max(1, decode_steps)
+            cpu_decoded = _cpu_clock(device)
             del cache, token, mask
         peak = memory.stop()
-        stats = handle.stats
+        stats = handle.stats if handle is not None else unpruned_stats(model, inputs)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         for hook in hooks:
             hook.remove()
     vision = (vision_marks[-1] - vision_marks[0] - capture_total[0]) if len(vision_marks) >= 2 else 0.0
@@ -229,6 +271,8 @@ def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_step
         "vision_s": vision,
         "llm_s": prefill - vision,
         "decode_s_per_token": decode if decode_steps else None,
+        "prefill_cpu_s": _elapsed(cpu_started, cpu_prefilled),
+        "decode_cpu_s_per_token": _elapsed(cpu_decode_started, cpu_decoded, decode_steps) if decode_steps else None,
         "selection_s": stats.selection_seconds + capture_total[0],
         "peak_memory_bytes": peak,
         "kv_cache_bytes": kv_bytes,
@@ -237,7 +281,11 @@ def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_step
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
-TIMED = ("prefill_s", "vision_s", "llm_s", "decode_s_per_token", "selection_s", "peak_memory_bytes")
+TIMED = ("prefill_s", "vision_s", "llm_s", "decode_s_per_token", "selection_s", "peak_memory_bytes",
+         "prefill_cpu_s", "decode_cpu_s_per_token")
+#: The measures compared between vanilla and plain transformers (``vanilla_vs_plain``).
+PLAIN_COMPARED = ("prefill_s", "llm_s", "decode_s_per_token", "peak_memory_bytes", "prefill_cpu_s",
+                  "decode_cpu_s_per_token")
 
 
 def _summary(values: list[float | None]) -> dict | None:
@@ -297,7 +345,14 @@ def run_bench(
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Run every variant ``warmup + rounds`` times, interleaved; returns one result dict per variant
-    (``status`` "ok" or "skipped: reason"), vanilla first, with ratios against vanilla."""
+    (``status`` "ok" or "skipped: reason"), in the order given, with ratios against vanilla (and, on the
+    vanilla entry, ``vs_plain``: its ratios over the ``PLAIN`` variant, when both ran)."""
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds={rounds!r}: at least one recorded round is needed")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r}: allowed: 0 or more warm-up rounds")
+    if not isinstance(decode_steps, int) or decode_steps < 0:
+        raise ValueError(f"decode_steps={decode_steps!r}: allowed: 0 (no decode) or more")
     device = inputs["input_ids"].device
     adapter = LlavaAdapter(model)
     memory = _Memory(device)
@@ -309,7 +364,8 @@ def run_bench(
         entry = {"label": variant.label, "method": variant.method, "budget": variant.budget,
                  "params": {k: v for k, v in params.items() if _jsonable(v)}}
         try:
-            finepruner.apply(model, variant.method, **params).remove()  # validates the plan
+            if variant.method != PLAIN:
+                finepruner.apply(model, variant.method, **params).remove()  # validates the plan
         except (ValueError, RuntimeError, TypeError, FileNotFoundError) as err:
             entry["status"] = f"skipped: {err}"
             results[variant.label] = entry
@@ -345,10 +401,13 @@ def _jsonable(value) -> bool:
 
 
 def summarise(entries: list[dict], memory_method: str) -> list[dict]:
-    """Medians, mins, FLOPs and the ratios against vanilla."""
+    """Medians, mins, FLOPs, the ratios against vanilla and vanilla's against plain transformers."""
+    runs_of = {entry["label"]: entry.get("runs") or [] for entry in entries}
     for entry in entries:
         runs = entry.pop("runs", None)
         if not runs:
+            if entry["status"] == "ok":
+                entry["status"] = "failed: no recorded run"
             continue
         for key in TIMED:
             entry[key] = _summary([run[key] for run in runs])
@@ -365,7 +424,29 @@ def summarise(entries: list[dict], memory_method: str) -> list[dict]:
         if entry["status"] != "ok" or vanilla is None:
             continue
         entry["ratios"] = _ratios(entry, vanilla)
+    plain = next((e for e in entries if e["label"] == PLAIN and e["status"] == "ok"), None)
+    if vanilla is not None and plain is not None:
+        vanilla["vs_plain"] = plain_comparison(runs_of[PLAIN], runs_of["vanilla"])
     return entries
+
+
+def plain_comparison(plain_runs: Sequence[dict], vanilla_runs: Sequence[dict]) -> dict:
+    """Vanilla over plain transformers for every measure of ``PLAIN_COMPARED``: ratio of the medians, of
+    the mins, and the median of the per-round ratios (round i of vanilla over round i of plain; the two
+    run next to each other in every round, so a load change between rounds cancels out)."""
+    comparison: dict[str, Any] = {"rounds": min(len(plain_runs), len(vanilla_runs))}
+    for key in PLAIN_COMPARED:
+        pairs = [(p[key], v[key]) for p, v in zip(plain_runs, vanilla_runs) if p.get(key) and v.get(key) is not None]
+        if not pairs:
+            comparison[key] = None
+            continue
+        plain_values, vanilla_values = [p for p, _ in pairs], [v for _, v in pairs]
+        comparison[key] = {
+            "median": statistics.median(vanilla_values) / statistics.median(plain_values),
+            "min": min(vanilla_values) / min(plain_values),
+            "paired_median": statistics.median(v / p for p, v in pairs),
+        }
+    return comparison
 
 
 def _ratios(entry: dict, vanilla: dict) -> dict:
@@ -419,5 +500,7 @@ def environment(device: torch.device) -> dict:
 
 
 def result_document(entries: list[dict], model, meta: dict) -> dict:
-    """The JSON document: metadata, shapes and every variant."""
-    return {"meta": meta, "shapes": shape_dict(model.config), "tflop": TFLOP, "variants": entries}
+    """The JSON document: metadata, shapes, vanilla over plain transformers and every variant."""
+    vanilla = next((e for e in entries if e["label"] == "vanilla"), {})
+    return {"meta": meta, "shapes": shape_dict(model.config), "tflop": TFLOP,
+            "vanilla_vs_plain": vanilla.get("vs_plain"), "variants": entries}

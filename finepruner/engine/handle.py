@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from finepruner.engine.state import PruneStats
 from finepruner.engine.vision import VisionCapture, VisionSignals
 from finepruner.methods import PruningMethod, Stage, create
 from finepruner.models.adapter import LlavaAdapter
+from finepruner.models.instructions import as_tokenizer, decode_instructions, repeat_for_batch
 
 _HANDLE_ATTRIBUTE = "_finepruner_handle"
 
@@ -32,9 +34,15 @@ class Handle:
     * ``heads``: per stage, the heads chosen for each sample (None for methods that do not select heads).
     * ``attention``: per stage, the [batch, heads, n_visual] float32 last-query attention to the visual
       tokens that the stage scored with (None for stages without an attention signal), for plots.
+    * ``instructions``: each sample's instruction text as the method received it
+      (``StageContext.instructions``; None for methods without ``needs_instructions``).
+
+    Instruction texts (methods with ``needs_instructions``, e.g. CDPruner): per prefill, the explicit texts
+    of ``set_instructions`` when given, else each sample's prompt decoded with the processor bound at
+    ``apply(..., processor=...)`` (``finepruner.models.instructions.decode_instructions``).
     """
 
-    def __init__(self, model: nn.Module, method: PruningMethod) -> None:
+    def __init__(self, model: nn.Module, method: PruningMethod, processor=None) -> None:
         self.model = model
         self.method = method
         self.adapter = LlavaAdapter(model)
@@ -43,14 +51,22 @@ class Handle:
         self.heads: list[list[torch.Tensor] | None] = []
         self.attention: list[torch.Tensor | None] = []
         self.merged: list[torch.Tensor | None] = []
+        self.instructions: list[str] | None = None
         self._plans: dict[int, list[Stage]] = {}
         self._pending: tuple[torch.Tensor | None, list[int]] | None = None
         self._hook = None
         self._vision: VisionCapture | None = None  # vision-side hooks for methods with ``needs_vision``
         self._prompt_ids: list[list[int]] | None = None
+        # this prefill's (explicit texts or None, prompt ids) for methods with ``needs_instructions``
+        self._instructions: tuple[list[str] | None, list[list[int]]] | None = None
+        # the tokenizer that decodes each sample's instruction (processor= of apply; a method's own otherwise)
+        self._tokenizer = as_tokenizer(processor, "processor")
+        if self._tokenizer is None:
+            self._tokenizer = method.bound_tokenizer()
         # validate the parameters against the model now, before any expensive work
         self.plan(self.adapter.num_visual_tokens)
         method.check_model(self.adapter.num_heads, self.adapter.num_layers, self.adapter.num_visual_tokens)
+        method.bind_model(model)
 
     # -- installation -------------------------------------------------------------------------
     def _install(self) -> None:
@@ -92,13 +108,21 @@ class Handle:
             self._plans[num_visual] = sorted(stages, key=lambda s: s.layer)
         return self._plans[num_visual]
 
+    def set_instructions(self, texts: Sequence[str] | None) -> None:
+        """Instruction texts (one per sample, used as given) for the next prefill only; they take precedence
+        over decoding the prompt. For beams or several returned sequences pass one text per prompt."""
+        self.method.set_instructions(texts)
+
     def _capture_inputs(self, module, args, kwargs):
-        """Pre-hook on LlavaModel: remember the image-token mask and per-sample keys of this call."""
+        """Pre-hook on LlavaModel: remember the image-token mask and per-sample keys of this call (and, for
+        methods with ``needs_instructions``, each sample's instruction text)."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._prompt_ids = None
+        self._instructions = None
         if kwargs.get("pixel_values") is None and kwargs.get("mm_encoder_outputs") is None:
             self._pending = None  # no image in this call (e.g. a decode step)
             return
+        self._pending = None
         image_mask = self.adapter.image_mask(input_ids, kwargs.get("inputs_embeds"))
         keys: list[int] = []
         prompts: list[list[int]] = []  # each sample's prompt tokens, padding removed (for needs_vision)
@@ -109,8 +133,29 @@ class Handle:
                     ids = [t for t, m in zip(ids, attention_mask[row].tolist(), strict=True) if m]
                 keys.append(hash(tuple(ids)))
                 prompts.append(ids)
+        explicit = self.method.take_instructions()  # set for this prefill only
+        if self.method.needs_instructions:
+            if explicit is None:
+                self._check_decodable(prompts)
+            self._instructions = (explicit, prompts)  # decoded by _take_instructions, in the selection time
         self._prompt_ids = prompts or None
         self._pending = (image_mask, keys)
+
+    def _check_decodable(self, prompts: list[list[int]]) -> None:
+        """A clear error, before the model runs, when this prefill's instructions cannot be decoded: no
+        processor bound at ``apply``, or no ``input_ids`` with ``<image>`` tokens in the call."""
+        name = self.method.name
+        if self._tokenizer is None:
+            raise RuntimeError(
+                f"{name} needs each sample's instruction text: pass processor= to finepruner.apply (the LLaVA "
+                "processor or tokenizer, to decode it from the prompt), or call handle.set_instructions([...]) "
+                "before each generate"
+            )
+        if not prompts:
+            raise RuntimeError(
+                f"{name} needs each sample's instruction text, but this call has no input_ids with <image> "
+                "tokens to decode it from; call handle.set_instructions([...]) before the call"
+            )
 
     def _take_pending(self, shape: torch.Size) -> tuple[torch.Tensor | None, list[int]]:
         """The image mask captured for this call (consumed), or (None, []) when the LM is called alone."""
@@ -130,18 +175,45 @@ class Handle:
         prompt_ids, self._prompt_ids = self._prompt_ids, None
         return self._vision.take(batch, num_visual, prompt_ids)
 
+    def _take_instructions(self, batch: int) -> list[str] | None:
+        """This prefill's instruction texts for a batch of ``batch`` rows (consumed), or None when the
+        method declares no ``needs_instructions``. ``generate`` may repeat every sample for beams after the
+        texts were given: each text is then repeated the same way."""
+        pending, self._instructions = self._instructions, None
+        if pending is None:
+            if self.method.needs_instructions:
+                raise RuntimeError(f"{self.method.name}: no instruction texts were captured for this prefill "
+                                   "(the language model was called without LlavaModel)")
+            return None
+        explicit, prompts = pending
+        texts = explicit if explicit is not None else decode_instructions(
+            self._tokenizer, prompts, self.adapter.image_token_id)
+        texts = repeat_for_batch(texts, batch)
+        if explicit is not None and len(explicit) != batch and len(prompts) == batch:
+            repeat = batch // len(explicit)
+            if any(prompts[row] != prompts[row - row % repeat] for row in range(batch)):
+                raise ValueError(
+                    f"{len(explicit)} instruction texts for a batch of {batch} rows that are not {len(explicit)} "
+                    f"prompts each repeated {repeat} times; pass one text per sample"
+                )
+        self.instructions = texts
+        return texts
+
     def _record(self, kept, stats, heads, attention, merged=None) -> None:
         self.kept, self.stats, self.heads, self.attention = kept, stats, heads, attention
         self.merged = merged if merged is not None else [None] * len(kept)
 
 
-def apply(model: nn.Module, method: str | PruningMethod, /, **params) -> Handle:
+def apply(model: nn.Module, method: str | PruningMethod, /, *, processor=None, **params) -> Handle:
     """Apply a pruning method to ``model`` in place and return its ``Handle``.
 
     ``method`` is a registered name (``finepruner.methods.available()``) with its parameters as
-    keywords, or a method instance. Example::
+    keywords, or a method instance. ``processor`` (the LLaVA processor or tokenizer that builds the
+    prompts, as ``finepruner.load_model`` returns it) is bound to the handle: methods that read the
+    instruction text (``needs_instructions``, e.g. CDPruner) get each sample's text decoded from its
+    prompt; pass it at every entry point that has it (other methods ignore it). Example::
 
-        with finepruner.apply(model, "fastv", tokens=64, K=2) as handle:
+        with finepruner.apply(model, "fastv", tokens=64, K=2, processor=processor) as handle:
             out = model.generate(**inputs, max_new_tokens=16)
         handle.kept[0]   # [batch, 64] indices of the kept visual tokens
     """
@@ -149,6 +221,6 @@ def apply(model: nn.Module, method: str | PruningMethod, /, **params) -> Handle:
         method = create(method, **params)
     elif params:
         raise ValueError("parameters go to the method's constructor when a method instance is passed")
-    handle = Handle(model, method)
+    handle = Handle(model, method, processor)
     handle._install()
     return handle

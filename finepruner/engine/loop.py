@@ -9,6 +9,9 @@ embeddings, causal mask, layers, norm), with pruning stages between layers (``do
   the layer's cache length. Kept tokens keep their order.
 * Decode (later calls on the same cache): each segment gets its own mask (its kept prompt mask plus
   the new tokens' mask) and its own shifted positions.
+* Everything else prunes nothing (a prompt whose plan has no stage, e.g. ``vanilla``; a call without
+  images on a cache that no pruned prefill filled): it runs the class's own ``forward``, so it costs
+  exactly what plain transformers costs (``docs/performance.md``, "vanilla path vs plain transformers").
 
 Masks are always built with an explicit 2D mask and ``position_ids=None``: with gapped positions and
 no mask, ``create_causal_mask`` would treat every gap as a packed-sequence boundary
@@ -35,15 +38,10 @@ if TYPE_CHECKING:
     from finepruner.engine.handle import Handle
 
 
-def _causal_mask(lm, hidden, mask2d, cache, layer_idx, position_ids=None):
-    return create_causal_mask(
-        config=lm.config,
-        inputs_embeds=hidden,
-        attention_mask=mask2d,
-        cache=cache,
-        position_ids=position_ids,
-        layer_idx=layer_idx,
-    )
+def _causal_mask(lm, hidden, mask2d, cache, layer_idx):
+    """The 4D mask of one segment (``position_ids=None``: see the module docstring)."""
+    return create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache,
+                              position_ids=None, layer_idx=layer_idx)
 
 
 def _clock(hidden: torch.Tensor, handle) -> float:
@@ -53,14 +51,20 @@ def _clock(hidden: torch.Tensor, handle) -> float:
     return time.perf_counter()
 
 
-def _visual_positions(image_mask: torch.Tensor) -> torch.Tensor:
-    """[B, V] sequence positions of the visual tokens; every row must hold the same number."""
+def _visual_count(image_mask: torch.Tensor) -> int:
+    """Visual tokens per sample of a prefill; every row must hold the same number."""
     counts = image_mask.sum(dim=1)
     if not bool((counts == counts[0]).all()):
         raise ValueError(
             "every sample of a pruned batch must hold the same number of image tokens; got "
             f"{counts.tolist()} (batch prompts with the same number of images, or run them separately)"
         )
+    return int(counts[0])
+
+
+def _visual_positions(image_mask: torch.Tensor) -> torch.Tensor:
+    """[B, V] sequence positions of the visual tokens; every row must hold the same number."""
+    _visual_count(image_mask)
     return image_mask.nonzero()[:, 1].view(image_mask.shape[0], -1)
 
 
@@ -79,15 +83,37 @@ def pruned_forward(
     return_dict: bool | None = None,
     **kwargs,
 ) -> BaseModelOutputWithPast:
-    """Forward of the language model ``lm`` with the pruning of ``handle``'s method."""
-    if output_attentions:
-        raise ValueError(
-            "output_attentions is not available while a finepruner method is applied; the engine computes "
-            "the attention rows it needs itself (finepruner.engine.signals)"
-        )
+    """Forward of the language model ``lm`` with the pruning of ``handle``'s method.
+
+    A call that prunes nothing (no image and no pruned cache, or a prompt whose plan has no stage, as
+    with ``vanilla``) runs the language model's own forward (``type(lm).forward``) unchanged: the same
+    kernels, allocations and outputs as plain transformers (``output_attentions`` included).
+    """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     cache = cache if cache is not None else past_key_values
+    batch, length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+    image_mask, row_keys = handle._take_pending(torch.Size((batch, length)))
+    state: GenerationState | None = getattr(cache, STATE_ATTRIBUTE, None) if cache is not None else None
+    if state is not None and cache.get_seq_length() == 0:  # a reused, emptied cache: forget the old run
+        state = None
+        setattr(cache, STATE_ATTRIBUTE, None)
+    has_image = image_mask is not None and bool(image_mask.any())
+    num_visual = _visual_count(image_mask) if has_image else 0
+    if state is None and not (has_image and handle.plan(num_visual)):
+        if has_image:
+            _record_unpruned(lm, handle, batch, length, num_visual)
+        flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions,
+                 "return_dict": return_dict}
+        return type(lm).forward(lm, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                **{k: v for k, v in flags.items() if v is not None}, **kwargs)
+
+    if output_attentions:
+        raise ValueError(
+            "output_attentions is not available while a finepruner method prunes this call; the engine computes "
+            "the attention rows it needs itself (finepruner.engine.signals)"
+        )
     use_cache = lm.config.use_cache if use_cache is None else use_cache
     output_hidden_states = (
         lm.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -101,22 +127,12 @@ def pruned_forward(
     if cache is not None and not isinstance(cache, DynamicCache):
         raise ValueError(f"finepruner supports DynamicCache only, got {type(cache).__name__}")
 
-    image_mask, row_keys = handle._take_pending(inputs_embeds.shape[:2])
-    state: GenerationState | None = getattr(cache, STATE_ATTRIBUTE, None) if cache is not None else None
-    if state is not None and cache.get_seq_length() == 0:  # a reused, emptied cache: forget the old run
-        state = None
-        setattr(cache, STATE_ATTRIBUTE, None)
-    batch, length = inputs_embeds.shape[:2]
-    has_image = image_mask is not None and bool(image_mask.any())
-
     if has_image:
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("a prompt with images must start a new generation (the cache is not empty)")
         past = 0
-    elif state is not None:
-        past = state.seen
     else:
-        past = cache.get_seq_length() if cache is not None else 0
+        past = state.seen
     if position_ids is None:
         position_ids = torch.arange(length, device=inputs_embeds.device)[None] + past
     position_ids = position_ids.expand(batch, -1)
@@ -124,12 +140,9 @@ def pruned_forward(
     if has_image:
         hidden, all_hidden = _prefill(lm, handle, inputs_embeds, attention_mask, position_ids, cache,
                                       use_cache, image_mask, row_keys, output_hidden_states, kwargs)
-    elif state is not None:
+    else:
         hidden, all_hidden = _decode(lm, state, inputs_embeds, attention_mask, position_ids, cache,
                                      use_cache, output_hidden_states, kwargs)
-    else:
-        hidden, all_hidden = _plain(lm, inputs_embeds, attention_mask, position_ids, cache, use_cache,
-                                    output_hidden_states, kwargs)
     hidden = lm.norm(hidden)
     if all_hidden is not None:
         all_hidden.append(hidden)
@@ -140,28 +153,30 @@ def pruned_forward(
     )
 
 
-def _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden, mask_positions=None):
+def _record_unpruned(lm, handle: Handle, batch: int, length: int, num_visual: int) -> None:
+    """Statistics of a prefill with images whose plan has no stage (it runs the model's own forward):
+    every decoder layer sees the whole prompt; signals captured for the prefill are consumed unused."""
+    handle._take_vision(batch, num_visual)
+    handle._take_instructions(batch)
+    layers = int(lm.config.num_hidden_layers)
+    stats = PruneStats(sequence_length=[length] * layers, visual_tokens=[num_visual] * layers, batch=batch,
+                       config=handle.model.config)
+    handle._record(kept=[], stats=stats, heads=[], attention=[], merged=[])
+
+
+def _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden):
     """Run all layers without pruning; ``segments`` maps each segment's first layer to its
     (position_ids, mask2d) and must contain layer 0."""
     for index, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         if index in segments:
             position_ids, mask2d = segments[index]
             embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
-            mask = _causal_mask(lm, hidden, mask2d, cache, index, mask_positions)
+            mask = _causal_mask(lm, hidden, mask2d, cache, index)
         if all_hidden is not None:
             all_hidden.append(hidden)
         hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, cache=cache,
                        use_cache=use_cache, **kwargs)
     return hidden
-
-
-def _plain(lm, hidden, attention_mask, position_ids, cache, use_cache, output_hidden_states, kwargs):
-    """No image and no pruned cache: the upstream computation."""
-    all_hidden = [] if output_hidden_states else None
-    segments = {0: (position_ids, attention_mask)}
-    # position_ids go to the mask only here, exactly as upstream (packed-sequence detection).
-    hidden = _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden, position_ids)
-    return hidden, all_hidden
 
 
 def _decode(lm, state, hidden, attention_mask, position_ids, cache, use_cache, output_hidden_states, kwargs):
@@ -239,14 +254,17 @@ def _keep(tokens: _Tokens, local: torch.Tensor, renumber: bool) -> _Tokens:
     )
 
 
-def _insert(tokens: _Tokens, insert: torch.Tensor, positions: torch.Tensor | None, first_id: int) -> _Tokens:
-    """Insert ``insert`` [B, c, D] right after the last kept visual token; they become visual tokens with
-    ids ``first_id..``. Positions: ``positions`` [B, c] (original mode), or, when None (renumber mode),
-    contiguous after the preceding token, with the following tokens shifted by c."""
+def _insert(tokens: _Tokens, insert: torch.Tensor, positions: torch.Tensor | None, first_id: int,
+            start: torch.Tensor | None = None) -> _Tokens:
+    """Insert ``insert`` [B, c, D] right after the last kept visual token (at ``start`` [B, 1] when none is
+    kept); they become visual tokens with ids ``first_id..``. Positions: ``positions`` [B, c] (original
+    mode), or, when None (renumber mode), contiguous after the preceding token, with the following tokens
+    shifted by c."""
     batch, length, width = tokens.hidden.shape
     count = insert.shape[1]
     device = tokens.hidden.device
-    start = tokens.visual_index[:, -1:] + 1  # [B, 1] tokens up to and including the last visual one stay
+    if start is None:  # [B, 1] tokens up to and including the last visual one stay
+        start = tokens.visual_index[:, -1:] + 1
     after = torch.arange(length, device=device)[None] >= start  # [B, L] tokens that move right by c
     target = torch.arange(length, device=device)[None] + count * after
     slots = start + torch.arange(count, device=device)[None]  # [B, c]
@@ -286,8 +304,8 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
     num_visual = visual_index.shape[1]
     stages = handle.plan(num_visual)
     stage_at = {stage.layer: (i, stage) for i, stage in enumerate(stages)}
-    score_layers = {stage.score_layer for stage in stages if stage.score_layer is not None}
-    # score layers that run before their stage: their k_proj output is kept for StageSignals
+    # score layers that run before their stage: their input is kept for the signals, and their keys are
+    # reused (from the cache, after RoPE; without a cache, the k_proj output captured while they run)
     key_layers = {s.score_layer for s in stages if s.score_layer is not None and s.score_layer < s.layer}
     cached_keys = cache is not None and use_cache  # then the cache holds them (after RoPE): no hook
     renumber = handle.method.positions == "renumber"
@@ -308,6 +326,7 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
     kept: list[torch.Tensor] = []
     started = _clock(hidden, handle)
     vision = handle._take_vision(batch, num_visual)  # vision-side signals (methods with needs_vision)
+    instructions = handle._take_instructions(batch)  # instruction texts (methods with needs_instructions)
     stats.selection_seconds += _clock(hidden, handle) - started
     heads: list[list[torch.Tensor] | None] = []
     attentions: list[torch.Tensor | None] = []
@@ -319,28 +338,33 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
         if index in stage_at:
             stage_index, stage = stage_at[index]
             started = _clock(hidden, handle)
-            attention = None
-            score_input = None
+            attention = score_input = keys = rotated = None
             if stage.score_layer is not None:
-                score_input = saved_inputs.get(stage.score_layer, (hidden, embeddings, mask2d))
+                score_input = saved_inputs.pop(stage.score_layer, None) or (hidden, embeddings, mask2d)
+                keys = saved_keys.pop(stage.score_layer, None)
+                if cached_keys and stage.score_layer < index:
+                    rotated = _cached_keys(cache, stage.score_layer, hidden.shape[1])
+            reuse = score_impl == "cheap"  # "recompute": project the score layer's keys again (float32 RoPE)
             if stage.score_layer is not None and stage.last_query:
                 source, source_embeddings, source_mask = score_input
-                signal = eager_last_query_attention if score_impl == "eager" else last_query_attention
-                rows = signal(lm.layers[stage.score_layer], source, source_embeddings, source_mask)
+                if score_impl == "eager":  # recomputes q and k on purpose: it shows that approach's cost
+                    rows = eager_last_query_attention(lm.layers[stage.score_layer], source, source_embeddings,
+                                                      source_mask)
+                else:
+                    rows = last_query_attention(lm.layers[stage.score_layer], source, source_embeddings,
+                                                source_mask, keys=keys if reuse else None,
+                                                rotated_keys=rotated if reuse else None)
                 stats.score_lengths.append(source.shape[1])
+                stats.score_keys_reused.append(reuse and (keys is not None or rotated is not None))
                 attention = rows.gather(2, visual_index[:, None, :].expand(-1, rows.shape[1], -1))
             signals = StageSignals(
                 lm=lm, hidden=hidden, position_ids=position_ids, mask2d=mask2d, visual_index=visual_index,
                 source_index=source_index, inputs_embeds=inputs_embeds, input_mask2d=attention_mask,
                 input_visual_index=input_visual_index, score_layer=stage.score_layer, score_input=score_input,
-                score_keys=saved_keys.pop(stage.score_layer, None), memo=memo,
+                score_keys=keys, score_rotated_keys=rotated, memo=memo,
             )
-            if cached_keys and stage.score_layer is not None and stage.score_layer < index:
-                rotated = cache.layers[stage.score_layer].keys
-                if rotated is not None and rotated.shape[2] == hidden.shape[1]:
-                    signals.score_rotated_keys = rotated
             context = StageContext(attention=attention, visual_ids=visual_ids, row_keys=row_keys, vision=vision,
-                                   signals=signals)
+                                   signals=signals, instructions=instructions)
             local, insert, insert_from = _unpack_selection(
                 handle.method.select(stage_index, stage, context), stage, stage_index, batch, width, handle.method.name
             )
@@ -353,7 +377,8 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
             if insert is None:
                 merged.append(None)
             else:
-                tokens = _insert(tokens, insert, None if renumber else insert_positions, next_id)
+                anchor = None if local.shape[1] else visual_index[:, :1]  # nothing kept: where the span began
+                tokens = _insert(tokens, insert, None if renumber else insert_positions, next_id, anchor)
                 next_id += insert.shape[1]
                 merged.append(tokens.visual_ids[:, -insert.shape[1]:])
             hidden, position_ids, mask2d = tokens.hidden, tokens.position_ids, tokens.mask2d
@@ -365,7 +390,7 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
             segments.append(Segment(index, mask2d, hidden.shape[1], shift))
             embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
             mask = _causal_mask(lm, hidden, mask2d, cache, index)
-        if index in score_layers:
+        if index in key_layers:
             saved_inputs[index] = (hidden, embeddings, mask2d)
         stats.sequence_length.append(hidden.shape[1])
         stats.visual_tokens.append(visual_ids.shape[1])
@@ -389,6 +414,15 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
         setattr(cache, STATE_ATTRIBUTE, GenerationState(prompt_length=length, segments=segments, seen=length))
     handle._record(kept=kept, stats=stats, heads=heads, attention=attentions, merged=merged)
     return hidden, all_hidden
+
+
+def _cached_keys(cache: DynamicCache | None, layer: int, length: int) -> torch.Tensor | None:
+    """Layer ``layer``'s keys after RoPE [B, kv_heads, L, head_dim] from this prefill's cache, when it holds
+    exactly the ``length`` current tokens (no stage lies between that layer and the current one)."""
+    if cache is None or layer >= len(cache.layers):
+        return None
+    keys = getattr(cache.layers[layer], "keys", None)
+    return keys if isinstance(keys, torch.Tensor) and keys.shape[2] == length else None
 
 
 def _unpack_selection(choice, stage, stage_index, batch, width, name):

@@ -2,7 +2,9 @@
 
 ``last_query_attention`` gives the attention of the last prompt token to every position, per head,
 from one decoder layer's own q/k projections: one query row instead of an L x L eager attention,
-so it works whatever attention implementation the model runs (sdpa, eager, FlashAttention).
+so it works whatever attention implementation the model runs (sdpa, eager, FlashAttention). When the
+layer has already run on these tokens, its keys come from its KV-cache entry (after RoPE) and only the
+last token's query is projected.
 ``query_attention`` does the same for a chosen set of query positions per sample (e.g. SparseVLM's text
 raters), and ``StageSignals`` hands such signals to a method lazily, at one pruning stage.
 """
@@ -30,6 +32,8 @@ def last_query_attention(
     hidden: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     mask2d: torch.Tensor | None,
+    keys: torch.Tensor | None = None,
+    rotated_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of the last position's query over all keys of ``layer``, in float32.
 
@@ -38,6 +42,15 @@ def last_query_attention(
         hidden: the layer's input hidden states [B, L, D].
         position_embeddings: ``(cos, sin)`` for those positions, [B, L, head_dim] each.
         mask2d: [B, L] padding mask (1 = real token) or None.
+        keys: the layer's ``k_proj`` output on ``hidden`` [B, L, kv_heads * head_dim] when already known
+            (captured while the layer ran); only RoPE is then applied to them.
+        rotated_keys: the layer's keys after RoPE [B, kv_heads, L, head_dim] when already known: its
+            KV-cache entry of this prefill (``transformers_notes.md`` §3.1). They replace ``keys``.
+
+    Without ``keys`` or ``rotated_keys`` the layer's ``k_proj`` runs over all L tokens. The cached keys
+    are the ones the layer's own attention used: in float32 models they equal the recomputed ones bit for
+    bit (same projection, same RoPE formula); in bf16/fp16 models they carry the model dtype's rounding
+    of the rotated keys (the recomputation rotates in float32), as the layer's attention itself does.
 
     Returns:
         [B, heads, L] float32 probabilities; padded keys get 0. This equals row L-1 of the layer's
@@ -46,12 +59,16 @@ def last_query_attention(
     attn = layer.self_attn
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
-    normed = layer.input_layernorm(hidden)
-    query = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     cos, sin = position_embeddings
+    query = attn.q_proj(layer.input_layernorm(hidden[:, -1:])).view(batch, 1, -1, head_dim).transpose(1, 2)
     query = _rope(query.float(), cos[:, -1:].float(), sin[:, -1:].float())
-    key = _rope(key.float(), cos.float(), sin.float())
+    if rotated_keys is not None:
+        key = rotated_keys.float()
+    else:
+        if keys is None:
+            keys = attn.k_proj(layer.input_layernorm(hidden))
+        key = keys.view(batch, length, -1, head_dim).transpose(1, 2)
+        key = _rope(key.float(), cos.float(), sin.float())
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)

@@ -58,7 +58,12 @@ class PruneStats:
             by the engine, attention signals, ``select``); CUDA is synchronised around it only when the
             handle's ``synchronize_timing`` is set (``finepruner bench`` does).
         score_lengths: tokens held by the score layer at each stage that computed an attention signal.
-        score_impl: ``"cheap"`` (one query row) or ``"eager"`` (materialised attention) for those signals.
+        score_keys_reused: per such stage, whether the signal reused the score layer's keys (its KV-cache
+            entry, or its ``k_proj`` output captured while it ran) instead of running ``k_proj`` again:
+            True when the score layer ran before the stage (FastV, FinePruner), False when it runs after
+            it on the pruned tokens (PDrop scores with the next layer), and with ``score_impl="recompute"``
+            or ``"eager"``.
+        score_impl: ``"cheap"`` or ``"recompute"`` (one query row) or ``"eager"`` (materialised attention).
         config: the model's ``LlavaConfig`` (for ``flops``); not serialised.
     """
 
@@ -67,6 +72,7 @@ class PruneStats:
     batch: int = 1
     selection_seconds: float = 0.0
     score_lengths: list[int] = field(default_factory=list)
+    score_keys_reused: list[bool] = field(default_factory=list)
     score_impl: str = "cheap"
     config: Any = field(default=None, repr=False, compare=False)
 
@@ -84,7 +90,7 @@ class PruneStats:
         from finepruner.bench.flops import prefill_report  # pure Python, imported lazily
 
         return prefill_report(self.config, self.sequence_length, self.visual_tokens, self.batch,
-                              self.score_lengths, self.score_impl)
+                              self.score_lengths, self.score_impl, self.score_keys_reused)
 
     def as_dict(self) -> dict:
         flops = self.flops

@@ -20,6 +20,7 @@ All signals are indexed by the *original* visual-token ids (0..V-1) of each samp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,11 @@ class VisionSignals:
         patch_features: [B, V, Dv] pre-projector CLIP features (the hidden state LLaVA selects).
         projected_features: [B, V, D] projector outputs (the language model's visual inputs).
         post_layernorm_features: [B, V, Dv] ``vision_tower.post_layernorm(patch_features)``.
-        prompt_ids: each sample's prompt token ids, padding removed (for methods reading the question).
+        prompt_ids: each sample's prompt token ids, padding removed. Methods that read the question
+            declare ``needs_instructions`` and get its text in ``StageContext.instructions`` instead.
         image_token_id: the ``<image>`` placeholder id in ``prompt_ids``.
+        project: runs the model's ``multi_modal_projector`` on new pre-projector tokens (e.g. ``pool``'s
+            pooled features) without the capture recording them.
     """
 
     cls_attention: torch.Tensor | None = None
@@ -52,6 +56,7 @@ class VisionSignals:
     post_layernorm_features: torch.Tensor | None = None
     prompt_ids: list[list[int]] | None = None
     image_token_id: int | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def require(self, method: str, *names: str) -> None:
         """Raise a clear error when a needed signal was not captured (e.g. no ``pixel_values``)."""
@@ -110,6 +115,7 @@ class VisionCapture:
         self._cls: list[torch.Tensor] = []
         self._features: list[torch.Tensor] = []
         self._projected: list[torch.Tensor] = []
+        self._quiet = False  # True while ``project`` runs: those projector calls are not LLaVA's encoding
         config = adapter.model.config
         self._drop_cls = config.vision_feature_select_strategy == "default"
         tower = adapter.vision_tower
@@ -130,10 +136,20 @@ class VisionCapture:
         self._cls.append(cls_attention(module, hidden, self._drop_cls))
 
     def _on_projector(self, module, args, output) -> None:
+        if self._quiet:
+            return
         if "patch_features" in self.needs or "post_layernorm_features" in self.needs:
             self._features.append(args[0].detach())
         if "projected_features" in self.needs:
             self._projected.append(output.detach())
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's projector applied to ``features``, not recorded as a captured signal."""
+        self._quiet = True
+        try:
+            return self.adapter.llava_model.multi_modal_projector(features)
+        finally:
+            self._quiet = False
 
     def reset(self) -> None:
         """Forget what earlier calls captured."""
@@ -174,6 +190,7 @@ class VisionCapture:
             projected_features=per_sample(self._projected, "projected_features"),
             prompt_ids=prompt_ids,
             image_token_id=self.adapter.image_token_id,
+            project=self.project,
         )
         if "post_layernorm_features" in self.needs and features is not None:
             signals.post_layernorm_features = self.adapter.vision_tower.post_layernorm(features)

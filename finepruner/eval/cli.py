@@ -119,7 +119,9 @@ def register(subparsers: Any) -> None:
 def _print_summary(metrics: dict[str, Any], stream: Any = None) -> None:
     stream = stream or sys.stdout
     for spec, m in metrics.items():
-        counts = m.get("counts") or {}
+        counts = dict(m.get("counts") or {})
+        if "expected" in m:  # a run's own benchmark: missing among the questions it ran (after --limit)
+            counts["missing"] = m["missing"]
         tail = ", ".join(f"{k} {counts[k]}" for k in ("missing", "unknown") if counts.get(k))
         if m.get("errors"):
             tail = (tail + ", " if tail else "") + f"errors {m['errors']}"
@@ -136,10 +138,16 @@ def _print_summary(metrics: dict[str, Any], stream: Any = None) -> None:
             print(f"  warning: {m['warning']}", file=stream)
 
 
+def _check_model_id(model_id: str | None) -> None:
+    if model_id and any(c in model_id for c in "/\\"):
+        raise EvalError(f"--model-id {model_id!r} must not contain '/' or '\\' (it names submission files)")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from finepruner.eval.runner import EvalConfig, evaluate
 
     try:
+        _check_model_id(args.model_id)
         params = parse_key_values(args.param, "--param")
         if args.tokens is not None:
             params["tokens"] = args.tokens
@@ -165,13 +173,29 @@ def run_eval(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         metrics = evaluate(config)
-    except (EvalError, ValueError, FileNotFoundError) as err:
+    except (EvalError, ValueError, OSError) as err:
         print(f"finepruner eval: error: {err}", file=sys.stderr)
         return 2
-    if metrics:
-        _print_summary(metrics)
-        print(f"run directory: {Path(args.out)}")
-    return 0
+    except KeyboardInterrupt:
+        print(
+            f"finepruner eval: interrupted; the answers written so far are kept in {Path(args.out)}; "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    if not metrics:
+        return 0
+    _print_summary(metrics)
+    print(f"run directory: {Path(args.out)}")
+    incomplete = [(spec, m) for spec, m in metrics.items() if not m.get("complete", True)]
+    for spec, m in incomplete:
+        print(
+            f"finepruner eval: {spec}: incomplete: {m['missing']} of {m['expected']} questions without an "
+            f"answer, {m['errors']} answers recorded as errors (see metadata.error in {m['answers_file']}); "
+            "rerun the same command to retry them",
+            file=sys.stderr,
+        )
+    return 1 if incomplete else 0
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -181,7 +205,13 @@ def run_score(args: argparse.Namespace) -> int:
 
     try:
         name = parse_spec(args.bench)[0]
-        files = parse_files(args.file).get(name)
+        all_files = parse_files(args.file)
+        files = all_files.pop(name, None)
+        if all_files:
+            raise EvalError(f"--file names benchmark(s) {', '.join(sorted(all_files))}, not --bench {name}")
+        _check_model_id(args.model_id)
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise EvalError(f"--out {args.out} is a file; pass a directory for the submission/result files")
         judge = judge_from_settings(
             args.judge_model,
             args.judge_base_url,
@@ -196,7 +226,7 @@ def run_score(args: argparse.Namespace) -> int:
             judge=judge,
             model_id=args.model_id,
         )
-    except (EvalError, ValueError, FileNotFoundError) as err:
+    except (EvalError, ValueError, OSError) as err:
         print(f"finepruner score: error: {err}", file=sys.stderr)
         return 2
     counts = metrics.get("counts") or {}

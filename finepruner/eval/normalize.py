@@ -6,7 +6,9 @@ Two processors are implemented literally, quirks included:
   ``word_tokenize`` then punctuation, the broken ``PERIOD_STRIP`` regex (applied with ``count=32``
   because ``re.UNICODE`` is passed positionally), number words, articles and contractions.
 * :func:`vqa_process_punctuation` / :func:`vqa_process_digit_article` -- GT-Vision-Lab ``vqaEval.py``
-  (the official local VQAv2 scorer, section 2.2 row 1), whose comma rule is ``(\\d)(\\,)(\\d)``.
+  (the official local VQAv2 scorer, section 2.2 row 1), whose comma rule is ``(\\d)(\\,)(\\d)``. That script
+  is Python 2 code: its regexes are applied to ``unicode`` strings without ``re.UNICODE``, so ``\\d`` there
+  means ASCII ``[0-9]`` (``re.ASCII`` here); LLaVA's processor is Python 3 code (Unicode ``\\d``).
 
 :func:`leave_one_out_accuracy` is the 10-annotator formula of section 2.2, computed by index.
 """
@@ -180,12 +182,14 @@ PUNCTUATIONS: tuple[str, ...] = (
 # The official regex has a broken look-behind ("(?!<=\d)"), so it strips every period not followed by a digit.
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 EVALAI_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
-VQA_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+# vqaEval.py (Python 2, no re.UNICODE): the same two patterns with ASCII-only \d.
+VQA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+VQA_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)", re.ASCII)
 #: ``PERIOD_STRIP.sub("", text, re.UNICODE)`` in the originals: the flag lands in ``count``.
 _PERIOD_COUNT = int(re.UNICODE)
 
 
-def _process_punctuation(in_text: str, comma_strip: re.Pattern[str]) -> str:
+def _process_punctuation(in_text: str, comma_strip: re.Pattern[str], period_strip: re.Pattern[str]) -> str:
     out_text = in_text
     has_digit_comma = comma_strip.search(in_text) is not None
     for p in PUNCTUATIONS:
@@ -193,7 +197,7 @@ def _process_punctuation(in_text: str, comma_strip: re.Pattern[str]) -> str:
             out_text = out_text.replace(p, "")
         else:
             out_text = out_text.replace(p, " ")
-    return PERIOD_STRIP.sub("", out_text, count=_PERIOD_COUNT)
+    return period_strip.sub("", out_text, count=_PERIOD_COUNT)
 
 
 def process_digit_article(in_text: str) -> str:
@@ -208,12 +212,12 @@ def process_digit_article(in_text: str) -> str:
 
 def evalai_process_punctuation(in_text: str) -> str:
     """``EvalAIAnswerProcessor.process_punctuation`` (comma rule ``(?<=\\d)(\\,)+(?=\\d)``)."""
-    return _process_punctuation(in_text, EVALAI_COMMA_STRIP)
+    return _process_punctuation(in_text, EVALAI_COMMA_STRIP, PERIOD_STRIP)
 
 
 def vqa_process_punctuation(in_text: str) -> str:
-    """GT-Vision-Lab ``vqaEval.processPunctuation`` (comma rule ``(\\d)(\\,)(\\d)``)."""
-    return _process_punctuation(in_text, VQA_COMMA_STRIP)
+    """GT-Vision-Lab ``vqaEval.processPunctuation`` (comma rule ``(\\d)(\\,)(\\d)``, ASCII ``\\d``)."""
+    return _process_punctuation(in_text, VQA_COMMA_STRIP, VQA_PERIOD_STRIP)
 
 
 vqa_process_digit_article = process_digit_article
@@ -233,10 +237,21 @@ def evalai_normalize(text: str) -> str:
     return process_digit_article(item)
 
 
-def vqa_eval_normalize_prediction(text: str) -> str:
-    """Prediction processing of the official VQAv2 ``vqaEval.py`` (spec 2.2, row 1)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
+def vqa_eval_strip(text: str) -> str:
+    """``vqaEval.evaluate``'s first step on the prediction and on every answer: ``\\n``/``\\t`` -> space, strip."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_eval_process(text: str) -> str:
+    """``processDigitArticle(processPunctuation(text))`` of ``vqaEval.py``: what it applies, after
+    :func:`vqa_eval_strip`, to the prediction and the answers of a question whose answers are **not**
+    unanimous (a unanimous question compares the stripped strings unprocessed)."""
     return vqa_process_digit_article(vqa_process_punctuation(text))
+
+
+def vqa_eval_normalize_prediction(text: str) -> str:
+    """A prediction as ``vqaEval.py`` compares it on a question with non-unanimous answers (spec 2.2, row 1)."""
+    return vqa_eval_process(vqa_eval_strip(text))
 
 
 def leave_one_out_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:

@@ -8,7 +8,9 @@ Run directory layout (``--out DIR``)::
     DIR/timing.json              model load and per-benchmark generation time, questions/s
     DIR/<bench>/answers.jsonl    LLaVA-format answers, in question order (rank 0 merges shards into it)
     DIR/<bench>/answers.rank<R>.jsonl   per-rank shards while a torchrun run is in progress
-    DIR/<bench>/metrics.json     the benchmark's metrics (with error/missing counts)
+    DIR/<bench>/metrics.json     the benchmark's metrics; ``expected`` (questions of this run, after
+                                 --limit), ``missing`` (of those, without an answer), ``errors`` (answers
+                                 recorded as errors, retried on resume) and ``complete`` (both are 0)
     DIR/<bench>/submission/      official upload/result files where a server or a judge is needed
 """
 
@@ -26,8 +28,16 @@ import torch
 from finepruner.eval import benchmarks
 from finepruner.eval.benchmarks.base import Benchmark, Sample
 from finepruner.eval.distributed import DistContext, contiguous_chunk, init_distributed
-from finepruner.eval.errors import EvalError
-from finepruner.eval.io import AnswerWriter, iter_existing_answers, new_answer_id, read_answers, write_json
+from finepruner.eval.errors import DataError, EvalError
+from finepruner.eval.io import (
+    AnswerWriter,
+    is_error_record,
+    iter_existing_answers,
+    new_answer_id,
+    read_answers,
+    validate_answers,
+    write_json,
+)
 from finepruner.eval.prompting import IMAGE_ASPECT_RATIOS, build_prompt, expand2square, image_background
 
 NO_METHOD = (None, "", "none", "vanilla")
@@ -54,6 +64,55 @@ class EvalConfig:
     judge_model: str | None = None
     judge_base_url: str | None = None
     progress: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`EvalError` naming the option for a value that is out of range or inconsistent.
+
+        Cheap checks only (no file is read except ``out``'s type, no model or method is built).
+        """
+        if not self.benches:
+            raise EvalError("no benchmark: pass --bench NAME")
+        names = [benchmarks.parse_spec(spec) for spec in self.benches]
+        repeated = sorted({f"{n}:{sp}" if sp else n for n, sp in names if names.count((n, sp)) > 1})
+        if repeated:
+            raise EvalError(f"--bench {', '.join(repeated)} given more than once")
+        for flag, value, minimum in (
+            ("--batch-size", self.batch_size, 1),
+            ("--limit", self.limit, 1),
+            ("--max-new-tokens", self.max_new_tokens, 1),
+        ):
+            if value is None and flag != "--batch-size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise EvalError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+        if self.method in NO_METHOD and self.method_params:
+            from finepruner import methods
+
+            raise EvalError(
+                f"method parameter(s) {', '.join(sorted(self.method_params))} given without a pruning method "
+                f"(--method is {self.method or 'not set'}, which takes none): add --method, one of "
+                f"{', '.join(m for m in methods.available() if m != 'vanilla')}"
+            )
+        unknown = sorted(set(self.files) - {n for n, _ in names})
+        if unknown:
+            raise EvalError(
+                f"--file names benchmark(s) {', '.join(unknown)} that are not in --bench "
+                f"({', '.join(self.benches)})"
+            )
+        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise EvalError(
+                f"--image-aspect-ratio must be one of {', '.join(IMAGE_ASPECT_RATIOS)}, got {self.image_aspect_ratio!r}"
+            )
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise EvalError(f"--out {out} is a file; pass a directory (the run directory, created if missing)")
+        from finepruner.models.loading import check_device, parse_dtype
+
+        for flag, check, value in (("--dtype", parse_dtype, self.dtype), ("--device", check_device, self.device)):
+            try:
+                check(value)
+            except ValueError as err:
+                raise EvalError(f"{flag}: {err}") from err
 
     def resolved_model_id(self) -> str:
         if self.model_id:
@@ -196,7 +255,9 @@ def _answer_files(bench_dir: Path) -> list[Path]:
 
 def merge_answers(bench_dir: Path, samples: list[Sample]) -> list[dict[str, Any]]:
     """Merge ``answers.jsonl`` and rank shards into ``answers.jsonl`` in question order; returns the
-    answers of ``samples`` (records of questions outside ``samples`` are kept after them)."""
+    answers of ``samples`` (records of questions outside ``samples`` are kept after them).
+
+    One record per question: the first, unless it is an error record and a later one exists."""
     by_key: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     for rec in iter_existing_answers(_answer_files(bench_dir)):
@@ -204,6 +265,8 @@ def merge_answers(bench_dir: Path, samples: list[Sample]) -> list[dict[str, Any]
         if key not in by_key:
             by_key[key] = rec
             order.append(key)
+        elif is_error_record(by_key[key]):  # a retry of a failed sample replaces the error record
+            by_key[key] = rec
     wanted = [s.key for s in samples]
     wanted_set = set(wanted)
     current = [by_key[k] for k in wanted if k in by_key]
@@ -231,21 +294,27 @@ def run_benchmark(
     ctx: DistContext | None = None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    samples: list[Sample] | None = None,
 ) -> dict[str, Any]:
     """Generate the missing answers of one benchmark (this rank's share); returns timing and counts.
 
-    Answers already in ``bench_dir`` (from an interrupted run) are skipped; every batch is appended and
-    flushed, so a crash loses at most one batch. ``on_batch(i)`` is called after batch ``i`` is written.
+    ``samples``: the benchmark's samples, already cut to ``limit`` (default: loaded here).
+
+    Answers already in ``bench_dir`` (from an interrupted run) are skipped, except those recorded as
+    errors, which are retried; a torn last line from a crash is cut off first. Every batch is appended
+    and flushed, so a crash loses at most one batch. ``on_batch(i)`` is called after batch ``i`` is written.
     """
     ctx = ctx or DistContext()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    samples = bench.load(data_root)
-    if limit is not None:
-        samples = samples[:limit]
+    if samples is None:
+        samples = bench.load(data_root)
+        if limit is not None:
+            samples = samples[:limit]
     done = {
         json.dumps([r.get("question_id"), r.get("prompt")], ensure_ascii=False)
         for r in iter_existing_answers(_answer_files(bench_dir))
+        if not is_error_record(r)
     }
     ctx.barrier()  # every rank has read the existing answers before anyone appends
     pending = [s for s in samples if s.key not in done]
@@ -296,8 +365,11 @@ def score_benchmark(
     *,
     judge: Any = None,
     model_id: str = "model",
+    source: str | Path = "answers",
 ) -> dict[str, Any]:
-    """Score ``answers`` and add the error count (samples whose image could not be read)."""
+    """Score ``answers`` (read from ``source``, named in errors) and add the error count (samples whose
+    image could not be read); malformed or duplicate answers raise ``AnswersError``."""
+    validate_answers(answers, source, identity=bench.answer_identity)
     out_dir = bench_dir / "submission" if bench_dir is not None else None
     metrics = bench.score(answers, data_root, out_dir=out_dir, judge=judge, model_id=model_id)
     metrics["errors"] = sum(1 for a in answers if (a.get("metadata") or {}).get("error"))
@@ -318,15 +390,38 @@ def _check_config_compatible(run_dir: Path, config: EvalConfig) -> None:
             )
 
 
-def _apply_method(model: Any, method: str | None, params: Mapping[str, Any]) -> Any:
+def build_method(method: str | None, params: Mapping[str, Any]) -> Any:
+    """The pruning method instance of ``--method``/its parameters (None for no method), built before the
+    model loads so that an unknown method or a bad parameter fails early (the constructors validate)."""
     if method in NO_METHOD:
         return None
-    import finepruner
+    from finepruner import methods
 
-    apply = getattr(finepruner, "apply", None)
-    if apply is None:
-        raise EvalError(f"--method {method}: finepruner.apply is not available in this installation")
-    return apply(model, method, **params)
+    tokens = params.get("tokens")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise EvalError(f"--method {method}: tokens must be an integer >= 1, got {tokens!r}")
+    for key, kind in (("heads_from", "file"), ("clip_model", "directory")):
+        value = params.get(key)
+        if isinstance(value, str | Path) and not Path(value).expanduser().exists():
+            raise EvalError(f"--method {method}: {key}={value}: no such {kind}")
+    try:
+        return methods.create(method, **params)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise EvalError(f"--method {method}: {err}") from err
+
+
+def _apply_method(model: Any, method: Any, processor: Any = None) -> Any:
+    """Apply the method instance of :func:`build_method` to ``model``; returns its handle (or None). The
+    processor is bound to the handle: methods that read each sample's instruction text decode it from
+    the prompt with it (``finepruner.apply(..., processor=...)``)."""
+    if method is None:
+        return None
+    from finepruner import apply
+
+    try:
+        return apply(model, method, processor=processor)
+    except (ValueError, TypeError, FileNotFoundError) as err:  # e.g. a budget or resource this model lacks
+        raise EvalError(f"--method {method.name}: {err}") from err
 
 
 def evaluate(
@@ -340,12 +435,30 @@ def evaluate(
     Data paths are checked before the model is loaded. Pass ``model``/``processor`` to evaluate an
     in-memory model (``config.model`` is then only recorded).
     """
+    config.check()
     benches = [
         benchmarks.get(spec, files=config.files.get(benchmarks.parse_spec(spec)[0]))
         for spec in config.benches
     ]
+    problems = []
     for bench in benches:
-        bench.check(config.data_root)
+        try:
+            bench.check(config.data_root)
+        except DataError as err:
+            if not Path(config.data_root).is_dir():
+                raise
+            problems.append(str(err))
+    if problems:
+        raise DataError("; ".join(problems))
+    # parse every question file now: a malformed line is reported before the model loads
+    samples_of = {bench.spec: bench.load(config.data_root)[: config.limit] for bench in benches}
+    if model is None:
+        if not config.model:
+            raise EvalError("no model: pass --model PATH")
+        from finepruner.models.loading import check_checkpoint, resolve_checkpoint
+
+        check_checkpoint(resolve_checkpoint(config.model))
+    method = build_method(config.method, config.method_params)
     run_dir = Path(config.out)
     ctx = init_distributed()
     try:
@@ -356,15 +469,13 @@ def evaluate(
         model_id = config.resolved_model_id()
         t0 = time.perf_counter()
         if model is None:
-            if not config.model:
-                raise EvalError("no model: pass --model PATH")
             from finepruner.models.loading import load_model
 
             model, processor = load_model(
                 config.model, dtype=config.dtype, device=config.device or ctx.default_device()
             )
         load_seconds = time.perf_counter() - t0
-        handle = _apply_method(model, config.method, config.method_params)
+        handle = _apply_method(model, method, processor)
         if ctx.is_main:
             write_json(run_dir / "config.json", _config_record(config, benches, ctx))
         generator = Generator(model, processor, config.image_aspect_ratio)
@@ -396,17 +507,25 @@ def evaluate(
                     ctx=ctx,
                     progress=config.progress,
                     on_batch=(lambda b, _s=bench.spec: on_batch(_s, b)) if on_batch else None,
+                    samples=samples_of[bench.spec],
                 )
                 ctx.barrier()  # all shards written
                 if ctx.is_main:
-                    samples = bench.load(config.data_root)
-                    if config.limit is not None:
-                        samples = samples[: config.limit]
+                    samples = samples_of[bench.spec]
                     answers = merge_answers(bench_dir, samples)
                     metrics = score_benchmark(
-                        bench, answers, config.data_root, bench_dir, judge=judge, model_id=model_id
+                        bench,
+                        answers,
+                        config.data_root,
+                        bench_dir,
+                        judge=judge,
+                        model_id=model_id,
+                        source=bench_dir / "answers.jsonl",
                     )
                     metrics["answers_file"] = str(bench_dir / "answers.jsonl")
+                    metrics["expected"] = len(samples)
+                    metrics["missing"] = len(samples) - len(answers)
+                    metrics["complete"] = metrics["missing"] == 0 and metrics["errors"] == 0
                     metrics["efficiency"] = efficiency_summary(answers)
                     metrics["limit"] = config.limit
                     write_json(bench_dir / "metrics.json", metrics)
@@ -463,7 +582,9 @@ def score_file(
     """Metrics of an answers file (ours or LLaVA's); submissions go to ``out_dir`` when given."""
     bench = benchmarks.get(bench_spec, files=files)
     bench.check(data_root, inference=False, scoring=True)
-    answers = read_answers(Path(answers_path))
+    answers = read_answers(Path(answers_path), identity=bench.answer_identity)
+    if not answers:
+        raise EvalError(f"answers file {answers_path} has no answers (it is empty)")
     metrics = score_benchmark(
         bench,
         answers,
@@ -471,6 +592,7 @@ def score_file(
         Path(out_dir) if out_dir else None,
         judge=judge,
         model_id=model_id or Path(answers_path).stem,
+        source=answers_path,
     )
     counts = metrics.get("counts") or {}
     if counts.get("answers") and counts.get("unknown") == counts.get("answers"):

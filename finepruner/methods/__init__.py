@@ -9,16 +9,19 @@ import inspect
 
 from finepruner.methods.base import PruningMethod, Selection, Stage, StageContext
 from finepruner.methods.cdpruner import CDPruner
+from finepruner.methods.dart import DART
+from finepruner.methods.divprune import DivPrune
 from finepruner.methods.fastv import FastV
 from finepruner.methods.finepruner_head import FinePrunerHead
 from finepruner.methods.pdrop import PDrop
+from finepruner.methods.pool import Pool
 from finepruner.methods.random_selection import RandomSelection
 from finepruner.methods.sparsevlm import SparseVLM
 from finepruner.methods.vanilla import Vanilla
 from finepruner.methods.vispruner import VisPruner
 
 _METHODS: tuple[type[PruningMethod], ...] = (
-    Vanilla, RandomSelection, FastV, PDrop, FinePrunerHead, VisPruner, CDPruner, SparseVLM
+    Vanilla, RandomSelection, FastV, PDrop, FinePrunerHead, VisPruner, CDPruner, SparseVLM, DivPrune, DART, Pool
 )
 _REGISTRY: dict[str, type[PruningMethod]] = {cls.name: cls for cls in _METHODS}
 #: Other accepted names (not listed by ``available()``).

@@ -8,12 +8,17 @@ engine (``finepruner.engine.loop``) does that (``DESIGN.md``, "Contracts").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
+from finepruner.models.instructions import check_texts
+
 if TYPE_CHECKING:
+    from torch import nn
+
     from finepruner.engine.signals import StageSignals
     from finepruner.engine.vision import VisionSignals
 
@@ -61,6 +66,9 @@ class StageContext:
             visual ids; None unless the method declares ``needs_vision``.
         signals: language-side signals of this stage, computed on demand (``engine.signals.StageSignals``:
             hidden states, positions, the prefill input, attention rows of chosen queries).
+        instructions: each sample's instruction text, in batch order (``finepruner.models.instructions``:
+            the explicit texts of ``set_instructions``, else decoded from the prompt with the processor
+            bound at ``apply``); None unless the method declares ``needs_instructions``.
 
     Visual ids of tokens inserted by earlier stages (``Selection.insert``) are ``N, N+1, ...`` in
     order of creation (N = visual tokens per sample), so ids stay increasing along the sequence.
@@ -72,6 +80,7 @@ class StageContext:
     heads: list[torch.Tensor] | None = field(default=None)
     vision: VisionSignals | None = field(default=None)
     signals: StageSignals | None = field(default=None)
+    instructions: list[str] | None = field(default=None)
 
     @property
     def num_visual(self) -> int:
@@ -105,6 +114,11 @@ class PruningMethod:
     default_positions: ClassVar[Positions] = "original"
     #: Vision-side signals the method reads (names from ``finepruner.engine.vision.VISION_SIGNALS``).
     needs_vision: ClassVar[tuple[str, ...]] = ()
+    #: Whether the method reads each sample's instruction text (``StageContext.instructions``); the engine
+    #: then needs ``apply(..., processor=...)`` or explicit texts (``set_instructions``) at every prefill.
+    needs_instructions: ClassVar[bool] = False
+    #: Explicit instruction texts for the next prefill (``set_instructions``), consumed by the engine.
+    _explicit_instructions: list[str] | None = None
 
     def __init__(self, positions: Positions | None = None) -> None:
         if positions is not None and positions not in POSITION_MODES:
@@ -123,6 +137,26 @@ class PruningMethod:
 
     def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
         """Further validation against the model (e.g. head counts, calibration files); default: none."""
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Called by ``apply`` once the plan is validated, with the model the method is applied to: resolve
+        model-side resources (CDPruner: the CLIP text tower shipped in the model's folder); default: none."""
+
+    def bound_tokenizer(self):
+        """A tokenizer the method was constructed with (CDPruner's deprecated ``tokenizer=``), used to decode
+        the instructions when ``apply`` gets no ``processor``; default None."""
+        return None
+
+    def set_instructions(self, texts: Sequence[str] | None) -> None:
+        """Instruction texts for the next prefill only: one per sample, or one per prompt when ``generate``
+        repeats samples (beams); used as given and taking precedence over decoding the prompt. None clears
+        them. ``Handle.set_instructions`` is the same call."""
+        self._explicit_instructions = None if texts is None else check_texts(texts)
+
+    def take_instructions(self) -> list[str] | None:
+        """The explicit texts for this prefill, consumed (the engine calls this once per prefill)."""
+        texts, self._explicit_instructions = self._explicit_instructions, None
+        return texts
 
     def describe(self) -> dict:
         """Parameters as a JSON-serialisable dict (recorded with every run)."""

@@ -8,6 +8,7 @@ visual tokens (diversity) with the CLIP relevance r of each token to the instruc
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -15,33 +16,22 @@ import torch
 
 from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
 from finepruner.models.clip_text import ClipText, as_clip_text, load_clip_text
+from finepruner.models.instructions import (  # noqa: F401  (re-exported: the instruction text lived here)
+    ANSWER_SUFFIXES,
+    ASSISTANT_MARKER,
+    as_tokenizer,
+    instruction_from_prompt,
+)
 
 Normalize = Literal["sample", "batch"]
-
-#: Answer-format instructions appended to benchmark questions; removed from the instruction text
-#: (the official loader passes the question without them).
-ANSWER_SUFFIXES: tuple[str, ...] = (
-    "Answer the question using a single word or phrase.",
-    "Answer with the option's letter from the given choices directly.",
+#: The sub-folder of a model checkpoint that may hold its own CLIP text tower (the toy model ships one);
+#: used when neither ``clip_model`` nor ``clip_text`` is given.
+SHIPPED_CLIP_SUBDIR = "clip_text"
+_MISSING_CLIP = (
+    "cdpruner needs CLIP's text tower: pass clip_model=PATH, the directory of a local CLIP checkpoint (for "
+    "LLaVA-1.5 a copy of openai/clip-vit-large-patch14-336), or clip_text=(text_model, tokenizer, "
+    "visual_projection)"
 )
-#: The assistant marker of LLaVA-1.5's conversation template; the instruction ends before it.
-ASSISTANT_MARKER = "ASSISTANT:"
-
-
-def instruction_from_prompt(text: str) -> str:
-    """The instruction inside a decoded prompt tail (the text after the last image token): cut at the
-    last ``ASSISTANT:``, strip whitespace and the answer-format suffixes."""
-    cut = text.rfind(ASSISTANT_MARKER)
-    if cut >= 0:
-        text = text[:cut]
-    text = text.strip()
-    changed = True
-    while changed:
-        changed = False
-        for suffix in ANSWER_SUFFIXES:
-            if text.endswith(suffix):
-                text, changed = text[: -len(suffix)].rstrip(), True
-    return text
 
 
 def dpp_greedy(kernel: torch.Tensor, count: int) -> torch.Tensor:
@@ -130,13 +120,13 @@ class CDPruner(PruningMethod):
             the visual tokens (144 of 576). Must be in 1..V.
         clip_model: directory of a local CLIP checkpoint (for LLaVA-1.5: a copy of
             ``openai/clip-vit-large-patch14-336``) that provides the text tower with projection, its
-            tokenizer and ``visual_projection``. Required unless ``clip_text`` is given.
+            tokenizer and ``visual_projection``. Default: the ``clip_text/`` folder of the model's own
+            checkpoint when it has one (the toy model ships its tower there); otherwise ``apply`` raises.
         clip_text: an already built ``ClipText`` or ``(text_model, tokenizer, visual_projection)`` tuple
             (tests, or sharing one loaded tower between runs).
-        tokenizer: the LLaVA tokenizer (or its processor, or a local directory to load it from), used
-            to decode each prompt's instruction: the tokens after the last ``<image>`` up to
-            ``ASSISTANT:``, without the answer-format suffix (``ANSWER_SUFFIXES``). Alternatively call
-            ``handle.method.set_instructions([...])`` before each generate.
+        tokenizer: deprecated: pass ``processor=`` to ``finepruner.apply`` instead (the engine decodes
+            each sample's instruction, ``StageContext.instructions``). Still accepted, and used when
+            ``apply`` gets no processor.
         normalize: ``"sample"`` (default): relevance min-max normalised per sample, so a sample's
             selection does not depend on its batch; ``"batch"``: over the whole batch, as the official
             code (identical at batch size 1).
@@ -146,7 +136,10 @@ class CDPruner(PruningMethod):
 
     Signals: the projector outputs (for S) and ``vision_tower.post_layernorm`` of the selected CLIP
     features (for ``visual_projection``, as the official code), captured by hooks during LLaVA's own
-    image encoding (``finepruner.engine.vision``); the CLIP text tower runs on the model's device.
+    image encoding (``finepruner.engine.vision``); the CLIP text tower runs on the model's device. The
+    instruction text of each sample (``needs_instructions``): the explicit texts of
+    ``handle.set_instructions([...])`` for one prefill, else decoded by the engine from the prompt with
+    the processor bound at ``apply(..., processor=...)`` (``finepruner.models.instructions``).
 
     Deviations: per-sample normalisation by default (above); the DPP's handling of an exhausted kernel
     (``dpp_greedy``); the text tower runs after the vision tower, not on a parallel CUDA stream; a
@@ -156,6 +149,7 @@ class CDPruner(PruningMethod):
     name = "cdpruner"
     default_positions = "renumber"
     needs_vision = ("projected_features", "post_layernorm_features")
+    needs_instructions = True
 
     def __init__(
         self,
@@ -172,59 +166,50 @@ class CDPruner(PruningMethod):
             raise ValueError(f"{self.name}: normalize={normalize!r}; allowed: 'sample', 'batch'")
         if theta is not None and not (isinstance(theta, int | float) and 0.0 < theta < 1.0):
             raise ValueError(f"{self.name}: theta={theta!r}; allowed: None or 0 < theta < 1")
-        if clip_model is None and clip_text is None:
-            raise ValueError(
-                f"{self.name} needs CLIP's text tower: pass clip_model=PATH, the directory of a local CLIP "
-                "checkpoint (for LLaVA-1.5 a copy of openai/clip-vit-large-patch14-336), or "
-                "clip_text=(text_model, tokenizer, visual_projection)"
-            )
         if clip_model is not None and clip_text is not None:
             raise ValueError(f"{self.name}: pass clip_model or clip_text, not both")
         self.tokens, self.normalize, self.theta = tokens, normalize, theta
         self.clip_model = str(clip_model) if clip_model is not None else None
-        self._clip: ClipText = load_clip_text(clip_model) if clip_model is not None else as_clip_text(clip_text)
-        self._tokenizer = _as_tokenizer(tokenizer)
-        self._instructions: list[str] | None = None
+        self._clip: ClipText | None = None
+        if clip_model is not None:
+            self._clip = load_clip_text(clip_model)
+        elif clip_text is not None:
+            self._clip = as_clip_text(clip_text)
+        self._clip_from_model: Path | None = None  # the model folder's tower in use (no clip_model given)
+        if tokenizer is not None:
+            warnings.warn("cdpruner: tokenizer= is deprecated; pass processor= to finepruner.apply",
+                          DeprecationWarning, stacklevel=2)
+        self._tokenizer = as_tokenizer(tokenizer, "tokenizer")
 
-    def set_instructions(self, texts: list[str] | None) -> None:
-        """Instruction texts (one per sample, as given, not stripped) for the next prefill only; they
-        take precedence over decoding the prompt."""
-        self._instructions = None if texts is None else [str(t) for t in texts]
+    def bound_tokenizer(self):
+        return self._tokenizer
+
+    def bind_model(self, model) -> None:
+        """Without ``clip_model``/``clip_text``: load the CLIP text tower shipped in the model's checkpoint
+        folder (``SHIPPED_CLIP_SUBDIR``), or raise the error that asks for ``clip_model``."""
+        if self._clip is not None and self._clip_from_model is None:
+            return
+        folder = shipped_clip_dir(model)
+        if folder is None:
+            raise ValueError(f"{_MISSING_CLIP}; the model's checkpoint folder has no {SHIPPED_CLIP_SUBDIR}/ tower")
+        if folder != self._clip_from_model:
+            self._clip, self._clip_from_model = load_clip_text(folder), folder
+            self.clip_model = str(folder)
 
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
         keep = self.tokens if self.tokens is not None else max(1, num_visual // 4)
         check_tokens(self.name, keep, num_visual)
         return [Stage(layer=0, keep=keep)]
 
-    def instructions(self, batch: int, prompt_ids: list[list[int]] | None, image_token_id: int | None) -> list[str]:
-        """The instruction text of each sample of this prefill (consumes ``set_instructions``)."""
-        texts, self._instructions = self._instructions, None
-        if texts is not None:
-            if batch % len(texts):
-                raise ValueError(f"{self.name}: {len(texts)} instruction texts for a batch of {batch}")
-            repeat = batch // len(texts)  # e.g. beams: generate repeats every sample
-            return [t for t in texts for _ in range(repeat)]
-        if self._tokenizer is None or prompt_ids is None:
-            raise RuntimeError(
-                f"{self.name} needs each sample's instruction text: pass tokenizer=processor (the LLaVA "
-                "processor or tokenizer, to decode it from the prompt) or call "
-                "handle.method.set_instructions([...]) before generating"
-            )
-        texts = []
-        for ids in prompt_ids:
-            images = [i for i, t in enumerate(ids) if t == image_token_id]
-            tail = ids[images[-1] + 1:] if images else ids
-            texts.append(instruction_from_prompt(self._tokenizer.decode(tail, skip_special_tokens=True)))
-        return texts
-
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
         vision = ctx.vision
         if vision is None:
             raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
         vision.require(self.name, "projected_features", "post_layernorm_features")
+        texts = ctx.instructions
+        if texts is None or self._clip is None:
+            raise RuntimeError(f"{self.name}: no instruction texts or CLIP tower reached the selection (engine error)")
         ids = ctx.visual_ids
-        batch = ids.shape[0]
-        texts = self.instructions(batch, vision.prompt_ids, vision.image_token_id)
         device = vision.projected_features.device
         self._clip.to(device)
         projected = _take(vision.projected_features, ids.to(device))
@@ -238,15 +223,15 @@ def _take(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return values.gather(1, ids[..., None].expand(-1, -1, values.shape[-1]))
 
 
-def _as_tokenizer(value):
-    """A tokenizer with ``decode`` from a tokenizer, a processor, a local directory or None."""
-    if value is None:
+def shipped_clip_dir(model) -> Path | None:
+    """The ``clip_text/`` folder of the checkpoint ``model`` was loaded from (a model, or the checkpoint's
+    directory, for checks before loading), when it holds a CLIP text tower (a ``config.json``); None
+    otherwise (e.g. a model built in memory, or a llava-hf checkpoint)."""
+    if isinstance(model, str | Path):
+        source = model
+    else:
+        source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not source:
         return None
-    if isinstance(value, str | Path):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(Path(value).expanduser(), local_files_only=True)
-    tokenizer = getattr(value, "tokenizer", value)
-    if not hasattr(tokenizer, "decode"):
-        raise TypeError(f"tokenizer: {type(value).__name__} has no decode(); pass the LLaVA processor or tokenizer")
-    return tokenizer
+    folder = Path(str(source)).expanduser() / SHIPPED_CLIP_SUBDIR
+    return folder.resolve() if (folder / "config.json").is_file() else None

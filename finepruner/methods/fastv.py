@@ -23,12 +23,12 @@ from finepruner.methods.base import (
 )
 
 Budget = Literal["kept", "average"]
-ScoreImpl = Literal["cheap", "eager"]
-SCORE_IMPLS: tuple[str, ...] = ("cheap", "eager")
+ScoreImpl = Literal["cheap", "recompute", "eager"]
+SCORE_IMPLS: tuple[str, ...] = ("cheap", "recompute", "eager")
 
 
 def check_score_impl(method: str, score_impl: str) -> None:
-    """Raise a ValueError unless ``score_impl`` is ``"cheap"`` or ``"eager"``."""
+    """Raise a ValueError unless ``score_impl`` is ``"cheap"``, ``"recompute"`` or ``"eager"``."""
     if score_impl not in SCORE_IMPLS:
         raise ValueError(f"{method}: score_impl={score_impl!r}; allowed: {SCORE_IMPLS}")
 
@@ -54,7 +54,10 @@ class FastV(PruningMethod):
             and ``round((T*N - K*V)/(T-K))`` tokens are kept.
         positions: ``"original"`` (default, as FastV: kept tokens keep their position ids) or
             ``"renumber"``.
-        score_impl: ``"cheap"`` (default: one query row, ``engine.signals.last_query_attention``) or
+        score_impl: ``"cheap"`` (default: one query row, ``engine.signals.last_query_attention``, with the
+            score layer's keys from its KV cache), ``"recompute"`` (the same row with those keys projected
+            again from the layer's input and rotated in float32: identical kept sets in float32 models; in
+            bf16/fp16 about 1 kept token in 700 differs from ``"cheap"``, docs/performance.md) or
             ``"eager"``: the scoring layer's full L x L attention is materialised, as the original code
             did with eager attention, to show that approach's cost (same kept set up to rounding).
 

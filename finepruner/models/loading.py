@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
+from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 #: Checkpoints shipped with the package: name -> "module:function" returning the directory.
 BUILTIN_CHECKPOINTS: dict[str, str] = {"toy": "finepruner.toy.model:checkpoint_dir"}
@@ -21,6 +23,72 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"float16"`` -> ``torch.float16``; only floating-point dtypes are accepted (None: the checkpoint's)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating-point torch dtype name (use float16, bfloat16 or float32)"
+        )
+    return value
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """The ``torch.device`` of ``device``, checked against the devices of this machine (None: unchanged).
+
+    Raises ``ValueError`` for a malformed name, CUDA or MPS where it is not available, or a CUDA index
+    beyond the visible devices.
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device {device!r} is not a device name (use cpu, cuda, cuda:N or mps)") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                f"built with CUDA {torch.version.cuda or 'none'}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device {device!r}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: device type {dev.type!r} is not supported (use cpu, cuda[:N] or mps)")
+    return dev
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` when the safetensors file is truncated or its header corrupt
+    (reads the header only: the declared tensor extents must fit in the file)."""
+    size = path.stat().st_size
+    advice = "re-download or re-copy the checkpoint"
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if header_len <= 0 or 8 + header_len > size:
+            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes); {advice}")
+        try:
+            header = json.loads(fh.read(header_len))
+            end = max(
+                (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{path} has a corrupt safetensors header ({err}); {advice}") from err
+    if 8 + header_len + end > size:
+        raise ValueError(
+            f"{path} is truncated: {size} bytes, its header describes {8 + header_len + end}; {advice}"
+        )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -48,12 +116,19 @@ def check_checkpoint(directory: Path) -> None:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type != "llava":
         raise ValueError(
             f"{config_file}: model_type is {model_type!r}; finepruner expects a llava-hf checkpoint "
             "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)"
         )
+    try:
+        LlavaConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as err:
+        detail = " ".join(str(err).split())  # one line (transformers' validation messages span several)
+        raise ValueError(f"{config_file} is not a valid llava configuration: {detail}") from err
     for group, names in (
         ("weights", _WEIGHT_FILES),
         ("tokenizer", _TOKENIZER_FILES),
@@ -64,11 +139,19 @@ def check_checkpoint(directory: Path) -> None:
                 f"checkpoint {directory} has no {group} file (looked for {', '.join(names)})"
             )
     index = directory / "model.safetensors.index.json"
+    weights = [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
     if index.is_file():
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = set(weight_map.values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a valid weight index (JSON with a 'weight_map'): {err}") from err
         missing = sorted(s for s in shards if not (directory / s).is_file())
         if missing:
             raise FileNotFoundError(f"checkpoint {directory} is missing weight shards: {', '.join(missing)}")
+        weights += [directory / s for s in sorted(shards) if s.endswith(".safetensors")]
+    for weight_file in dict.fromkeys(weights):
+        check_safetensors(weight_file)
 
 
 def load_model(
@@ -85,16 +168,20 @@ def load_model(
         raise ValueError(
             f"attn_implementation={attn_implementation!r} is not supported; use one of {_ATTN_IMPLEMENTATIONS}"
         )
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype name (e.g. 'float16', 'bfloat16')")
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
+    check_device(device)
     directory = resolve_checkpoint(path)
     check_checkpoint(directory)
-    model = LlavaForConditionalGeneration.from_pretrained(
-        directory, dtype=dtype if dtype is not None else "auto", attn_implementation=attn_implementation
-    )
-    processor = AutoProcessor.from_pretrained(directory)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            directory, dtype=dtype if dtype is not None else "auto", attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, StrictDataclassError) as err:
+        raise ValueError(f"cannot load the model weights of checkpoint {directory}: {err}") from err
+    try:
+        processor = AutoProcessor.from_pretrained(directory)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot load the tokenizer/processor of checkpoint {directory}: {err}") from err
     processor.tokenizer.padding_side = "left"
     if device is not None:
         model.to(device)

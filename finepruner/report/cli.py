@@ -21,7 +21,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sweep", action="append", help="only runs of this sweep (repeatable; see --list)")
     p.add_argument("--model-id", help="only runs of this model")
     p.add_argument("--layout", choices=("auto", "papers", "heads", "both"), default="auto",
-                   help="auto: the head-ablation layout when runs select heads, else the papers' layout")
+                   help="auto: the papers' layout of every method, plus the head-ablation layout when the "
+                   "runs compare several head counts or strategies")
     p.add_argument("--out", help="output folder (default: <runs>/report[/<sweep>])")
     p.add_argument("--data-root", help="LLaVA's playground/data/eval folder: enables significance marks")
     p.add_argument("--mme", choices=("perception", "total", "cognition"), default="perception",
@@ -59,15 +60,15 @@ def generate_report(store: Any, out: Path, *, sweeps: list[str] | None = None, m
             if r.run_id not in seen:
                 seen.add(r.run_id)
                 records.append(r)
-    out.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {"markdown": [], "csv": [], "png": []}
     if not records:
         return written
+    out.mkdir(parents=True, exist_ok=True)
     comparer = (Comparer(store, data_root, mme_metric=mme_metric, resamples=resamples or REPORT_RESAMPLES,
                          seed=seed) if data_root else None)
     heads_like = [r for r in records if r.heads is not None or r.strategy is not None]
     if layout == "auto":
-        layout = "heads" if heads_like else "papers"
+        layout = "both" if is_head_ablation(heads_like) else "papers"
     title = ", ".join(sweeps) if sweeps else "all runs"
     parts = [f"# finepruner report: {title}", "",
              f"Generated from `{store.path.name}` ({len(records)} complete runs). Values are the benchmarks' "
@@ -107,9 +108,65 @@ def generate_report(store: Any, out: Path, *, sweeps: list[str] | None = None, m
     return written
 
 
+def is_head_ablation(records: list[Any]) -> bool:
+    """Whether the head-selecting runs compare head sets: some method has more than one (heads,
+    strategy) configuration at one budget on one benchmark. One fixed head configuration per method (e.g.
+    FinePruner-Head H=16 in configs/eval.yaml) is just another method of the papers' table."""
+    configs: dict[tuple[Any, ...], set[tuple[Any, Any]]] = {}
+    for r in records:
+        configs.setdefault((r.model_id, r.method, r.tokens, r.benchmark), set()).add((r.heads, r.strategy))
+    return any(len(v) > 1 for v in configs.values())
+
+
+def write_report_atomically(out: Path, write: Any) -> dict[str, list[Path]]:
+    """Call ``write(folder)`` on a fresh temporary folder next to ``out``, then move the files it wrote
+    into ``out`` (``report.md`` last). An interrupted or failed report (Ctrl-C included) removes the
+    temporary folder and leaves ``out`` as it was: no empty or half-written folder; files of ``out`` that
+    the report does not write are never touched."""
+    import os
+    import shutil
+    import tempfile
+
+    base = next(p for p in (out.absolute(), *out.absolute().parents) if p.is_dir() and p != out.absolute())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=base))
+    try:
+        written = write(tmp)
+        if not written["markdown"]:
+            return written
+        files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.name == "report.md")
+        out.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            dest = out / path.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {kind: [out / p.relative_to(tmp) for p in paths] for kind, paths in written.items()}
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first invalid argument, as a message, or None."""
+    if args.resamples is not None and args.resamples < 1:
+        return f"--resamples {args.resamples}: must be an integer >= 1 (default 2000)"
+    if args.seed < 0:
+        return f"--seed {args.seed}: must be a non-negative integer"
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        return f"--data-root {args.data_root}: not a folder (LLaVA's playground/data/eval)"
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out}: is a file; pass a folder for report.md, the CSVs and plots/"
+    store = _store_path(args)
+    if store.is_dir():
+        return f"{store}: is a folder, not a results store file (pass --runs FOLDER or --store FILE)"
+    return None
+
+
 def run_report(args: argparse.Namespace) -> int:
     from finepruner.sweep.store import ResultsStore, StoreError
 
+    problem = _check_args(args)
+    if problem:
+        print(f"finepruner report: error: {problem}", file=sys.stderr)
+        return 2
     path = _store_path(args)
     try:
         store = ResultsStore(path, create=False)
@@ -117,6 +174,11 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"finepruner report: error: {err}", file=sys.stderr)
         return 2
     with store:
+        unknown = [s for s in args.sweep or [] if s not in store.sweeps()]
+        if unknown and not args.list:
+            print(f"finepruner report: error: --sweep {', '.join(unknown)}: not in {path}; sweeps: "
+                  f"{', '.join(store.sweeps()) or 'none'}", file=sys.stderr)
+            return 2
         if args.list:
             for sweep in store.sweeps():
                 runs = store.runs(sweep=sweep, status=None)
@@ -127,11 +189,11 @@ def run_report(args: argparse.Namespace) -> int:
             return _compare(store, args)
         name = "_".join(args.sweep) if args.sweep else "all"
         out = Path(args.out) if args.out else Path(args.runs) / "report" / name
-        written = generate_report(
-            store, out, sweeps=args.sweep, model_id=args.model_id, layout=args.layout, data_root=args.data_root,
-            mme_metric=args.mme, flops=args.flops, resamples=args.resamples, seed=args.seed,
-            plots=not args.no_plots,
-        )
+        written = write_report_atomically(out, lambda folder: generate_report(
+            store, folder, sweeps=args.sweep, model_id=args.model_id, layout=args.layout,
+            data_root=args.data_root, mme_metric=args.mme, flops=args.flops, resamples=args.resamples,
+            seed=args.seed, plots=not args.no_plots,
+        ))
     if not written["markdown"]:
         print("finepruner report: no complete runs match", file=sys.stderr)
         return 1

@@ -85,7 +85,7 @@ def run_methods(model: Any, processor: Any, image: Image.Image, question: str,
     prepared = view_image(image, processor, aspect) if aspect == "pad" else image.convert("RGB")
     views = []
     for name, params in methods:
-        with finepruner.apply(model, name, **dict(params)) as handle:
+        with finepruner.apply(model, name, processor=processor, **dict(params)) as handle:
             answer = generator.generate([question], [prepared], max_new_tokens)[0]
         num_visual = handle.adapter.num_visual_tokens
         kept = [k[0].detach().cpu().numpy() for k in handle.kept]

@@ -34,6 +34,38 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_show)
 
 
+def _check_args(args: argparse.Namespace, methods: list[tuple[str, dict[str, Any]]]) -> None:
+    """Everything that can be checked before the model loads: sizes, --heads-method, --out, the image
+    file, and each method's name and parameters against the checkpoint's config.json; raises
+    ``ValueError`` naming the argument."""
+    from pathlib import Path
+
+    from finepruner.sweep.config import check_device, check_dtype, check_method_params, model_shape
+
+    for flag, value in (("--panel", args.panel), ("--tile", args.tile), ("--cols", args.cols)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be an integer >= 1")
+    if args.heads_method is not None and not 0 <= args.heads_method < len(methods):
+        raise ValueError(f"--heads-method {args.heads_method}: there are {len(methods)} methods "
+                         f"(allowed: 0..{len(methods) - 1})")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; pass a folder for tokens.png and heads.png")
+    if not Path(args.image).is_file():
+        raise ValueError(f"--image {args.image}: no such file")
+    if args.dtype is not None:
+        check_dtype(args.dtype, "--dtype")
+    if args.device is not None:
+        check_device(args.device)
+    shape = model_shape(args.model)
+    for name, params in methods:
+        try:
+            check_method_params(name, params, shape)
+        except ValueError as err:
+            message = str(err).removeprefix(f"{name}: ")
+            raise ValueError(f"--method {name}: {message}") from None
+
+
 def run_show(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -41,8 +73,12 @@ def run_show(args: argparse.Namespace) -> int:
 
     try:
         methods = [parse_method_spec(s) for s in (args.method or DEFAULT_METHODS)]
-        with Image.open(args.image) as img:
-            image = img.convert("RGB")
+        _check_args(args, methods)
+        try:
+            with Image.open(args.image) as img:
+                image = img.convert("RGB")
+        except OSError as err:
+            raise ValueError(f"--image {args.image}: not a readable image ({err})") from None
         from finepruner.models.loading import load_model
 
         model, processor = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -64,41 +65,78 @@ def _options(args: argparse.Namespace) -> Any:
     )
 
 
-def _dry_run(sweep: Any, opts: Any) -> int:
-    from finepruner.sweep.runner import plan_cells
+def _dry_run(sweep: Any, opts: Any, cells: list[Any], named: bool) -> int:
+    """List the cells; their run ids (which hash the model name) only when the model is named."""
     from finepruner.sweep.store import ResultsStore
 
-    cells = plan_cells(sweep, opts)
     status: dict[str, str] = {}
-    if opts.store_path.exists():
+    if named and opts.store_path.exists():
         with ResultsStore(opts.store_path, create=False) as store:
             status = {c.run_id: store.status(c.run_id) or "new" for c in cells}
     counts: dict[str, int] = {}
     for cell in cells:
-        st = status.get(cell.run_id, "new")
+        st = status.get(cell.run_id, "new") if named else "-"
         counts[st] = counts.get(st, 0) + 1
-        print(f"{cell.run_id}  {st:8s}  {cell.benchmark:12s}  {cell.label}")
-    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    print(f"{sweep.full_name}: {len(cells)} cells ({summary})")
+        rid = cell.run_id if named else "-" * 16
+        print(f"{rid}  {st:8s}  {cell.benchmark:12s}  {cell.label}")
+    if named:
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        print(f"{sweep.full_name}: {len(cells)} cells ({summary})")
+    else:
+        print(f"{sweep.full_name}: {len(cells)} cells (run ids and status hash the model name: pass --model "
+              "or --model-id to list them)")
     return 0
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
+    """Validate everything (config, --param, --gpus, every cell's parameters, data, the model's
+    config.json) before loading a model or starting a worker, then run the sweep."""
     from finepruner.eval.errors import EvalError
-    from finepruner.sweep.config import SweepConfigError, load_sweep
-    from finepruner.sweep.runner import parse_gpus, run_parallel, run_sweep
+    from finepruner.sweep.config import (
+        SweepConfigError,
+        check_device,
+        check_dtype,
+        check_filters,
+        load_sweep,
+        model_shape,
+        validate_cells,
+    )
+    from finepruner.sweep.runner import check_data, parse_gpus, plan_cells, run_parallel, run_sweep
     from finepruner.sweep.store import StoreError
 
     try:
+        for flag, value, low in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1)):
+            if value is not None and value < low:
+                raise SweepConfigError(f"{flag} {value}: must be an integer >= {low}")
         sweep = load_sweep(args.config, variant=args.variant)
         opts = _options(args)
+        check_filters(sweep, opts.only, "--only")
+        check_filters(sweep, opts.exclude, "--exclude")
+        if args.dtype is not None:
+            check_dtype(args.dtype, "--dtype")
+        if args.device is not None:
+            check_device(args.device)
+        for flag, path in (("--runs", Path(args.runs)), ("--store", opts.store_path)):
+            if path.exists() and (path.is_dir() if flag == "--store" else not path.is_dir()):
+                raise SweepConfigError(f"{flag} {path}: is a {'folder' if path.is_dir() else 'file'}; "
+                                       f"expected a {'file' if flag == '--store' else 'folder'}")
+        gpus = parse_gpus(args.gpus) if args.gpus is not None and not args.worker_session else []
+        cells = plan_cells(sweep, opts)
+        if not cells:
+            hint = (" (run ids hash the model name: take them from --dry-run with the same --model)"
+                    if args.cell else "")
+            raise SweepConfigError(f"no cell matches --only/--exclude/--cell{hint}")
         if args.dry_run:
-            return _dry_run(sweep, opts)
+            shape = model_shape(args.model) if args.model else None
+            _dry_run(sweep, opts, cells, named=bool(args.model or args.model_id))
+            validate_cells(cells, shape)  # after the listing, so that a bad cell does not hide the grid
+            return 0
         missing = [flag for flag, value in (("--model", args.model), ("--data-root", args.data_root)) if not value]
         if missing:
             raise SweepConfigError(f"finepruner sweep needs {' and '.join(missing)} (or --dry-run)")
-        gpus = parse_gpus(args.gpus)
-        if gpus and not args.worker_session:
+        check_data(cells, opts.data_root)
+        validate_cells(cells, model_shape(args.model))
+        if gpus:
             import os
 
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -106,16 +144,21 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             result = run_parallel(_reconstruct_argv(args), gpus, sweep, opts)
         else:
             result = run_sweep(sweep, opts)
-    except (SweepConfigError, StoreError, EvalError, ValueError) as err:
+    except (SweepConfigError, StoreError, EvalError, ValueError, OSError) as err:
         print(f"finepruner sweep: error: {err}", file=sys.stderr)
         return 2
-    print(
-        f"{sweep.full_name}: {result.cells} cells: {result.completed} run, {result.skipped} already complete, "
-        f"{result.failed} failed" + (f", {result.busy} held by other workers" if result.busy else "")
-    )
+    tail = "".join([f", {result.busy} held by other workers" if result.busy else "",
+                    f", {result.undone} not run" if result.undone else ""])
+    print(f"{sweep.full_name}: {result.cells} cells: {result.completed} run, {result.skipped} already complete, "
+          f"{result.failed} failed{tail}")
     for run_id, error in result.errors.items():
         print(f"  failed {run_id}: {error}", file=sys.stderr)
-    return 1 if result.failed else 0
+    for gpu, why in result.workers.items():
+        print(f"  GPU {gpu}: {why}", file=sys.stderr)
+    if result.undone:
+        print(f"  {result.undone} cell(s) neither complete nor failed: rerun the same command to finish them",
+              file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 def _reconstruct_argv(args: argparse.Namespace) -> list[str]:

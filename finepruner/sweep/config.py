@@ -33,7 +33,9 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,7 @@ class Sweep:
         that accepts ``key``, or ``{"method.key": value}`` for one method."""
         from finepruner import methods
 
+        self.check_overrides(overrides or {})
         out: dict[str, Cell] = {}
         variant = self.variants.get(self.variant, {}) if self.variant else {}
         for block in self.blocks:
@@ -163,7 +166,7 @@ class Sweep:
                     params.update({k: v for k, v in variant.items() if k in accepted})
                     for key, value in (overrides or {}).items():
                         target, dot, pkey = key.partition(".")
-                        if dot and target == name:
+                        if dot and methods.ALIASES.get(target, target) == name:
                             params[pkey] = value
                         elif not dot and key in accepted:
                             params[key] = value
@@ -172,6 +175,39 @@ class Sweep:
                         cell = Cell(name, params, bench, dict(self.settings), model_id)
                         out.setdefault(cell.run_id, cell)
         return list(out.values())
+
+
+    def method_names(self) -> list[str]:
+        """The (canonical) methods of every block, in config order."""
+        return list(dict.fromkeys(n for block in self.blocks for n in _as_list(block["method"])))
+
+    def check_overrides(self, overrides: Mapping[str, Any]) -> None:
+        """``--param`` keys: ``method.key`` must name a method of this sweep and one of its parameters;
+        a plain ``key`` must be a parameter of at least one method of the sweep. Raises
+        :class:`SweepConfigError` naming the key and what is allowed."""
+        from finepruner import methods
+
+        names = self.method_names()
+        for key in overrides:
+            target, dot, pkey = key.partition(".")
+            if dot:
+                canonical = methods.ALIASES.get(target, target)
+                if canonical not in names:
+                    known = "known methods" if canonical in methods.available() else "methods"
+                    raise SweepConfigError(
+                        f"--param {key}: {target!r} is not a method of this sweep "
+                        f"({', '.join(names)}); {known}: {', '.join(methods.available())}"
+                    )
+                allowed = methods.parameters(canonical)
+                if pkey not in allowed:
+                    raise SweepConfigError(f"--param {key}: method {canonical!r} has no parameter {pkey!r}; "
+                                           f"allowed: {', '.join(allowed) or 'none'}")
+            elif not any(key in methods.parameters(n) for n in names):
+                allowed = sorted({p for n in names for p in methods.parameters(n)})
+                raise SweepConfigError(
+                    f"--param {key}: no method of this sweep ({', '.join(names)}) has a parameter {key!r}; "
+                    f"allowed: {', '.join(allowed) or 'none'} (or METHOD.KEY=VALUE for one method)"
+                )
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -271,6 +307,7 @@ def parse_sweep(data: Mapping[str, Any], *, name: str | None = None, variant: st
         raise SweepConfigError(
             f"{where}: settings: unknown key(s) {', '.join(bad)}; allowed: {', '.join(SETTING_KEYS)}"
         )
+    _check_settings(settings, where)
     all_params = {p for m in methods.available() for p in methods.parameters(m)}
     for key in defaults:
         if key not in all_params:
@@ -343,6 +380,69 @@ def parse_sweep(data: Mapping[str, Any], *, name: str | None = None, variant: st
     )
 
 
+def _check_settings(settings: Mapping[str, Any], where: str) -> None:
+    """Types and ranges of the ``settings`` block; raises :class:`SweepConfigError` naming the key."""
+    from finepruner.eval.prompting import IMAGE_ASPECT_RATIOS
+
+    for key in ("batch_size", "limit", "max_new_tokens"):
+        value = settings.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SweepConfigError(f"{where}: settings.{key}: {value!r} is not allowed; allowed: an integer >= 1")
+    aspect = settings.get("image_aspect_ratio")
+    if aspect is not None and aspect not in IMAGE_ASPECT_RATIOS:
+        raise SweepConfigError(f"{where}: settings.image_aspect_ratio: {aspect!r} is not allowed; allowed: "
+                               f"{', '.join(IMAGE_ASPECT_RATIOS)}")
+    dtype = settings.get("dtype")
+    if dtype is not None:
+        check_dtype(dtype, f"{where}: settings.dtype")
+    files = settings.get("files")
+    if files is not None and not (isinstance(files, Mapping) and all(
+            isinstance(v, Mapping) and all(isinstance(p, str) for p in v.values()) for v in files.values())):
+        raise SweepConfigError(f"{where}: settings.files: expected {{benchmark: {{key: path}}}}, got {files!r}")
+
+
+def check_dtype(dtype: Any, where: str) -> None:
+    """``dtype`` must name a torch floating-point dtype (``float16``, ``bfloat16``, ``float32``)."""
+    import torch
+
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise SweepConfigError(f"{where}: {dtype!r} is not a torch floating-point dtype; allowed e.g. "
+                               "float16, bfloat16, float32")
+
+
+def check_device(device: str) -> None:
+    """``--device``: a torch device string whose device is present here."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise SweepConfigError(f"--device {device}: not a torch device ({err}); e.g. cpu, cuda, cuda:1") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if not count:
+            raise SweepConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise SweepConfigError(f"--device {device}: this machine has {count} CUDA device(s) (0..{count - 1})")
+
+
+#: Filter keys other than method parameters (``--only``/``--exclude``).
+FILTER_KEYS = ("method", "benchmark", "bench", "run_id")
+
+
+def check_filters(sweep: Sweep, filters: Iterable[tuple[str, list[str]]], flag: str) -> None:
+    """Every ``--only``/``--exclude`` key must be a filter key or a parameter of a method of the sweep."""
+    from finepruner import methods
+
+    allowed = set(FILTER_KEYS) | {p for n in sweep.method_names() for p in methods.parameters(n)}
+    params = ", ".join(sorted(allowed - set(FILTER_KEYS)))
+    for key, _ in filters:
+        if key not in allowed:
+            raise SweepConfigError(f"{flag} {key}=...: unknown key {key!r}; allowed: {', '.join(FILTER_KEYS)} "
+                                   f"or a parameter of the sweep's methods ({params})")
+
+
 def load_sweep(path: str | Path, variant: str | None = None) -> Sweep:
     """Read and validate a YAML sweep config."""
     path = Path(path)
@@ -381,3 +481,141 @@ def cell_matches(cell: Cell, filters: list[tuple[str, list[str]]]) -> bool:
         if str(actual) not in values and not (actual is None and "none" in values):
             return False
     return True
+
+
+# -- validating cells before anything runs ------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """What a method's plan depends on, read from a checkpoint's ``config.json`` (no weights loaded)."""
+
+    num_layers: int
+    num_heads: int
+    num_visual: int
+
+
+def model_shape(model: str | Path) -> ModelShape:
+    """The decoder depth, heads and visual tokens of checkpoint ``model`` (a directory or ``"toy"``),
+    from its configuration only; raises :class:`SweepConfigError` naming the problem."""
+    from finepruner.models.loading import check_checkpoint, resolve_checkpoint
+
+    try:
+        directory = resolve_checkpoint(str(model))
+        check_checkpoint(directory)
+        from transformers import LlavaConfig
+
+        config = LlavaConfig.from_pretrained(str(directory))
+        vision = config.vision_config
+        grid = int(vision.image_size) // int(vision.patch_size)
+        extra = 1 if config.vision_feature_select_strategy == "full" else 0
+        return ModelShape(int(config.text_config.num_hidden_layers), int(config.text_config.num_attention_heads),
+                          grid * grid + extra)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # a broken config.json
+        raise SweepConfigError(f"--model {model}: {err}") from None
+
+
+def _describe_hint(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_hint(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "null"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+    if hint in names:
+        return names[hint]
+    if origin in (Sequence, list, tuple):
+        return f"a list of {_describe_hint(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    if origin in (Mapping, dict):
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from YAML or ``--param``) fits the type annotation ``hint``; annotations
+    this does not know are accepted (the method's own checks still run)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, os.PathLike):
+        return isinstance(value, (str, os.PathLike))
+    if origin in (Sequence, list, tuple):
+        return isinstance(value, (list, tuple)) and (not args or all(_conforms(v, args[0]) for v in value))
+    if origin in (Mapping, dict):
+        return isinstance(value, Mapping)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def check_method_params(method: str, params: Mapping[str, Any], shape: ModelShape | None = None) -> None:
+    """Validate one cell's method and parameters without a model: unknown names, types against the
+    method's signature, and the method's own constructor checks; with ``shape`` (from the checkpoint's
+    config.json) also its plan and model checks. Raises ``ValueError`` naming the parameter."""
+    from finepruner import methods
+
+    cls = methods.get(method)
+    allowed = methods.parameters(method)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method!r} has no parameter(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that cannot be evaluated: rely on the method's own checks
+        hints = {}
+    for key, value in params.items():
+        if key in hints and not _conforms(value, hints[key]):
+            raise ValueError(f"{method}: {key}={value!r} is {type(value).__name__}; "
+                             f"allowed: {_describe_hint(hints[key])}")
+    if "clip_model" in allowed and params.get("clip_model") is not None:
+        # constructing would load the CLIP checkpoint: check that its folder exists instead
+        path = Path(str(params["clip_model"])).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"{method}: clip_model={params['clip_model']!r} is not a directory (a local CLIP "
+                             "checkpoint, e.g. a copy of openai/clip-vit-large-patch14-336)")
+        tokens = params.get("tokens")
+        if shape is not None and isinstance(tokens, int) and not 1 <= tokens <= shape.num_visual:
+            raise ValueError(f"{method}: tokens={tokens} is out of range; this model has "
+                             f"{shape.num_visual} visual tokens per sample (allowed: 1..{shape.num_visual})")
+        return
+    instance = methods.create(method, **dict(params))
+    if shape is not None:
+        instance.plan(shape.num_layers, shape.num_visual)
+        instance.check_model(shape.num_heads, shape.num_layers, shape.num_visual)
+
+
+def validate_cells(cells: Iterable[Cell], shape: ModelShape | None = None, limit: int = 5) -> None:
+    """Check every distinct method configuration of ``cells`` (``check_method_params``); raises
+    :class:`SweepConfigError` listing the first ``limit`` problems, each with the cells it affects."""
+    seen: set[str] = set()
+    problems: dict[str, list[str]] = {}
+    for cell in cells:
+        key = json.dumps([cell.method, dict(cell.params)], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_method_params(cell.method, cell.params, shape)
+        except (ValueError, TypeError, OSError) as err:
+            problems.setdefault(str(err), []).append(cell.label)
+    if problems:
+        count = sum(len(v) for v in problems.values())
+        lines = [f"{', '.join(repr(x) for x in labels)}: {msg}" for msg, labels in list(problems.items())[:limit]]
+        more = f"\n  ... and {len(problems) - limit} more problem(s)" if len(problems) > limit else ""
+        raise SweepConfigError(f"{count} invalid method configuration(s) (cells by label):\n  "
+                               + "\n  ".join(lines) + more)

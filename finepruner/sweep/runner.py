@@ -16,7 +16,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
@@ -70,6 +69,13 @@ class SweepResult:
     failed: int = 0
     busy: int = 0  # claimed by another live worker
     errors: dict[str, str] = field(default_factory=dict)
+    undone: int = 0  # neither complete nor failed when the sweep ended (e.g. a worker died)
+    workers: dict[str, str] = field(default_factory=dict)  # GPU -> why its worker failed
+
+    @property
+    def ok(self) -> bool:
+        """Every cell complete (or held by another live sweep) and every worker exited cleanly."""
+        return not (self.failed or self.undone or self.workers)
 
 
 def plan_cells(sweep: Sweep, opts: SweepOptions) -> list[Cell]:
@@ -101,7 +107,35 @@ def check_data(cells: Sequence[Cell], data_root: str | Path) -> None:
         except DataError as err:
             problems.append(str(err))
     if problems:
-        raise DataError("; ".join(problems))
+        raise DataError("; ".join(dict.fromkeys(problems)))
+
+
+def answers_coverage(cell: Cell, data_root: str | Path, answers_path: str | Path | None) -> dict[str, int]:
+    """Questions of the cell (its benchmark, ``limit`` applied) without an answer in ``answers_path``, and
+    answers recorded as errors (``metadata.error``), read from the files themselves."""
+    from finepruner.eval import benchmarks
+    from finepruner.eval.io import answer_key, iter_existing_answers
+
+    files = (cell.settings.get("files") or {}).get(benchmarks.parse_spec(cell.benchmark)[0])
+    samples = benchmarks.get(cell.benchmark, files=files).load(data_root)
+    limit = cell.settings.get("limit")
+    if limit is not None:
+        samples = samples[: int(limit)]
+    wanted = {s.key for s in samples}
+    answered: set[str] = set()
+    errors = 0
+    if answers_path is not None and Path(answers_path).is_file():
+        for rec in iter_existing_answers([Path(answers_path)]):
+            key = answer_key(rec.get("question_id"), rec.get("prompt"))
+            if key not in wanted or key in answered:
+                continue
+            answered.add(key)
+            errors += bool((rec.get("metadata") or {}).get("error"))
+    return {"questions": len(wanted), "missing": len(wanted - answered), "errors": errors}
+
+
+class IncompleteCell(RuntimeError):
+    """A cell whose run ended without an answer for every question (or with error records)."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -144,7 +178,7 @@ def probe_efficiency(model: Any, processor: Any, cell: Cell, data_root: str | Pa
         return {}
     generator = Generator(model, processor, cell.settings.get("image_aspect_ratio") or "pad")
     method = "vanilla" if cell.method in NO_METHOD else cell.method
-    with finepruner.apply(model, method, **dict(cell.params)) as handle:
+    with finepruner.apply(model, method, processor=processor, **dict(cell.params)) as handle:
         generator.generate([sample.text], [generator.prepare_image(sample)], max_new_tokens=1)
     if handle.stats is None:
         return {}
@@ -233,6 +267,13 @@ def run_sweep(
                 if rank == 0:
                     spec = next(iter(all_metrics))
                     metrics = all_metrics[spec]
+                    coverage = answers_coverage(cell, opts.data_root, metrics.get("answers_file"))
+                    if coverage["missing"] or coverage["errors"]:
+                        raise IncompleteCell(
+                            f"incomplete: {coverage['missing']} of {coverage['questions']} questions without "
+                            f"an answer, {coverage['errors']} answers recorded as errors; not stored as "
+                            "complete (the next sweep reruns the cell)"
+                        )
                     efficiency, timing = collect_efficiency(run_dir, spec, metrics)
                     if opts.probe_efficiency:
                         try:
@@ -267,20 +308,43 @@ def run_sweep(
 
 
 # -- one worker per GPU -------------------------------------------------------------------------------
-def parse_gpus(text: str | None) -> list[str]:
-    """``"0,1,3"`` -> ["0", "1", "3"]; ``"4"`` alone means GPUs 0..3; ``"all"`` every visible GPU."""
-    if not text:
+def parse_gpus(text: str | None, available: int | None = None) -> list[str]:
+    """``"0,1,3"`` -> ["0", "1", "3"]; ``"4"`` alone means GPUs 0..3; ``"all"`` every visible GPU.
+
+    Every index is checked against the ``available`` CUDA devices (default: ``torch.cuda.device_count()``)
+    before anything starts; raises ``ValueError`` naming the bad item and what is allowed."""
+    if text is None:
         return []
     text = text.strip()
-    if text == "all":
+    if not text:
+        raise ValueError("--gpus is empty; allowed: a comma-separated list of GPU indices ('0,1'), a count "
+                         "('4') or 'all'")
+    if available is None:
         import torch
 
-        return [str(i) for i in range(torch.cuda.device_count())]
+        available = torch.cuda.device_count()
+    have = (f"this machine has {available} CUDA device(s) (indices 0..{available - 1})" if available
+            else "no CUDA device is visible here (torch.cuda.device_count() is 0); run without --gpus")
+    if text == "all":
+        if not available:
+            raise ValueError(f"--gpus all: {have}")
+        return [str(i) for i in range(available)]
     if text.isdigit() and "," not in text:
-        return [str(i) for i in range(int(text))]
-    gpus = [g.strip() for g in text.split(",") if g.strip()]
+        count = int(text)
+        if count < 1 or count > available:
+            raise ValueError(f"--gpus {text}: a count of GPUs must be 1..{available}; {have}" if available
+                             else f"--gpus {text}: {have}")
+        return [str(i) for i in range(count)]
+    gpus = [g.strip() for g in text.split(",")]
+    for g in gpus:
+        if not g.isdigit():
+            raise ValueError(f"--gpus {text}: {g!r} is not a GPU index; allowed: a comma-separated list of "
+                             "non-negative integers ('0,1'), a count ('4') or 'all'")
     if len(set(gpus)) != len(gpus):
         raise ValueError(f"--gpus lists a GPU twice: {text}")
+    beyond = [g for g in gpus if int(g) >= available]
+    if beyond:
+        raise ValueError(f"--gpus {text}: GPU {', '.join(beyond)} not present; {have}")
     return gpus
 
 
@@ -301,9 +365,12 @@ def worker_commands(argv: Sequence[str], gpus: Sequence[str], session: str,
             continue
         clean.append(arg)
     base = env if env is not None else dict(os.environ)
+    # GPU indices count the devices visible to this process: map them through CUDA_VISIBLE_DEVICES
+    visible = [v.strip() for v in base.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     out = []
     for gpu in gpus:
-        worker_env = {**base, "CUDA_VISIBLE_DEVICES": str(gpu)}
+        device = visible[int(gpu)] if visible and str(gpu).isdigit() and int(gpu) < len(visible) else str(gpu)
+        worker_env = {**base, "CUDA_VISIBLE_DEVICES": device}
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             worker_env.pop(var, None)
         cmd = [sys.executable, "-m", "finepruner", *clean, "--worker-session", session, "--no-progress"]
@@ -336,7 +403,10 @@ def run_parallel(argv: Sequence[str], gpus: Sequence[str], sweep: Sweep, opts: S
     last = done0
     try:
         while any(p.poll() is None for p, _ in procs):
-            time.sleep(poll_seconds)
+            try:  # wake up when a worker exits, or every poll_seconds to update the bar
+                next(p for p, _ in procs if p.poll() is None).wait(timeout=poll_seconds)
+            except (StopIteration, subprocess.TimeoutExpired):
+                pass
             with ResultsStore(opts.store_path) as store:
                 now = store.counts(ids)
             done = now["complete"] + now["failed"]
@@ -350,8 +420,14 @@ def run_parallel(argv: Sequence[str], gpus: Sequence[str], sweep: Sweep, opts: S
         bar.close()
         for _, log in procs:
             log.close()
+    workers = {}
+    for (proc, log), gpu in zip(procs, gpus):
+        if proc.returncode != 0:
+            workers[str(gpu)] = f"worker exited with code {proc.returncode} (log: {log.name})"
     with ResultsStore(opts.store_path) as store:
         final = store.counts(ids)
-        errors = {r.run_id: (r.error or "").splitlines()[0] for r in store.runs(status="failed") if r.run_id in ids}
+        errors = {r.run_id: ((r.error or "").splitlines() or [""])[0]
+                  for r in store.runs(status="failed") if r.run_id in ids}
+    undone = len(ids) - final["complete"] - final["failed"]
     return SweepResult(cells=len(cells), skipped=done0, completed=final["complete"] - done0,
-                       failed=final["failed"], errors=errors)
+                       failed=final["failed"], errors=errors, undone=undone, workers=workers)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,25 +114,34 @@ def align(a: QuestionScores, b: QuestionScores) -> tuple[np.ndarray, np.ndarray,
     return a.values[ia], b.values[ib], strata, len(a.keys) - len(ia), len(b.keys) - len(ib)
 
 
-def bootstrap_differences(kind: str, va: np.ndarray, vb: np.ndarray, strata: list[str], resamples: int,
-                          seed: int) -> np.ndarray:
-    """The ``resamples`` bootstrap values of ``metric(B) - metric(A)`` (paired, stratified)."""
+def bootstrap_metrics(kind: str, runs: Sequence[np.ndarray], strata: list[str], resamples: int,
+                      seed: int) -> np.ndarray:
+    """``[len(runs), resamples]`` bootstrap values of each run's metric; every resample applies the same
+    unit indices to every run (paired, stratified), so differences of rows are paired differences."""
     rng = np.random.default_rng(seed)
     groups = {s: np.flatnonzero(np.asarray(strata) == s) for s in dict.fromkeys(strata)}
     n = max(1, len(strata))
     chunk = max(1, min(resamples, _CHUNK_ELEMENTS // n))
-    out = np.empty(resamples)
+    out = np.empty((len(runs), resamples))
     done = 0
     while done < resamples:
         m = min(chunk, resamples - done)
-        sums_a, sums_b = {}, {}
+        sums: list[dict[str, np.ndarray]] = [{} for _ in runs]
         for s, members in groups.items():
             idx = members[rng.integers(0, len(members), size=(m, len(members)))]
-            sums_a[s] = va[idx].sum(axis=1)
-            sums_b[s] = vb[idx].sum(axis=1)
-        out[done : done + m] = metric_from_sums(kind, sums_b) - metric_from_sums(kind, sums_a)
+            for run, values in zip(sums, runs, strict=True):
+                run[s] = values[idx].sum(axis=1)
+        for row, run in enumerate(sums):
+            out[row, done : done + m] = metric_from_sums(kind, run)
         done += m
     return out
+
+
+def bootstrap_differences(kind: str, va: np.ndarray, vb: np.ndarray, strata: list[str], resamples: int,
+                          seed: int) -> np.ndarray:
+    """The ``resamples`` bootstrap values of ``metric(B) - metric(A)`` (paired, stratified)."""
+    metric_a, metric_b = bootstrap_metrics(kind, [va, vb], strata, resamples, seed)
+    return metric_b - metric_a
 
 
 def paired_bootstrap(a: QuestionScores, b: QuestionScores, *, resamples: int = DEFAULT_RESAMPLES,

@@ -5,9 +5,32 @@ from __future__ import annotations
 import argparse
 
 
+def _toy_data_problem(args: argparse.Namespace) -> str | None:
+    """The first invalid ``toy-data`` argument, as a message, or None."""
+    from pathlib import Path
+
+    if args.n < 1:
+        return f"--n {args.n}: must be an integer >= 1 (images per benchmark)"
+    if args.seed < 0:
+        return f"--seed {args.seed}: must be a non-negative integer"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: is a file; pass a folder (it becomes playground/data/eval)"
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"--out {out}: {blocker} is a file, not a folder"
+    return None
+
+
 def _toy_data(args: argparse.Namespace) -> int:
+    import sys
+
     from finepruner.toy.suite import write_suite
 
+    problem = _toy_data_problem(args)
+    if problem:
+        print(f"finepruner toy-data: error: {problem}", file=sys.stderr)
+        return 2
     summary = write_suite(args.out, n=args.n, seed=args.seed)
     for bench, info in summary["benchmarks"].items():
         print(f"{bench}: {info['questions']} questions, {info['images']} images -> {info['path']}")
@@ -36,12 +59,40 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return out
 
 
+def _toy_train_problem(args: argparse.Namespace) -> str | None:
+    """The first invalid ``toy-train`` argument, as a message, or None."""
+    from pathlib import Path
+
+    for flag, value in (("--minutes", args.minutes), ("--eval-every", args.eval_every)):
+        if not value > 0:
+            return f"{flag} {value}: must be a positive number"
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            return f"{flag} {value}: must be an integer >= 1"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: is a file; pass a folder for the checkpoint"
+    if args.init is not None and not (Path(args.init) / "config.json").is_file():
+        return f"--init {args.init}: not a toy checkpoint folder (no config.json)"
+    return None
+
+
 def _toy_train(args: argparse.Namespace) -> int:
+    import sys
+
     from finepruner.toy.train import TrainConfig, train
 
+    problem = _toy_train_problem(args)
+    try:
+        overrides = parse_overrides(args.set)
+    except SystemExit as err:  # parse_overrides names the bad --set item
+        problem = problem or str(err)
+    if problem:
+        print(f"finepruner toy-train: error: {problem}", file=sys.stderr)
+        return 2
     cfg = TrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed,
                       batch_size=args.batch_size, threads=args.threads, eval_every=args.eval_every,
-                      init=args.init, **parse_overrides(args.set))
+                      init=args.init, **overrides)
     final = train(cfg)
     print(f"final held-out accuracy (mean over question types): {final['mean']:.3f}")
     return 0

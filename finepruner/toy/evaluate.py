@@ -5,6 +5,11 @@ answers with the harness's ``Generator`` (vicuna_v1 prompt, greedy decoding, lef
 the benchmark's own scorer and adds the toy breakdown: accuracy per question type, beside chance.
 ``method=`` applies a pruning method (``finepruner.apply``) for the whole run.
 
+``run_grid`` runs every method at every budget (the demo's and ``docs/toy.md``'s tables) and keeps each
+row's per-question units (``finepruner.sweep.scores``); ``bootstrap_suite`` resamples them, with the same
+indices for every row (``finepruner.sweep.stats.bootstrap_metrics``), into 95% intervals of each row's
+headlines and suite mean, and paired intervals of the difference between two rows.
+
 ``python -m finepruner.toy.evaluate`` prints the vanilla / pruned table of ``docs/toy.md``.
 """
 
@@ -14,8 +19,12 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from finepruner.toy.suite import BENCHMARKS, DEFAULT_N, DEFAULT_SEED, chance_levels, load_suite_meta
 
@@ -89,7 +98,8 @@ def evaluate_suite(
     method_params: dict[str, Any] | None = None,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Answer and score the toy suite at ``root``; returns ``{bench: {...}}`` plus ``"seconds"``.
+    """Answer and score the toy suite at ``root``; returns ``{bench: {...}}`` (headline, per-type accuracy,
+    metrics, answers, efficiency) plus ``"seconds"``.
 
     ``max_new_tokens`` defaults to each benchmark's own (128 / 1024; the toy model stops after one
     word). ``limit`` keeps the first questions of each benchmark (scores then cover those only).
@@ -103,7 +113,7 @@ def evaluate_suite(
     t0 = time.time()
     results: dict[str, Any] = {}
     # vanilla runs through the engine too, so that every row gets the same FLOPs accounting
-    ctx = finepruner.apply(model, method or "vanilla", **(method_params or {}))
+    ctx = finepruner.apply(model, method or "vanilla", processor=processor, **(method_params or {}))
     generator.handle = ctx
     with ctx:
         for name in benches:
@@ -116,7 +126,8 @@ def evaluate_suite(
             metrics = bench.score(answers, root)
             results[name] = {"headline": headline_percent(name, metrics),
                              "per_type": per_type_accuracy(name, answers, meta), "metrics": metrics,
-                             "questions": len(answers), "efficiency": efficiency_summary(answers)}
+                             "questions": len(answers), "efficiency": efficiency_summary(answers),
+                             "answers": answers}
     results["seconds"] = time.time() - t0
     return results
 
@@ -147,24 +158,45 @@ def method_params(method: str, tokens: int | None, model, processor, checkpoint:
         from finepruner.toy.model import load_clip_text
 
         params["clip_text"] = load_clip_text(None if checkpoint == "toy" else checkpoint)
-        params["tokenizer"] = processor  # to decode each sample's instruction from its prompt
     if method == "random":
         params.setdefault("seed", random_seed)
     return params
+
+
+def _params_key(method: str, params: dict[str, Any]) -> str:
+    """A configuration's identity: the method and its parameters (objects such as a text tower by type)."""
+    def plain(value: Any) -> Any:
+        return value if isinstance(value, (int, float, str, bool, type(None), list, tuple)) else type(value).__name__
+
+    return json.dumps([method, sorted((k, plain(v)) for k, v in params.items())], default=str)
 
 
 def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tuple[int, ...] = BUDGETS,
              checkpoint: str = "toy", on_row=None, progress: bool = False,
              random_seed: int = 0) -> list[dict[str, Any]]:
     """Vanilla-style rows for every method at every budget (``tokens=None`` for vanilla): headline per
-    benchmark, per-type accuracy, mean prefill FLOPs per sample, or the error of an unreachable budget."""
+    benchmark, per-type accuracy, mean prefill FLOPs and layer-averaged visual tokens per sample, and the
+    per-question units of each benchmark under ``"scores"`` (for ``bootstrap_suite``; not JSON); or the
+    error of an unreachable budget. A budget whose parameters equal an earlier budget's (e.g. SparseVLM's
+    mapping onto the nearest official schedule) is not run again: its row repeats the earlier one, with
+    ``"same_as"`` = that budget."""
     from tqdm import tqdm
+
+    from finepruner.sweep.scores import question_scores
 
     grid = [(m, None) if m == "vanilla" else (m, b) for m in methods for b in ([None] if m == "vanilla" else budgets)]
     rows: list[dict[str, Any]] = []
+    done: dict[str, dict[str, Any]] = {}
     for method, tokens in tqdm(grid, desc="toy suite", unit="config", disable=not progress):
         try:
             params = method_params(method, tokens, model, processor, checkpoint, random_seed)
+            key = _params_key(method, params)
+            if key in done:
+                row = {**done[key], "tokens": tokens, "same_as": done[key]["tokens"]}
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+                continue
             res = evaluate_suite(model, processor, root, method=method, method_params=params)
         except (ValueError, RuntimeError) as err:  # e.g. a budget a schedule cannot reach on 6 layers
             row = {"method": method, "tokens": tokens, "error": str(err)}
@@ -174,11 +206,76 @@ def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tu
                    "per_type": {b: res[b]["per_type"] for b in BENCHMARKS}, "seconds": res["seconds"],
                    "prefill_gflops": 1e3 * sum(e["mean_prefill_tflops"] for e in efficiency) / len(efficiency),
                    "average_visual_tokens": sum(e["mean_average_visual_tokens"] for e in efficiency)
-                   / len(efficiency)}
+                   / len(efficiency),
+                   "scores": {b: question_scores(b, res[b]["answers"], root) for b in BENCHMARKS}}
+            done[key] = row
         rows.append(row)
         if on_row is not None:
             on_row(row)
     return rows
+
+
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``run_grid`` row without its per-question units (for JSON)."""
+    return {k: v for k, v in row.items() if k != "scores"}
+
+
+def _percent(bench: str, values: np.ndarray, strata: Sequence[str]) -> np.ndarray:
+    """Bootstrap metric values in the table's units: MME's perception sum as % of its maximum, and a POPE
+    F1 without a true positive (NaN) as 0, as ``headline_percent`` does."""
+    if bench == "mme":
+        values = values / (2 * len(set(strata)))
+    return np.nan_to_num(values, nan=0.0)
+
+
+@dataclass
+class SuiteBootstrap:
+    """Bootstrap of the headlines and the suite mean of several rows on the same suite: ``values[bench]``
+    and ``values["mean"]`` are ``[rows, resamples]``, every resample drawing the same units for every row."""
+
+    benches: tuple[str, ...]
+    values: dict[str, np.ndarray]
+    resamples: int
+    seed: int
+
+    def interval(self, row: int, bench: str = "mean", confidence: float = 0.95) -> tuple[float, float]:
+        """Percentile interval of row ``row``'s ``bench`` headline (or ``"mean"``)."""
+        alpha = 100 * (1 - confidence) / 2
+        low, high = np.percentile(self.values[bench][row], [alpha, 100 - alpha])
+        return float(low), float(high)
+
+    def difference(self, a: int, b: int, bench: str = "mean", confidence: float = 0.95) -> tuple[float, float]:
+        """Paired percentile interval of row ``b`` minus row ``a``."""
+        alpha = 100 * (1 - confidence) / 2
+        low, high = np.percentile(self.values[bench][b] - self.values[bench][a], [alpha, 100 - alpha])
+        return float(low), float(high)
+
+
+def bootstrap_suite(rows: Sequence[dict[str, Any]], resamples: int = 2000, seed: int = 0,
+                    benches: tuple[str, ...] = BENCHMARKS) -> SuiteBootstrap:
+    """Paired stratified bootstrap (``finepruner.sweep.stats``) of ``rows`` (``run_grid`` rows with
+    ``"scores"``, all on one suite): each benchmark's units are resampled independently of the other
+    benchmarks' (seed ``seed + i`` for the i-th benchmark), the same draws for every row; the suite mean is
+    the mean of the four resampled headlines."""
+    from finepruner.sweep.stats import bootstrap_metrics
+
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    if not rows or any("scores" not in r for r in rows):
+        raise ValueError("bootstrap_suite needs run_grid rows that ran (with per-question scores)")
+    values: dict[str, np.ndarray] = {}
+    for i, bench in enumerate(benches):
+        first = rows[0]["scores"][bench]
+        runs = []
+        for r in rows:
+            scores = r["scores"][bench]
+            if scores.keys != first.keys or scores.strata != first.strata:
+                raise ValueError(f"{bench}: rows answered different questions; bootstrap one suite at a time")
+            runs.append(scores.values)
+        draws = bootstrap_metrics(first.kind, runs, first.strata, resamples, seed + i)
+        values[bench] = _percent(bench, draws, first.strata)
+    values["mean"] = sum(values[b] for b in benches) / len(benches)
+    return SuiteBootstrap(benches=tuple(benches), values=values, resamples=resamples, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in row:
             print(f"{label} not run: {row['error']}", flush=True)
             return
-        print(label + " " + " ".join(f"{k}={v:.1f}" for k, v in row["row"].items())
-              + f" ({row['seconds']:.0f} s)", flush=True)
+        timing = f"same parameters as {row['same_as']}" if "same_as" in row else f"{row['seconds']:.0f} s"
+        print(label + " " + " ".join(f"{k}={v:.1f}" for k, v in row["row"].items()) + f" ({timing})", flush=True)
         if row["method"] == "vanilla":
             for b in BENCHMARKS:
                 print(f"    {b}: " + ", ".join(f"{t} {v:.1f}" for t, v in row["per_type"][b].items()))
@@ -223,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     budgets = tuple(int(b) for b in args.budgets.split(","))
     runs = run_grid(model, processor, root, args.methods.split(","), budgets, args.model, on_row=show,
                     random_seed=args.random_seed)
-    out: dict[str, Any] = {"n": args.n, "seed": args.seed, "random_seed": args.random_seed, "runs": runs}
+    out: dict[str, Any] = {"n": args.n, "seed": args.seed, "random_seed": args.random_seed,
+                           "runs": [json_row(r) for r in runs]}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
@@ -233,5 +331,5 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["BUDGETS", "HEADLINES", "chance_levels", "evaluate_suite", "headline_percent", "method_params",
-           "per_type_accuracy", "run_grid", "summary_row"]
+__all__ = ["BUDGETS", "HEADLINES", "SuiteBootstrap", "bootstrap_suite", "chance_levels", "evaluate_suite",
+           "headline_percent", "json_row", "method_params", "per_type_accuracy", "run_grid", "summary_row"]

@@ -123,7 +123,8 @@ class Benchmark:
         """Raise :class:`DataError` listing every missing path this benchmark needs."""
         root = Path(data_root)
         if not root.is_dir():
-            raise DataError(f"data root not found: {root} (expected LLaVA's playground/data/eval layout)")
+            problem = "is a file, not a directory" if root.exists() else "not found"
+            raise DataError(f"data root {problem}: {root} (expected LLaVA's playground/data/eval layout)")
         keys: list[str] = []
         if inference:
             keys += self.inference_keys.get(self.split, ())
@@ -141,6 +142,11 @@ class Benchmark:
         """All samples of the split, in question-file order. Default: LLaVA's question JSONL
         (``files["questions"]``) with images under ``files["images"]``."""
         return load_llava_questions(self.path(data_root, "questions"), self.path(data_root, "images"))
+
+    def answer_identity(self, answer: Mapping[str, Any]) -> Any:
+        """What makes an answer unique in this benchmark (two answers with the same identity are
+        duplicates): ``question_id``; benchmarks whose ids repeat across questions add the prompt."""
+        return answer["question_id"]
 
     def score(
         self,

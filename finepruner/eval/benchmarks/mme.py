@@ -3,10 +3,15 @@
 Replicates ``convert_answer_to_mme.py`` (ground-truth lookup by ``(category, txt file, question)`` with
 " Please answer yes or no." re-appended, two-space fallback) and MME's ``calculation.py`` (consecutive
 answer pairs per image, the 4-character prefix rule, subtask score = 100 acc + 100 acc+).
+
+The official scripts pair *consecutive* answers; finepruner first puts the answers in question-file order
+(matching by ``question_id`` and prompt), so a shuffled answers file still pairs the two questions of an
+image, and warns that the official scripts would score that file differently.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +128,10 @@ class MME(Benchmark):
     scoring_keys = {"test": ("ground_truth",)}
     description = "MME (2,374 yes/no questions); metric: perception score (0-2000), cognition (0-800)"
 
+    def answer_identity(self, answer: Mapping[str, Any]) -> Any:
+        """``(question_id, prompt)``: one image (``question_id``) has several questions."""
+        return [answer["question_id"], answer.get("prompt")]
+
     def score(
         self,
         answers: list[dict[str, Any]],
@@ -133,6 +142,20 @@ class MME(Benchmark):
         model_id: str = "model",
     ) -> dict[str, Any]:
         gt = load_mme_ground_truth(self.path(data_root, "ground_truth"))
+        questions_file = self.path(data_root, "questions")
+        qs = read_jsonl(questions_file) if questions_file.is_file() else None
+        warning = None
+        if qs is not None:
+            # acc+ pairs consecutive answers, so put them in question-file order (matching by id)
+            position = {(q["question_id"], q["text"]): i for i, q in enumerate(qs)}
+            ranks = [position.get((a["question_id"], a.get("prompt")), len(qs)) for a in answers]
+            known = [r for r in ranks if r < len(qs)]
+            if known != sorted(known):
+                warning = (
+                    "answers are not in question-file order: sorted into it (acc+ pairs the two questions "
+                    "of an image); LLaVA's scripts pair consecutive answers and would score this file differently"
+                )
+                answers = [a for _, a in sorted(zip(ranks, answers, strict=True), key=lambda t: t[0])]
         per_cat: dict[str, list[tuple[str, str]]] = {}
         unknown = 0
         for a in answers:
@@ -146,10 +169,8 @@ class MME(Benchmark):
         }
         perception = sum(subtasks[c]["score"] for c in PERCEPTION if c in subtasks)
         cognition = sum(subtasks[c]["score"] for c in COGNITION if c in subtasks)
-        questions_file = self.path(data_root, "questions")
         counts = {"answers": len(answers), "unknown": unknown}
-        if questions_file.is_file():
-            qs = read_jsonl(questions_file)
+        if qs is not None:
             counts = check_answers_coverage(
                 {(q["question_id"], q["text"]) for q in qs},
                 answers,
@@ -169,4 +190,5 @@ class MME(Benchmark):
             cognition_complete=all(c in subtasks for c in COGNITION),
             subtasks=subtasks,
             counts=counts,
+            **({"warning": warning} if warning else {}),
         )

@@ -1,9 +1,16 @@
 """POPE adversarial / popular / random (spec ``eval_protocol.md`` section 8).
 
-Scoring follows LLaVA's ``eval_pope.py``: per category (from ``coco/coco_pope_<cat>.json``) the answers
-of that category **in answer-file order** are zipped with the label lines in file order (no id join);
-a prediction is "no" iff the first sentence, commas removed, split on spaces, contains ``No``, ``not``
-or ``no`` (case-sensitive), else "yes". The headline is the mean F1 of the splits (LLaVA issues #626/#806).
+Scoring follows LLaVA's ``eval_pope.py``: per category (from ``coco/coco_pope_<cat>.json``) the label
+lines are taken in file order, the k-th label belonging to the k-th question of that category in the
+question file; a prediction is "no" iff the first sentence, commas removed, split on spaces, contains
+``No``, ``not`` or ``no`` (case-sensitive), else "yes". The headline is the mean F1 of the splits (LLaVA
+issues #626/#806).
+
+The official script zips the answers of a category **in answer-file order** with the labels (no id
+join), so answers in another order, or with a question missing, are silently scored against the wrong
+labels there. finepruner matches each answer to its label by ``question_id`` (through its position in
+the question file) and adds a ``warning`` when the answer order differs from the question order (where
+the official script would give another number). For answers in question order both agree exactly.
 """
 
 from __future__ import annotations
@@ -73,6 +80,19 @@ def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, Any]:
     }
 
 
+def _read_labels(label_file: Path) -> list[str]:
+    """The ``label`` of every line of a ``coco_pope_<cat>.json`` file, in file order."""
+    labels = []
+    for lineno, line in enumerate(label_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            labels.append(json.loads(line)["label"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{label_file}:{lineno}: expected a JSON object with a 'label' field ({err})") from err
+    return labels
+
+
 @register
 class Pope(Benchmark):
     name = "pope"
@@ -110,20 +130,47 @@ class Pope(Benchmark):
         questions = read_jsonl(self.path(data_root, "questions"))
         category = {q["question_id"]: q.get("category") for q in questions}
         counts = check_answers_coverage(category, answers)
+        # question_id -> (position in the question file, index among its category's questions)
+        position: dict[Any, tuple[int, int]] = {}
+        seen_per_cat: dict[Any, int] = {}
+        for pos, q in enumerate(questions):
+            cat = q.get("category")
+            position[q["question_id"]] = (pos, seen_per_cat.get(cat, 0))
+            seen_per_cat[cat] = seen_per_cat.get(cat, 0) + 1
+        known = [a for a in answers if a["question_id"] in position]
+        unordered: list[str] = []
         splits: dict[str, Any] = {}
         for cat, label_file in self.label_files(data_root).items():
-            cur = [a for a in answers if category.get(a["question_id"]) == cat]
+            in_file_order = [a for a in known if category[a["question_id"]] == cat]
+            cur = sorted(in_file_order, key=lambda a: position[a["question_id"]])
             if not cur:
                 continue
-            labels = [
-                json.loads(line)["label"] for line in label_file.read_text().splitlines() if line.strip()
+            if cur != in_file_order:  # eval_pope.py zips a split's answers in answers-file order
+                unordered.append(cat)
+            labels = _read_labels(label_file)
+            pairs = [
+                (pope_parse(a["text"]), labels[position[a["question_id"]][1]])
+                for a in cur
+                if position[a["question_id"]][1] < len(labels)
             ]
-            splits[cat] = pope_metrics([pope_parse(a["text"]) for a in cur], labels)
+            splits[cat] = pope_metrics([p for p, _ in pairs], [g for _, g in pairs])
+            splits[cat]["n_labels"] = len(labels)
+            notes = []
+            if len(pairs) < len(cur):
+                notes.append(f"{len(cur) - len(pairs)} answers have no label line (only {len(labels)})")
             if len(cur) != len(labels):
-                splits[cat]["warning"] = (
-                    f"{len(cur)} answers vs {len(labels)} labels in {label_file.name}; "
-                    "zipped in order as the official script does"
+                notes.append(
+                    f"{len(cur)} answers vs {len(labels)} labels in {label_file.name}; matched by question_id "
+                    "(the official script zips in order and would misalign them)"
                 )
+            if notes:
+                splits[cat]["warning"] = "; ".join(notes)
+        warnings = []
+        if unordered:
+            warnings.append(
+                f"answers of {', '.join(unordered)} are not in question-file order: matched to the labels by "
+                "question_id; LLaVA's eval_pope.py zips them by position and would score this file differently"
+            )
         f1s = [s["f1"] for s in splits.values() if s["f1"] is not None]
         mean_f1 = sum(f1s) / len(f1s) if f1s and len(f1s) == len(splits) else None
         return result(
@@ -135,5 +182,6 @@ class Pope(Benchmark):
             mean_accuracy=(sum(s["accuracy"] for s in splits.values()) / len(splits) if splits else None),
             splits=splits,
             counts=counts,
+            **({"warning": "; ".join(warnings)} if warnings else {}),
             **({} if splits else {"reason": "no answer belongs to a POPE split"}),
         )

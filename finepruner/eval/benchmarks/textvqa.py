@@ -8,6 +8,7 @@ image id), then the EvalAI processor on prediction and all 10 answers and leave-
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ class TextVQA(Benchmark):
     inference_keys = {"val": ("questions", "images")}
     scoring_keys = {"val": ("annotations",)}
     description = "TextVQA val (5,000, with OCR tokens); metric: VQA accuracy"
+
+    def answer_identity(self, answer: Mapping[str, Any]) -> Any:
+        """``(question_id, prompt)``: one image (``question_id``) has several questions."""
+        return [answer["question_id"], answer.get("prompt")]
 
     def score(
         self,

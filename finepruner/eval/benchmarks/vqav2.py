@@ -2,14 +2,35 @@
 
 Test-dev: ``convert_vqav2_for_submission.py`` -- one ``{"question_id", "answer"}`` for **every** question
 of ``llava_vqav2_mscoco_test2015.jsonl`` (missing -> ``""``), answers through the EvalAI processor.
-Val: questions from the official ``v2_OpenEnded_mscoco_val2014_questions.json`` with LLaVA's prompt,
-scored with GT-Vision-Lab ``vqaEval.py`` (prediction: punctuation + digits/articles; ground truth:
-punctuation only when the 10 answers are not unanimous), overall and per answer type, 2 decimals.
+
+Val: questions from the official ``v2_OpenEnded_mscoco_val2014_questions.json`` with LLaVA's prompt, scored
+like the official pipeline run on val -- LLaVA's converter, then GT-Vision-Lab's evaluator:
+
+1. ``haotian-liu/LLaVA`` ``scripts/convert_vqav2_for_submission.py``: ``{question_id: text}`` over the
+   answers (the last answer of a question wins); for every question of the split the upload answer is
+   ``EvalAIAnswerProcessor()(text)`` (``llava/eval/m4c_evaluator.py``, :func:`evalai_normalize`), or ``""``
+   when the question has no answer -- it is scored like any other. Answers to other questions are dropped.
+2. ``GT-Vision-Lab/VQA`` ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` (``VQAEval.evaluate`` after
+   the 2021 fix "Fixed processing answers bug"), over every question of the annotation file in file order
+   (``vqa.getQuesIds()``; ``PythonHelperTools/vqaTools/vqa.py``): the upload answer and the ten answers get
+   ``\\n``/``\\t`` -> space and ``strip()``; **only if** the stripped answers are not all equal
+   (``len(set(gtAnswers)) > 1``) do the answers *and* the prediction go through ``processPunctuation`` and
+   ``processDigitArticle`` (a unanimous question compares the stripped strings as they are, so an
+   upper-case or ``"man's"``-style unanimous answer is never matched by a processed prediction).
+   Question accuracy = mean over the answers of ``min(1, matches among the other nine / 3)``; overall,
+   per answer type and per question type = ``round(100 * sum / count, 2)`` of the question accuracies.
+
+``vqaEval.py`` is Python 2 code and is reproduced with Python 2.7 semantics where Python 3 differs: its
+regexes' ``\\d`` is ASCII-only (see :mod:`finepruner.eval.normalize`) and ``round`` takes exact ties away
+from zero (:func:`py2_round`). Entries are compared by index (the original compares the answer dicts,
+which differ through ``answer_id`` in every official file).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +39,61 @@ from finepruner.eval.benchmarks.base import (
     SHORT_ANSWER,
     Benchmark,
     Sample,
+    index_answers_by_id,
     load_llava_questions,
     result,
 )
 from finepruner.eval.io import check_answers_coverage, read_json, read_jsonl
-from finepruner.eval.normalize import evalai_normalize, vqa_eval_normalize_prediction, vqa_process_punctuation
+from finepruner.eval.normalize import evalai_normalize, leave_one_out_accuracy, vqa_eval_process, vqa_eval_strip
 
 
-def vqav2_question_accuracy(prediction: str, gt_answers: list[str]) -> float:
-    """``vqaEval`` accuracy of one question (0-1), by index over the annotators."""
-    gts = [g.replace("\n", " ").replace("\t", " ").strip() for g in gt_answers]
-    pred = vqa_eval_normalize_prediction(prediction)
+def py2_round(x: float, ndigits: int = 2) -> float:
+    """Python 2.7's ``round(x, ndigits)``: correctly rounded, exact ties away from zero (Python 3 rounds
+    them to even: ``round(78.125, 2)`` is 78.12 there, 78.13 in ``vqaEval.py`` under Python 2.7)."""
+    q = Decimal(1).scaleb(-ndigits)
+    return float(Decimal(x).quantize(q, rounding=ROUND_HALF_UP))
+
+
+def vqav2_upload_answer(text: str | None) -> str:
+    """The answer ``convert_vqav2_for_submission.py`` writes: EvalAI-processed text, ``""`` if unanswered."""
+    return "" if text is None else evalai_normalize(text)
+
+
+def vqa_eval_accuracy(res_ans: str, gt_answers: Sequence[str]) -> float:
+    """``VQAEval.evaluate``'s accuracy (0-1) of one question for the (uploaded) answer ``res_ans``."""
+    gts = [vqa_eval_strip(g) for g in gt_answers]
+    res_ans = vqa_eval_strip(res_ans)
     if len(set(gts)) > 1:
-        gts = [vqa_process_punctuation(g) for g in gts]
-    accs = []
-    for i in range(len(gts)):
-        matching = sum(1 for j, g in enumerate(gts) if j != i and g == pred)
-        accs.append(min(1.0, matching / 3))
-    return sum(accs) / len(accs) if accs else 0.0
+        gts = [vqa_eval_process(g) for g in gts]
+        res_ans = vqa_eval_process(res_ans)
+    return leave_one_out_accuracy(res_ans, gts)
 
 
-def vqav2_submission(
-    all_questions: list[dict[str, Any]], answers: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def vqav2_question_accuracy(prediction: str | None, gt_answers: Sequence[str]) -> float:
+    """Official-pipeline accuracy (0-1) of one question: the model's raw ``prediction`` (``None``: no
+    answer) through the converter (:func:`vqav2_upload_answer`), then ``vqaEval`` (:func:`vqa_eval_accuracy`)."""
+    return vqa_eval_accuracy(vqav2_upload_answer(prediction), gt_answers)
+
+
+def vqav2_val_accuracies(annotations: Sequence[Mapping[str, Any]], answers: list[dict[str, Any]]) -> list[float]:
+    """Accuracy (0-1) of every annotated question, in annotation order; unanswered questions included."""
+    texts = {qid: a["text"] for qid, a in index_answers_by_id(answers).items()}
+    return [
+        vqav2_question_accuracy(texts.get(ann["question_id"]), [x["answer"] for x in ann["answers"]])
+        for ann in annotations
+    ]
+
+
+def _percent(values: list[float]) -> float:
+    """``setAccuracy``: ``round(100 * float(sum(acc)) / len(acc), 2)``."""
+    return py2_round(100 * float(sum(values)) / len(values), 2)
+
+
+def vqav2_submission(all_questions: list[dict[str, Any]], answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Upload list over every test-std question; unanswered ones get ``""``."""
     by_id = {a["question_id"]: a["text"] for a in answers}
     return [
-        {
-            "question_id": q["question_id"],
-            "answer": evalai_normalize(by_id[q["question_id"]]) if q["question_id"] in by_id else "",
-        }
+        {"question_id": q["question_id"], "answer": vqav2_upload_answer(by_id.get(q["question_id"]))}
         for q in all_questions
     ]
 
@@ -130,25 +176,33 @@ class VQAv2(Benchmark):
         )
 
     def _score_val(self, answers: list[dict[str, Any]], data_root: str | Path) -> dict[str, Any]:
-        anns = {a["question_id"]: a for a in read_json(self.path(data_root, "annotations"))["annotations"]}
-        counts = check_answers_coverage(anns, answers)
-        accs: list[float] = []
-        per_type: dict[str, list[float]] = {}
-        for a in answers:
-            ann = anns.get(a["question_id"])
-            if ann is None:
-                continue
-            acc = vqav2_question_accuracy(a["text"], [x["answer"] for x in ann["answers"]])
-            accs.append(acc)
-            per_type.setdefault(ann.get("answer_type", "unknown"), []).append(acc)
-        overall = round(100.0 * sum(accs) / len(accs), 2) if accs else None
+        annotations = read_json(self.path(data_root, "annotations"))["annotations"]
+        counts = check_answers_coverage([a["question_id"] for a in annotations], answers)
+        accs = vqav2_val_accuracies(annotations, answers)
+        per_answer_type: dict[str, list[float]] = {}
+        per_question_type: dict[str, list[float]] = {}
+        for ann, acc in zip(annotations, accs):
+            per_answer_type.setdefault(ann.get("answer_type", "unknown"), []).append(acc)
+            per_question_type.setdefault(ann.get("question_type", "unknown"), []).append(acc)
+        answered = counts["questions"] - counts["missing"]
+        if not answered:
+            return result(self, scored=False, counts=counts, reason="no annotated question has an answer")
+        extra = {}
+        if counts["missing"]:
+            extra["warning"] = (
+                f"{counts['missing']} of {counts['questions']} questions have no answer; as in the official "
+                "pipeline they are scored as the empty answer"
+            )
+        overall = _percent(accs)
         return result(
             self,
-            scored=bool(accs),
+            scored=True,
             headline="accuracy",
             value=overall,
             accuracy=overall,
-            per_answer_type={k: round(100.0 * sum(v) / len(v), 2) for k, v in sorted(per_type.items())},
+            per_answer_type={k: _percent(v) for k, v in sorted(per_answer_type.items())},
+            per_question_type={k: _percent(v) for k, v in sorted(per_question_type.items())},
             counts=counts,
-            note="VQAv2 val with the official vqaEval rules; not comparable to test-dev",
+            note="VQAv2 val scored like LLaVA's converter + the official vqaEval.py; not comparable to test-dev",
+            **extra,
         )

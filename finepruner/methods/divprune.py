@@ -1,0 +1,128 @@
+"""``divprune``: DivPrune (Alvar et al., CVPR'25), spec ``methods_more.md`` §3.
+
+Before the language model, keep the visual tokens chosen by greedy max-min diversity on the projected
+visual embeddings, with the distance ``1 - cos``: first the most isolated token (the largest distance to
+its nearest other token), then repeatedly the token farthest from the tokens already chosen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
+
+#: The official default ``SUBSET_RATIO`` (kept fraction; 56 of 576 tokens).
+DEFAULT_RATIO = 0.098
+
+
+def cosine_distances(features: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(x_i, x_j)`` [B, V, V] in float32 (spec §3.2 pitfall 3); a zero vector has distance 1 to
+    every other token instead of NaN."""
+    x = features.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return 1.0 - x @ x.transpose(1, 2)
+
+
+def divprune_select(features: torch.Tensor, count: int) -> torch.Tensor:
+    """DivPrune's greedy max-min selection, vectorised over the batch.
+
+    Args:
+        features: [B, V, D] projected visual embeddings.
+        count: tokens kept per sample (1..V).
+
+    Returns:
+        [B, count] sorted indices.
+
+    The distances are computed once in float32 with the diagonal masked (+inf), so the first pick is
+    ``argmax_j min_{i != j} D[i, j]`` exactly (the official code takes the column's second smallest entry
+    and assumes the diagonal is its minimum, which fp16 does not guarantee). A running vector
+    ``m_j = min_{s in S} D[s, j]`` is updated with one row per pick (O(V·count) after the O(V²·D)
+    distances). Ties go to the first index (``argmax``); chosen tokens are excluded explicitly, so exact
+    duplicates never make a token be picked twice (pitfall 3).
+    """
+    batch, size, _ = features.shape
+    distances = cosine_distances(features)
+    distances.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    rows = torch.arange(batch, device=features.device)
+    picked = torch.zeros(batch, size, dtype=torch.bool, device=features.device)
+    chosen = torch.empty(batch, count, dtype=torch.long, device=features.device)
+    first = distances.amin(dim=1).argmax(dim=-1)  # most isolated token: largest nearest-neighbour distance
+    chosen[:, 0] = first
+    picked[rows, first] = True
+    nearest = distances[rows, first]  # m_j; inf on the pick itself, masked by ``picked`` below
+    for step in range(1, count):
+        j = nearest.masked_fill(picked, -math.inf).argmax(dim=-1)
+        chosen[:, step] = j
+        picked[rows, j] = True
+        nearest = torch.minimum(nearest, distances[rows, j])
+    return chosen.sort(dim=-1).values
+
+
+def ratio_count(subset_ratio: float, num_visual: int) -> int:
+    """``int(round(SUBSET_RATIO * n))``, as the official code, at least 1."""
+    return max(1, int(round(subset_ratio * num_visual)))
+
+
+class DivPrune(PruningMethod):
+    """DivPrune: max-min diverse subset of the projected visual tokens, before the LLM (spec §3).
+
+    "N tokens" means exactly ``tokens`` visual tokens per sample enter the language model (all of a
+    sample's images together); positions are renumbered (a plain shorter sequence).
+
+    Parameters:
+        tokens: visual tokens kept per sample (1..V). Budgets 192/128/64 are ``tokens=192/128/64`` (the
+            official ratios 1/3, 2/9, 1/9 of 576).
+        subset_ratio: alternatively the official ``SUBSET_RATIO`` (the *kept* fraction, 0 < r <= 1), kept
+            count ``int(round(r * V))``. Default when neither is given: 0.098 (56 of 576, the official default).
+        positions: ``"renumber"`` (default, as the official code) or ``"original"``.
+
+    Signals: the projector outputs (``finepruner.engine.vision``, captured during LLaVA's own image
+    encoding).
+
+    Deviations: distances in float32 with the diagonal masked and chosen tokens excluded explicitly
+    (``divprune_select``; the official code works in the model dtype and can re-pick a token when all
+    remaining distances are 0); any batch size (the official code assumes batch 1); a sample with several
+    images gets one selection over all its visual tokens.
+    """
+
+    name = "divprune"
+    default_positions = "renumber"
+    needs_vision = ("projected_features",)
+
+    def __init__(
+        self, tokens: int | None = None, subset_ratio: float | None = None, positions: Positions | None = None
+    ) -> None:
+        super().__init__(positions)
+        if tokens is not None and subset_ratio is not None:
+            raise ValueError(f"{self.name}: pass tokens or subset_ratio, not both")
+        if subset_ratio is not None and (
+            isinstance(subset_ratio, bool) or not isinstance(subset_ratio, int | float) or not 0.0 < subset_ratio <= 1.0
+        ):
+            raise ValueError(
+                f"{self.name}: subset_ratio={subset_ratio!r} is the kept fraction; allowed: 0 < subset_ratio <= 1"
+            )
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"{self.name}: tokens={tokens!r} is not allowed; allowed: an integer >= 1 (and <= V)")
+        self.tokens = tokens
+        self.subset_ratio = float(subset_ratio) if subset_ratio is not None else None
+
+    def keep_count(self, num_visual: int) -> int:
+        """Visual tokens kept for a model with ``num_visual`` visual tokens (validated)."""
+        if self.tokens is not None:
+            check_tokens(self.name, self.tokens, num_visual)
+            return self.tokens
+        return ratio_count(DEFAULT_RATIO if self.subset_ratio is None else self.subset_ratio, num_visual)
+
+    def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        return [Stage(layer=0, keep=self.keep_count(num_visual))]
+
+    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
+        if ctx.vision is None:
+            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
+        ctx.vision.require(self.name, "projected_features")
+        ids = ctx.visual_ids
+        projected = ctx.vision.projected_features
+        projected = projected.gather(1, ids.to(projected.device)[..., None].expand(-1, -1, projected.shape[-1]))
+        return divprune_select(projected, stage.keep).to(ids.device)
