@@ -30,8 +30,8 @@ def no_model_load(no_model_load, monkeypatch):
     (["--out", "{tmp}"], "is a folder; pass the heads.json file"),
     (["--out", "{tmp}/afile/h.json"], "afile is a file, not a folder"),
     (["--data-root", "{tmp}/nodata"], "data root not found"),
-    (["--dtype", "float17"], "--dtype: 'float17' is not a torch floating-point dtype"),
-    (["--device", "cuda"], "--device cuda: no CUDA device is visible here"),
+    (["--dtype", "float17"], "--dtype: dtype='float17' is not a floating-point torch dtype name"),
+    (["--device", "cuda"], "--device: device 'cuda': CUDA is not available on this machine"),
 ])
 def test_calibrate_bad_input(tmp_path, capsys, no_model_load, args, message):
     make_pope(tmp_path / "data")
@@ -68,8 +68,8 @@ def test_toy_data_bad_input(tmp_path, capsys, args, message):
     (["--heads-method", "5"], "--heads-method 5: there are 1 methods"),
     (["--out", "{tmp}/afile"], "is a file; pass a folder"),
     (["--image", "{tmp}/none.png"], "no such file"), (["--image", "{tmp}/afile"], "not a readable image"),
-    (["--dtype", "float17"], "--dtype: 'float17' is not a torch floating-point dtype"),
-    (["--device", "cuda"], "--device cuda: no CUDA device is visible here"),
+    (["--dtype", "float17"], "--dtype: dtype='float17' is not a floating-point torch dtype name"),
+    (["--device", "cuda"], "--device: device 'cuda': CUDA is not available on this machine"),
 ])
 def test_show_bad_input(tmp_path, capsys, no_model_load, args, message):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "img.png")

@@ -21,8 +21,9 @@ INTERVAL = re.compile(r"(-?\d+\.\d) +\[(-?\d+\.\d), (-?\d+\.\d)\]")
 
 def test_demo_prints_table_and_writes_plot(tmp_path, capsys):
     out, report = tmp_path / "demo.png", tmp_path / "demo.json"
-    code = main(["demo", "--methods", "fastv", "pdrop", "random", "sparsevlm", "--budgets", "4", "8", "--n", "2",
-                 "--threads", "1", "--resamples", "200", "--out", str(out), "--json", str(report)])
+    code = main(["demo", "--methods", "fastv", "divprune", "pdrop", "random", "sparsevlm",
+                 "--budgets", "4", "8", "15", "16", "--n", "2", "--threads", "1",
+                 "--resamples", "200", "--out", str(out), "--json", str(report)])
     assert code == 0
     printed = capsys.readouterr().out
     lines = {tuple(line.split()[:2]): line for line in printed.splitlines() if len(line.split()) > 1}
@@ -31,7 +32,10 @@ def test_demo_prints_table_and_writes_plot(tmp_path, capsys):
     mean, low, high = map(float, INTERVAL.search(vanilla).groups())
     assert low <= mean <= high and high - low > 0
     assert "not reachable" in lines[("pdrop", "4")]  # 4 tokens is below PDrop's layer-average floor on 6 layers
-    assert "same parameters as 4" in lines[("sparsevlm", "8")]  # mapped onto the same schedule: not run twice
+    # 4 and 8 of 144 are 16 and 32 of 576: no official SparseVLM schedule is near; 15 and 16 both map onto
+    # the 64-of-576 schedule, which runs once
+    assert "not reachable" in lines[("sparsevlm", "4")] and "not reachable" in lines[("sparsevlm", "8")]
+    assert "same parameters as 15" in lines[("sparsevlm", "16")]
     gflops = {key: float(line.split()[3]) for key, line in lines.items()
               if key[0] in ("vanilla", "fastv", "random", "sparsevlm") and INTERVAL.search(line)}
     assert gflops[("random", "4")] < gflops[("random", "8")] < gflops[("fastv", "4")] < gflops[("vanilla", "-")]

@@ -42,7 +42,7 @@ def data_root(tmp_path_factory) -> Path:
 def cli_params(method: str, model, processor) -> list[str]:
     """``--tokens``/``--param`` arguments that run ``method`` on the toy model (the toy evaluation's own
     defaults), without a CLIP tower for CDPruner: it must find the one shipped in the checkpoint."""
-    params = method_params(method, None if method == "vanilla" else BUDGET, model, processor)
+    params = method_params(method, None if method == "vanilla" else BUDGET, model)
     params.pop("clip_text", None)
     args = []
     for key, value in params.items():

@@ -80,3 +80,19 @@ def test_show_heads_of_a_chosen_method_and_cli(tmp_path, tiny, monkeypatch):
         assert im.size == head_grid_size(4, 30, 2)
     assert main(["show", "--model", "tiny", "--image", str(tmp_path / "missing.png"), "--question", "q",
                  "--out", str(out)]) == 2
+
+
+def test_default_methods_follow_the_model(tmp_path):
+    """Without --method, show picks budgets and head counts the model has (64 tokens and 16 heads on
+    LLaVA-1.5-7B would not fit the toy model's 144 tokens and 8 heads)."""
+    from finepruner.report.show import default_methods
+
+    assert default_methods(576, 32) == ["fastv:tokens=64", "finepruner:tokens=64,heads=16,strategy=sum"]
+    assert default_methods(144, 8) == ["fastv:tokens=16", "finepruner:tokens=16,heads=4,strategy=sum"]
+    image_path = tmp_path / "img.png"
+    Image.new("RGB", (30, 30), (120, 10, 200)).save(image_path)
+    out = tmp_path / "out"
+    assert main(["show", "--model", "toy", "--image", str(image_path), "--question", "What color is the circle?",
+                 "--out", str(out), "--panel", "40", "--tile", "30"]) == 0
+    with Image.open(out / "tokens.png") as im:
+        assert im.size == overlay_size(2, 1, 40)

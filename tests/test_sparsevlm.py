@@ -372,3 +372,16 @@ def test_registered_with_defaults():
     method = finepruner.methods.create("sparsevlm", version="2.0")
     assert method.positions == "original" and not method.merge and method.heads == 14
     assert finepruner.methods.create("sparsevlm", version="1.0").layers == [2, 6, 15, 19]
+
+
+def test_budget_mapping_refuses_budgets_far_from_every_official_schedule():
+    """Scaled shapes (the toy's 144 tokens) take the nearest official schedule only when it is near:
+    4 and 8 of 144 (16 and 32 of 576) would otherwise both run the 64-token schedule under their labels."""
+    from finepruner.bench.runner import sparsevlm_mapping
+
+    mapped = sparsevlm_mapping(16, 6, 144)
+    assert mapped["keeps"] == [round(k * 144 / 576) for k in SCHEDULES["1.5"][64]]
+    assert sparsevlm_mapping(30, 6, 144)["keeps"] == sparsevlm_mapping(32, 6, 144)["keeps"]  # 120 ~ 128
+    for tokens in (4, 8):
+        with pytest.raises(ValueError, match=rf"tokens={tokens} of 144 .*allowed here: about 16, 24, 32, 48"):
+            sparsevlm_mapping(tokens, 6, 144)

@@ -179,7 +179,7 @@ def test_dry_run_ids_are_those_of_the_real_run(tmp_path, capsys):
     (("limit: 4", "limit: -1"), "settings.limit: -1 is not allowed"),
     (("max_new_tokens: 2", "max_new_tokens: abc"), "settings.max_new_tokens: 'abc' is not allowed"),
     (("limit: 4", "image_aspect_ratio: square"), "settings.image_aspect_ratio: 'square' is not allowed"),
-    (("limit: 4", "dtype: float17"), "settings.dtype: 'float17' is not a torch floating-point dtype"),
+    (("limit: 4", "dtype: float17"), "settings.dtype: dtype='float17' is not a floating-point torch dtype name"),
     (("name: s", "name: s\nbogus: 1"), "unknown top-level key(s) bogus"),
     (("grid:", "grid: [\n"), "not valid YAML"),
 ])
@@ -193,8 +193,8 @@ def test_bad_config_file(tmp_path, capsys, edit, message):
     (["--only", "bogus=3"], "--only bogus=...: unknown key 'bogus'; allowed: method, benchmark"),
     (["--exclude", "tokns=3"], "--exclude tokns=...: unknown key 'tokns'"),
     (["--cell", "0123456789abcdef"], "no cell matches --only/--exclude/--cell (run ids hash the model name"),
-    (["--dtype", "float17"], "--dtype: 'float17' is not a torch floating-point dtype"),
-    (["--device", "foo"], "--device foo: not a torch device"),
+    (["--dtype", "float17"], "--dtype: dtype='float17' is not a floating-point torch dtype name"),
+    (["--device", "foo"], "--device: device 'foo' is not a device name"),
     (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
     (["--limit", "-1"], "--limit -1: must be an integer >= 1"),
     (["--runs", "{tmp}/s.yaml"], "is a file; expected a folder"),
@@ -216,4 +216,4 @@ def test_cuda_device_must_be_present(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert main(["sweep", _config(tmp_path), "--dry-run", "--device", "cuda"]) == 2
-    assert "--device cuda: no CUDA device is visible here" in capsys.readouterr().err
+    assert "--device: device 'cuda': CUDA is not available on this machine" in capsys.readouterr().err

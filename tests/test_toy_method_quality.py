@@ -37,7 +37,7 @@ def run(tmp_path_factory) -> Callable[[str, int | None], dict]:
 
     def evaluate(method: str, tokens: int | None) -> dict:
         if (method, tokens) not in results:
-            params = method_params(method, tokens, model, processor)
+            params = method_params(method, tokens, model)
             results[method, tokens] = evaluate_suite(model, processor, root, method=method, method_params=params)
         return results[method, tokens]
 

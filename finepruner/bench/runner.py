@@ -299,10 +299,17 @@ def _summary(values: list[float | None]) -> dict | None:
 SPARSEVLM_LAYERS = (2, 6, 15)
 
 
+#: How far (relative) the 576-equivalent of a budget may lie from SparseVLM's nearest official budget
+#: before ``sparsevlm_mapping`` refuses it instead of silently running that budget's schedule.
+SPARSEVLM_BUDGET_TOLERANCE = 0.25
+
+
 def sparsevlm_mapping(tokens: int, num_layers: int, num_visual: int) -> dict:
     """SparseVLM parameters for a model other than LLaVA-1.5: the pruning layers scaled to the depth and
     the official v1.5 schedule of the budget closest to ``tokens * 576 / V``, scaled by ``V / 576``
-    (the realised layer average is what ``PruneStats.average_visual_tokens`` reports)."""
+    (the realised layer average is what ``PruneStats.average_visual_tokens`` reports). A budget further
+    than ``SPARSEVLM_BUDGET_TOLERANCE`` from every official one is a ValueError: snapping 4 and 8 of 144
+    tokens to the 64-of-576 schedule would run one configuration under three labels."""
     from finepruner.methods.sparsevlm import SCHEDULES
 
     layers: list[int] = []
@@ -313,6 +320,13 @@ def sparsevlm_mapping(tokens: int, num_layers: int, num_visual: int) -> dict:
         raise ValueError(f"sparsevlm: {num_layers} decoder layers are too few for three pruning layers")
     equivalent = tokens * 576 / num_visual
     budget = min(SCHEDULES["1.5"], key=lambda n: abs(n - equivalent))
+    if abs(equivalent - budget) > SPARSEVLM_BUDGET_TOLERANCE * budget:
+        reachable = ", ".join(str(round(n * num_visual / 576)) for n in sorted(SCHEDULES["1.5"]))
+        raise ValueError(
+            f"sparsevlm: tokens={tokens} of {num_visual} visual tokens is {equivalent:g} of LLaVA-1.5's 576, "
+            f"and SparseVLM has official schedules only for 64/96/128/192 of 576; allowed here: about "
+            f"{reachable} tokens (within {SPARSEVLM_BUDGET_TOLERANCE:.0%}), or pass layers= and keeps= yourself"
+        )
     keeps = [max(1, round(k * num_visual / 576)) for k in SCHEDULES["1.5"][budget]]
     return {"layers": layers, "keeps": keeps}
 

@@ -27,6 +27,31 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
+def _scoring_keys(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor | None,
+    rotated_keys: torch.Tensor | None,
+    num_query_heads: int,
+) -> torch.Tensor:
+    """The layer's rotated keys in float32, [B, num_query_heads, L, head_dim] (grouped-query heads
+    repeated): the cached ``rotated_keys`` as they are, else ``keys`` (or the layer's ``k_proj`` on
+    ``hidden``) rotated in float32."""
+    if rotated_keys is not None:
+        key = rotated_keys.float()
+    else:
+        attn = layer.self_attn
+        if keys is None:
+            keys = attn.k_proj(layer.input_layernorm(hidden))
+        batch, length, _ = hidden.shape
+        cos, sin = position_embeddings
+        key = keys.view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        key = _rope(key.float(), cos.float(), sin.float())
+    groups = num_query_heads // key.shape[1]
+    return key.repeat_interleave(groups, dim=1) if groups > 1 else key
+
+
 def last_query_attention(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -57,21 +82,12 @@ def last_query_attention(
         eager attention (causal: the last query sees every key).
     """
     attn = layer.self_attn
-    batch, length, _ = hidden.shape
+    batch = hidden.shape[0]
     head_dim = attn.head_dim
     cos, sin = position_embeddings
     query = attn.q_proj(layer.input_layernorm(hidden[:, -1:])).view(batch, 1, -1, head_dim).transpose(1, 2)
     query = _rope(query.float(), cos[:, -1:].float(), sin[:, -1:].float())
-    if rotated_keys is not None:
-        key = rotated_keys.float()
-    else:
-        if keys is None:
-            keys = attn.k_proj(layer.input_layernorm(hidden))
-        key = keys.view(batch, length, -1, head_dim).transpose(1, 2)
-        key = _rope(key.float(), cos.float(), sin.float())
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
+    key = _scoring_keys(layer, hidden, (cos, sin), keys, rotated_keys, query.shape[1])
     logits = (query @ key.transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, L]
     if mask2d is not None:
         logits = logits.masked_fill(~mask2d.bool()[:, None, :], float("-inf"))
@@ -147,16 +163,7 @@ def query_attention(
     query_cos = cos.gather(1, query_index[..., None].expand(-1, -1, cos.shape[-1]))
     query_sin = sin.gather(1, query_index[..., None].expand(-1, -1, sin.shape[-1]))
     query = _rope(query.float(), query_cos.float(), query_sin.float())
-    if rotated_keys is not None:
-        key = rotated_keys.float()
-    else:
-        if keys is None:
-            keys = attn.k_proj(layer.input_layernorm(hidden))
-        key = keys.view(batch, length, -1, head_dim).transpose(1, 2)
-        key = _rope(key.float(), cos.float(), sin.float())
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
+    key = _scoring_keys(layer, hidden, (cos, sin), keys, rotated_keys, query.shape[1])
     logits = (query @ key.transpose(-1, -2)) * attn.scaling  # [B, H, Q, L]
     allowed = torch.arange(length, device=hidden.device)[None, None, :] <= query_index[:, :, None]  # [B, Q, L]
     if mask2d is not None:

@@ -50,12 +50,12 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"device {device!r} is not a device name (use cpu, cuda, cuda:N or mps)") from err
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if not count:
             raise ValueError(
                 f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
                 f"built with CUDA {torch.version.cuda or 'none'}); use --device cpu"
             )
-        count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise ValueError(
                 f"device {device!r}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})"

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_METHODS = ("fastv:tokens=64", "finepruner:tokens=64,heads=16,strategy=sum")
+if TYPE_CHECKING:  # pragma: no cover
+    from finepruner.sweep.config import ModelShape
+
+
+def default_methods(num_visual: int, num_heads: int) -> list[str]:
+    """The methods shown without ``--method``: FastV and FinePruner at a ninth of the visual tokens, the
+    latter with half the heads (64 of 576 and 16 of 32 on LLaVA-1.5-7B; 16 of 144 and 4 of 8 on the toy)."""
+    tokens, heads = max(1, num_visual // 9), max(1, num_heads // 2)
+    return [f"fastv:tokens={tokens}", f"finepruner:tokens={tokens},heads={heads},strategy=sum"]
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +29,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--question", required=True, help="the question (USER text after the image)")
     p.add_argument("--method", action="append", metavar="NAME[:KEY=VALUE,...]",
-                   help=f"method to show (repeatable; default: {' and '.join(DEFAULT_METHODS)})")
+                   help="method to show (repeatable; default: fastv and finepruner with strategy sum at a ninth of "
+                   "the visual tokens, finepruner with half the heads: 64 tokens and 16 heads on LLaVA-1.5-7B)")
     p.add_argument("--out", default="show", help="output folder (default: show)")
     p.add_argument("--panel", type=int, default=336, help="pixels per image panel (default 336)")
     p.add_argument("--tile", type=int, default=96, help="pixels per head map (default 96)")
@@ -34,13 +43,14 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_show)
 
 
-def _check_args(args: argparse.Namespace, methods: list[tuple[str, dict[str, Any]]]) -> None:
+def _check_args(args: argparse.Namespace, methods: list[tuple[str, dict[str, Any]]],
+                shape: ModelShape) -> None:
     """Everything that can be checked before the model loads: sizes, --heads-method, --out, the image
     file, and each method's name and parameters against the checkpoint's config.json; raises
     ``ValueError`` naming the argument."""
     from pathlib import Path
 
-    from finepruner.sweep.config import check_device, check_dtype, check_method_params, model_shape
+    from finepruner.sweep.config import check_device, check_dtype, check_method_params
 
     for flag, value in (("--panel", args.panel), ("--tile", args.tile), ("--cols", args.cols)):
         if value < 1:
@@ -57,7 +67,6 @@ def _check_args(args: argparse.Namespace, methods: list[tuple[str, dict[str, Any
         check_dtype(args.dtype, "--dtype")
     if args.device is not None:
         check_device(args.device)
-    shape = model_shape(args.model)
     for name, params in methods:
         try:
             check_method_params(name, params, shape)
@@ -72,8 +81,12 @@ def run_show(args: argparse.Namespace) -> int:
     from finepruner.report.overlays import parse_method_spec, show
 
     try:
-        methods = [parse_method_spec(s) for s in (args.method or DEFAULT_METHODS)]
-        _check_args(args, methods)
+        from finepruner.sweep.config import model_shape
+
+        shape = model_shape(args.model)
+        specs = args.method or default_methods(shape.num_visual, shape.num_heads)
+        methods = [parse_method_spec(s) for s in specs]
+        _check_args(args, methods, shape)
         try:
             with Image.open(args.image) as img:
                 image = img.convert("RGB")

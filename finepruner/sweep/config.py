@@ -402,29 +402,25 @@ def _check_settings(settings: Mapping[str, Any], where: str) -> None:
 
 
 def check_dtype(dtype: Any, where: str) -> None:
-    """``dtype`` must name a torch floating-point dtype (``float16``, ``bfloat16``, ``float32``)."""
-    import torch
+    """``dtype`` must name a torch floating-point dtype (``models.loading.parse_dtype``); raises
+    :class:`SweepConfigError` prefixed with ``where``."""
+    from finepruner.models.loading import parse_dtype
 
-    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise SweepConfigError(f"{where}: {dtype!r} is not a torch floating-point dtype; allowed e.g. "
-                               "float16, bfloat16, float32")
+    try:
+        parse_dtype(dtype)
+    except ValueError as err:
+        raise SweepConfigError(f"{where}: {err}") from None
 
 
 def check_device(device: str) -> None:
-    """``--device``: a torch device string whose device is present here."""
-    import torch
+    """``--device``: a torch device present here (``models.loading.check_device``); raises
+    :class:`SweepConfigError`."""
+    from finepruner.models.loading import check_device as check
 
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise SweepConfigError(f"--device {device}: not a torch device ({err}); e.g. cpu, cuda, cuda:1") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count()
-        if not count:
-            raise SweepConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu")
-        if parsed.index is not None and parsed.index >= count:
-            raise SweepConfigError(f"--device {device}: this machine has {count} CUDA device(s) (0..{count - 1})")
+        check(device)
+    except ValueError as err:
+        raise SweepConfigError(f"--device: {err}") from None
 
 
 #: Filter keys other than method parameters (``--only``/``--exclude``).

@@ -138,7 +138,7 @@ def summary_row(results: dict[str, Any]) -> dict[str, float]:
     return row
 
 
-def method_params(method: str, tokens: int | None, model, processor, checkpoint: str = "toy",
+def method_params(method: str, tokens: int | None, model, checkpoint: str = "toy",
                   random_seed: int = 0) -> dict[str, Any]:
     """Parameters that run ``method`` at ``tokens`` on the toy model (shared by this script and the demo):
     the bench's defaults (``finepruner``: H = heads/4; SparseVLM: the v1.5 schedule scaled to the depth),
@@ -189,7 +189,7 @@ def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tu
     done: dict[str, dict[str, Any]] = {}
     for method, tokens in tqdm(grid, desc="toy suite", unit="config", disable=not progress):
         try:
-            params = method_params(method, tokens, model, processor, checkpoint, random_seed)
+            params = method_params(method, tokens, model, checkpoint, random_seed)
             key = _params_key(method, params)
             if key in done:
                 row = {**done[key], "tokens": tokens, "same_as": done[key]["tokens"]}

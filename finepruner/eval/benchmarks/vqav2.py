@@ -189,9 +189,13 @@ class VQAv2(Benchmark):
             return result(self, scored=False, counts=counts, reason="no annotated question has an answer")
         extra = {}
         if counts["missing"]:
+            answered_ids = {a["question_id"] for a in answers}
+            answered_accs = [acc for ann, acc in zip(annotations, accs) if ann["question_id"] in answered_ids]
+            extra["answered_accuracy"] = _percent(answered_accs)
             extra["warning"] = (
                 f"{counts['missing']} of {counts['questions']} questions have no answer; as in the official "
-                "pipeline they are scored as the empty answer"
+                "pipeline they are scored as the empty answer (answered_accuracy: over the answered ones "
+                "only, e.g. for a --limit run)"
             )
         overall = _percent(accs)
         return result(
