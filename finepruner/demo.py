@@ -144,18 +144,28 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         print(f"finepruner demo: --out {out} is a folder; give a PNG file name", file=sys.stderr)
         return 2
+    if args.json and Path(args.json).is_dir():
+        print(f"finepruner demo: --json {args.json} is a folder; give a file name", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.methods or ()) - set(finepruner.methods.available()))
+    if unknown:
+        print(f"finepruner demo: --methods: unknown method(s) {', '.join(unknown)}; allowed: "
+              f"{', '.join(finepruner.methods.available())}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     start = time.time()
     model, processor = finepruner.load_model("toy")
     vision = model.config.vision_config
     num_visual = (vision.image_size // vision.patch_size) ** 2
-    root = build_default_suite(Path(tempfile.mkdtemp(prefix="finepruner-demo-")), n=args.n, seed=args.seed)
-    chance = chance_percent(load_suite_meta(root)["chance"])
     methods = args.methods or finepruner.methods.available()
     methods = ["vanilla", *[m for m in methods if m != "vanilla"]]
-    rows = run_grid(model, processor, root, methods, tuple(args.budgets), progress=True)
+    with tempfile.TemporaryDirectory(prefix="finepruner-demo-") as tmp:  # the suite lives for the run only
+        root = build_default_suite(Path(tmp), n=args.n, seed=args.seed)
+        suite_meta = load_suite_meta(root)
+        rows = run_grid(model, processor, root, methods, tuple(args.budgets), progress=True)
+    chance = chance_percent(suite_meta["chance"])
     boot, ran = attach_intervals(rows, args.resamples, args.bootstrap_seed)
-    meta = load_suite_meta(root)["benchmarks"]
+    meta = suite_meta["benchmarks"]
     sizes = ", ".join(f"{meta[b]['questions']} {b}" for b in BENCHMARKS)
     print(f"\ntoy LLaVA ({num_visual} visual tokens), toy suite n={args.n} seed={args.seed} ({sizes} questions); "
           f"headline metrics in %; mean = mean of the four, 95% interval from {args.resamples} bootstrap resamples; "
@@ -171,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     plot(rows, out, num_visual, args.n)
     print(f"\nwrote {out}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "n": args.n, "seed": args.seed, "budgets": list(args.budgets), "resamples": args.resamples,
             "bootstrap_seed": args.bootstrap_seed, "rows": [json_row(r) for r in rows],

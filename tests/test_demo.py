@@ -94,3 +94,13 @@ def test_bootstrap_suite_rejects_rows_of_different_suites(grid, tmp_path):
 def test_chance_levels_in_table_units():
     chance = chance_percent(benchmark_chance())
     assert chance["mme"] == 37.5 and round(chance["pope"], 1) == 66.7
+
+
+def test_bad_arguments_are_errors_before_the_model_loads(tmp_path, capsys, no_model_load):
+    assert main(["demo", "--methods", "fastv", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method(s) nosuch; allowed: " in err and "fastv" in err
+    assert main(["demo", "--json", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a PNG file name" in capsys.readouterr().err
