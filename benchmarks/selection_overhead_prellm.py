@@ -1,10 +1,13 @@
-"""Cost of the pre-LLM selections (VisPruner, CDPruner) relative to a vanilla prefill, on CPU.
+"""Cost of the pre-LLM selections (VisPruner, CDPruner, DivPrune) relative to a vanilla prefill, on CPU.
 
 The prefill is one ``model(**inputs)`` of a ~100M-parameter tiny LLaVA with LLaVA-1.5's 24 x 24 = 576
 visual tokens (batch 1, no pruning). The selections run on signals of the same shapes:
 
 * ``vispruner``: [CLS]-attention ranking + ToMe-style de-duplication (``vispruner_select``);
 * ``cdpruner``: cosine kernel of the projected tokens + relevance + fast greedy DPP (576 candidates);
+* ``divprune``: greedy max-min diversity over the projected tokens (``divprune_select``), also over
+  2,880 tokens (``V=2880``: LLaVA-NeXT's 5 x 576 fixed-grid layout), still divided by the 576-token
+  prefill (a 2,880-token prefill costs at least five times more, so that ratio is an upper bound);
 * ``cls_attention``: the hook's one-query attention recomputation (VisPruner's signal).
 
 Each is timed with the feature widths of the benchmark model (``model``) and of LLaVA-1.5-7B (``llava7b``:
@@ -29,6 +32,7 @@ from PIL import Image
 
 from finepruner.engine.vision import cls_attention
 from finepruner.methods.cdpruner import dpp_greedy, relevance_scores, similarity_kernel
+from finepruner.methods.divprune import divprune_select
 from finepruner.methods.vispruner import vispruner_select
 from finepruner.models.tiny import build_tiny_llava
 
@@ -70,6 +74,7 @@ def main() -> None:
             "projected": torch.randn(1, num_visual, d),
             "image_embeds": torch.randn(1, num_visual, p),
             "text": [torch.randn(1, p)],
+            "projected_next": torch.randn(1, 5 * num_visual, d),
         }
     hidden = torch.randn(1, num_visual + 1, vision_hidden)
 
@@ -83,6 +88,9 @@ def main() -> None:
             tasks[f"vispruner/{name}/T={budget}"] = lambda s=s, b=budget: vispruner_select(
                 s["attention"], s["features"], b, 0.5)
             tasks[f"cdpruner/{name}/T={budget}"] = lambda s=s, b=budget: cdpruner(s, b)
+            tasks[f"divprune/{name}/T={budget}"] = lambda s=s, b=budget: divprune_select(s["projected"], b)
+            tasks[f"divprune/{name}/V=2880/T={5 * budget}"] = lambda s=s, b=budget: divprune_select(
+                s["projected_next"], 5 * b)
     tasks["cls_attention/model"] = lambda: cls_attention(attention_layer, hidden)
 
     times: dict[str, list[float]] = {name: [] for name in tasks}
@@ -96,9 +104,9 @@ def main() -> None:
     prefill = median["prefill"]
     print(f"decoder parameters: {decoder_params / 1e6:.1f}M; prompt tokens: {inputs['input_ids'].shape[1]}; "
           f"threads: {args.threads}; rounds: {args.rounds}")
-    print(f"{'task':32s} {'median ms':>10s} {'/ prefill':>10s}")
+    print(f"{'task':36s} {'median ms':>10s} {'/ prefill':>10s}")
     for name, value in median.items():
-        print(f"{name:32s} {value * 1e3:10.2f} {value / prefill:10.2%}")
+        print(f"{name:36s} {value * 1e3:10.2f} {value / prefill:10.2%}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"median_s": median, "ratio": {k: v / prefill for k, v in median.items()},

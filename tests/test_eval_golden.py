@@ -34,6 +34,20 @@ def test_pope_mean_f1() -> None:
     assert acc == {"adversarial": 0.855, "popular": 0.874, "random": 0.880}
 
 
+def test_pope_shuffled_answers_match_by_question_id(tmp_path: Path) -> None:
+    """Zipping answers with labels by position (as eval_pope.py does) gave 45.5 on these answers shuffled;
+    finepruner matches them by question_id and says the order differs."""
+    import random
+
+    lines = (ROOT / "pope/answers/llava-v1.5-13b.jsonl").read_text().splitlines()
+    random.Random(0).shuffle(lines)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(lines) + "\n")
+    m = score_file("pope", shuffled, ROOT)
+    assert round(m["mean_f1"], 2) == 85.95
+    assert "not in question-file order" in m["warning"]
+
+
 def test_mme_perception() -> None:
     m = score_file("mme", ROOT / "MME/answers/llava-v1.5-13b.jsonl", ROOT)
     assert round(m["perception"], 2) == 1531.32

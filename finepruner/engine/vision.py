@@ -12,6 +12,10 @@ method is applied, during the vision tower run LLaVA does anyway (no extra tower
   selected CLIP hidden state, [CLS] dropped) and its output (the tokens the language model receives).
 * ``post_layernorm_features``: the vision tower's own ``post_layernorm`` applied to ``patch_features``
   (CDPruner's input to CLIP's ``visual_projection``), computed on demand.
+* ``cls_attention_sum`` / ``feature_keys`` (VisionZip, ``methods_more.md`` §1): the same attention hook
+  gives the [CLS] row summed over heads and the head-mean of that layer's key projections (patches).
+* ``cls_feature``: a forward hook on the feature layer itself keeps the [CLS] vector of its output (the
+  row the ``"default"`` strategy drops before the projector), one per image.
 
 Per-image rows are mapped to batch samples in the order in which LLaVA scatters image features into
 the ``<image>`` positions (row-major): a sample with several images gets their tokens concatenated.
@@ -31,7 +35,12 @@ VISION_SIGNALS: tuple[str, ...] = (
     "patch_features",
     "projected_features",
     "post_layernorm_features",
+    "cls_attention_sum",
+    "feature_keys",
+    "cls_feature",
 )
+#: Signals computed by the hook on the feature layer's self-attention.
+_ATTENTION_SIGNALS = frozenset({"cls_attention", "cls_attention_sum", "feature_keys"})
 
 
 @dataclass
@@ -46,6 +55,10 @@ class VisionSignals:
         prompt_ids: each sample's prompt token ids, padding removed. Methods that read the question
             declare ``needs_instructions`` and get its text in ``StageContext.instructions`` instead.
         image_token_id: the ``<image>`` placeholder id in ``prompt_ids``.
+        cls_attention_sum: [B, V] float32 [CLS]-query attention of the same layer, summed over heads.
+        feature_keys: [B, V, head_dim] float32 head-mean of that layer's ``k_proj`` outputs (patches).
+        cls_feature: [B, I, Dv] the [CLS] vector of the feature layer's output, one per image of the sample
+            (I images; pre-projector, the same hidden state as ``patch_features``).
         project: runs the model's ``multi_modal_projector`` on new pre-projector tokens (e.g. ``pool``'s
             pooled features) without the capture recording them.
     """
@@ -54,6 +67,9 @@ class VisionSignals:
     patch_features: torch.Tensor | None = None
     projected_features: torch.Tensor | None = None
     post_layernorm_features: torch.Tensor | None = None
+    cls_attention_sum: torch.Tensor | None = None
+    feature_keys: torch.Tensor | None = None
+    cls_feature: torch.Tensor | None = None
     prompt_ids: list[list[int]] | None = None
     image_token_id: int | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -102,6 +118,26 @@ def cls_attention(attention: nn.Module, hidden: torch.Tensor, drop_cls: bool = T
     return probs.mean(dim=1)
 
 
+@torch.no_grad()
+def feature_layer_signals(attention: nn.Module, hidden: torch.Tensor, drop_cls: bool = True) -> dict[str, torch.Tensor]:
+    """[CLS]-row attention summed and averaged over heads, and head-mean keys, of a CLIP self-attention
+    (``methods_more.md`` §1.2: VisionZip's ``s`` and ``Km``), in float32, from one ``k_proj`` run.
+
+    Returns ``cls_attention`` [n, P] (as ``cls_attention``), ``cls_attention_sum`` [n, P] and
+    ``feature_keys`` [n, P, head_dim] (P patches; with ``drop_cls=False`` the [CLS] column/row is kept).
+    """
+    n, length, _ = hidden.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(hidden[:, :1]).float().view(n, 1, heads, head_dim).transpose(1, 2)
+    raw_keys = attention.k_proj(hidden).float().view(n, length, heads, head_dim)
+    key = raw_keys.transpose(1, 2)
+    probs = ((query @ key.transpose(-1, -2)) * attention.scale).softmax(dim=-1)[:, :, 0]  # [n, heads, L]
+    keys = raw_keys.mean(dim=2)  # [n, L, head_dim]
+    if drop_cls:
+        probs, keys = probs[:, :, 1:], keys[:, 1:]
+    return {"cls_attention": probs.mean(dim=1), "cls_attention_sum": probs.sum(dim=1), "feature_keys": keys}
+
+
 class VisionCapture:
     """Forward hooks on a LLaVA model's vision side that record the signals named in ``needs``."""
 
@@ -115,15 +151,22 @@ class VisionCapture:
         self._cls: list[torch.Tensor] = []
         self._features: list[torch.Tensor] = []
         self._projected: list[torch.Tensor] = []
+        self._attention: dict[str, list[torch.Tensor]] = {"cls_attention_sum": [], "feature_keys": []}
+        self._cls_feature: list[torch.Tensor] = []
         self._quiet = False  # True while ``project`` runs: those projector calls are not LLaVA's encoding
         config = adapter.model.config
         self._drop_cls = config.vision_feature_select_strategy == "default"
         tower = adapter.vision_tower
         self._hooks.append(tower.register_forward_pre_hook(self._on_tower))
-        if "cls_attention" in needs:
+        if _ATTENTION_SIGNALS & set(needs) or "cls_feature" in needs:
             layers = tower.encoder.layers
             index = feature_layer_index(len(layers), config.vision_feature_layer)
-            self._hooks.append(layers[index].self_attn.register_forward_hook(self._on_attention, with_kwargs=True))
+            if _ATTENTION_SIGNALS & set(needs):
+                self._hooks.append(
+                    layers[index].self_attn.register_forward_hook(self._on_attention, with_kwargs=True)
+                )
+            if "cls_feature" in needs:
+                self._hooks.append(layers[index].register_forward_hook(self._on_feature_layer))
         if {"patch_features", "projected_features", "post_layernorm_features"} & set(needs):
             projector = adapter.llava_model.multi_modal_projector
             self._hooks.append(projector.register_forward_hook(self._on_projector))
@@ -133,7 +176,19 @@ class VisionCapture:
 
     def _on_attention(self, module, args, kwargs, output) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self._cls.append(cls_attention(module, hidden, self._drop_cls))
+        if not {"cls_attention_sum", "feature_keys"} & set(self.needs):
+            self._cls.append(cls_attention(module, hidden, self._drop_cls))
+            return
+        signals = feature_layer_signals(module, hidden, self._drop_cls)
+        if "cls_attention" in self.needs:
+            self._cls.append(signals["cls_attention"])
+        for name, chunks in self._attention.items():
+            if name in self.needs:
+                chunks.append(signals[name])
+
+    def _on_feature_layer(self, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        self._cls_feature.append(hidden[:, 0].detach())
 
     def _on_projector(self, module, args, output) -> None:
         if self._quiet:
@@ -154,6 +209,17 @@ class VisionCapture:
     def reset(self) -> None:
         """Forget what earlier calls captured."""
         self._cls, self._features, self._projected = [], [], []
+        self._attention = {name: [] for name in self._attention}
+        self._cls_feature = []
+
+    def _patches_per_image(self) -> int:
+        """Patch tokens per image of the captured encodings (from the captured per-image signals)."""
+        for chunks in (self._attention["feature_keys"], self._attention["cls_attention_sum"], self._cls):
+            if chunks:
+                return int(chunks[0].shape[1])
+        tower = self.adapter.vision_tower
+        side = tower.config.image_size // tower.config.patch_size
+        return side * side + (0 if self._drop_cls else 1)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -184,8 +250,25 @@ class VisionCapture:
             return rows.repeat_interleave(batch // encoded, dim=0) if batch != encoded else rows
 
         features = per_sample(self._features, "patch_features")
+        cls_feature = None
+        if self._cls_feature:
+            images = torch.cat(self._cls_feature, dim=0)  # [n_images, Dv]
+            patches = self._patches_per_image()
+            per_prompt, rest = divmod(num_visual, patches) if patches else (0, 1)
+            if rest or not per_prompt or images.shape[0] % per_prompt:
+                raise RuntimeError(
+                    f"captured {images.shape[0]} [CLS] vectors of {patches} patches each for {batch} samples of "
+                    f"{num_visual} visual tokens; the images do not match the prompt's <image> tokens"
+                )
+            encoded = images.shape[0] // per_prompt
+            if not encoded or batch % encoded:
+                raise RuntimeError(f"captured [CLS] vectors of {encoded} samples for a batch of {batch}")
+            cls_feature = images.view(encoded, per_prompt, -1).repeat_interleave(batch // encoded, dim=0)
         signals = VisionSignals(
             cls_attention=per_sample(self._cls, "cls_attention"),
+            cls_attention_sum=per_sample(self._attention["cls_attention_sum"], "cls_attention_sum"),
+            feature_keys=per_sample(self._attention["feature_keys"], "feature_keys"),
+            cls_feature=cls_feature,
             patch_features=features if "patch_features" in self.needs else None,
             projected_features=per_sample(self._projected, "projected_features"),
             prompt_ids=prompt_ids,

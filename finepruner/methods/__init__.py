@@ -18,10 +18,12 @@ from finepruner.methods.pool import Pool
 from finepruner.methods.random_selection import RandomSelection
 from finepruner.methods.sparsevlm import SparseVLM
 from finepruner.methods.vanilla import Vanilla
+from finepruner.methods.visionzip import VisionZip
 from finepruner.methods.vispruner import VisPruner
 
 _METHODS: tuple[type[PruningMethod], ...] = (
-    Vanilla, RandomSelection, FastV, PDrop, FinePrunerHead, VisPruner, CDPruner, SparseVLM, DivPrune, DART, Pool
+    Vanilla, RandomSelection, FastV, PDrop, FinePrunerHead, VisPruner, CDPruner, SparseVLM, DivPrune, DART, Pool,
+    VisionZip,
 )
 _REGISTRY: dict[str, type[PruningMethod]] = {cls.name: cls for cls in _METHODS}
 #: Other accepted names (not listed by ``available()``).
