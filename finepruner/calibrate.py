@@ -5,12 +5,17 @@ layer ``K-1`` (where the ``finepruner`` method with the same ``K`` scores), ever
 ranking strategy, and the mean scores over the set rank the heads. The result, ``heads.json``, is used
 with ``finepruner.apply(model, "finepruner", heads=H, heads_from="heads.json", K=K)``: a fixed head set
 with no per-sample selection cost.
+
+``--weights`` also writes per-head weights for HAWK-style soft selection (spec methods_more.md §7): the
+mean scores L1-normalised (with ``--strategy sum``, each head's share of the mean visual-attention mass; HAWK's
+own head-ablation procedure is not public), used as ``weighting="hawk", heads_from="heads.json"``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +26,7 @@ from finepruner.eval import benchmarks
 from finepruner.eval.errors import EvalError
 from finepruner.eval.prompting import build_prompt
 from finepruner.eval.runner import Generator
-from finepruner.heads import HeadSet, HeadStatsAccumulator, strategies
+from finepruner.heads import HeadSet, HeadStatsAccumulator, strategies, strategy_info
 from finepruner.models.adapter import LlavaAdapter
 
 
@@ -34,9 +39,12 @@ def calibrate(
     strategy: str = "sum",
     batch_size: int = 8,
     progress: bool = True,
+    weights: bool = False,
+    data: str | None = None,
     **options,
 ) -> HeadSet:
-    """Per-head statistics of ``strategy`` at decoder layer ``K-1`` over ``samples`` (eval ``Sample``s)."""
+    """Per-head statistics of ``strategy`` at decoder layer ``K-1`` over ``samples`` (eval ``Sample``s);
+    ``weights=True`` adds the HAWK-style weights (``HeadSet.with_weights``), ``data`` says what data it saw."""
     adapter = LlavaAdapter(model)
     if not 1 <= K <= adapter.num_layers - 1:
         raise ValueError(f"K={K} is out of range; allowed: 1..{adapter.num_layers - 1}")
@@ -62,7 +70,10 @@ def calibrate(
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             model(**inputs, use_cache=False)
             accumulator.update(handle.attention[0])
-    return accumulator.result()
+    head_set = accumulator.result()
+    if data is not None:
+        head_set = replace(head_set, data=data)
+    return head_set.with_weights() if weights else head_set
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -71,6 +82,9 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--layer", args.layer)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be an integer >= 1")
+    if args.weights and strategy_info(args.strategy).best != "largest":
+        raise ValueError(f"--weights needs a --strategy whose largest scores are best; {args.strategy!r} ranks the "
+                         "smallest first (the default 'sum' weighs each head by its visual-attention mass)")
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; pass the heads.json file to write")
@@ -102,12 +116,19 @@ def run(args: argparse.Namespace) -> int:
     except (EvalError, ValueError, OSError, RuntimeError) as err:  # DataError names every missing path
         print(f"finepruner calibrate: error: {err}", file=sys.stderr)
         return 2
-    head_set = calibrate(model, processor, samples, K=args.layer, strategy=args.strategy,
-                         batch_size=args.batch_size, progress=not args.no_progress)
+    data = f"{args.bench}: the first {len(samples)} questions with an image"
+    try:
+        head_set = calibrate(model, processor, samples, K=args.layer, strategy=args.strategy,
+                             batch_size=args.batch_size, progress=not args.no_progress, weights=args.weights,
+                             data=data)
+    except ValueError as err:  # e.g. --weights on negative mean scores
+        print(f"finepruner calibrate: error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     head_set.save(out)
-    print(f"wrote {out}: {head_set.n_samples} samples, best heads {list(head_set.ranked_heads[:8])} ...")
+    print(f"wrote {out}: {head_set.n_samples} samples, best heads {list(head_set.ranked_heads[:8])} ..."
+          + (" (with per-head weights)" if head_set.weights is not None else ""))
     return 0
 
 
@@ -122,6 +143,8 @@ def register(subparsers) -> None:
     parser.add_argument("--layer", type=int, default=2,
                         help="the K the head set will be used with: statistics from decoder layer K-1")
     parser.add_argument("--strategy", default="sum", choices=strategies("ranking"), help="per-head statistic")
+    parser.add_argument("--weights", action="store_true",
+                        help="also write per-head weights (the L1-normalised mean scores) for weighting=hawk")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default=None, help="e.g. float16, bfloat16 (default: checkpoint's)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (default: cpu)")

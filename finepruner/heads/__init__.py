@@ -6,6 +6,7 @@ Pure functions on ONE sample's last-prompt-token attention to the visual tokens 
     idx = heads.select(attn, "sparsity", heads=16)            # sorted int64 head indices
     s = heads.score(attn, "entropy")                          # float32 [num_heads]; best end: strategy_info
     token_scores = heads.aggregate(attn, idx, mode="mean")    # [num_visual]
+    token_scores = heads.hawk_scores(attn, weights)           # HAWK soft weighting, [num_visual]
     heads.strategies()                                        # every strategy name
 
 Strategies, formulas, directions, the dynamic selectors and the ``heads.json`` calibration format are
@@ -30,6 +31,7 @@ from finepruner.heads.calibration import (
     save_head_set,
 )
 from finepruner.heads.dynamic import budget_regime
+from finepruner.heads.prior_art import GRAVITY_MODES, default_priority_heads, hawk_scores, rope_gravity
 from finepruner.heads.registry import REGISTRY, Strategy
 from finepruner.heads.selection import Selection
 from finepruner.heads.strategies import DEFINITIONS, HIERARCHICAL_VERSIONS
@@ -37,6 +39,7 @@ from finepruner.heads.strategies import DEFINITIONS, HIERARCHICAL_VERSIONS
 __all__ = [
     "AGGREGATION_MODES",
     "DEFINITIONS",
+    "GRAVITY_MODES",
     "HIERARCHICAL_VERSIONS",
     "REGISTRY",
     "HeadSet",
@@ -45,8 +48,11 @@ __all__ = [
     "Strategy",
     "aggregate",
     "budget_regime",
+    "default_priority_heads",
+    "hawk_scores",
     "load_head_set",
     "parse_head_set",
+    "rope_gravity",
     "save_head_set",
     "score",
     "score_many",

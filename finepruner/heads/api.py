@@ -74,7 +74,8 @@ def select(attn: torch.Tensor, strategy: str, heads: int | None = None, **option
     """Selected head indices of one sample ``[num_heads, num_visual]``: a sorted int64 tensor.
 
     ``heads`` is H for rankings, ``hierarchical``, ``random`` and ``calibrated``; an optional upper bound for
-    ``dynamic``/``consensus``; ignored (but validated) for ``all``. Ties: lowest head index first.
+    ``dynamic``/``consensus``; optional for ``sparsevlm_priority`` (default ``round(14/32 · num_heads)``);
+    ignored (but validated) for ``all``. Ties: lowest head index first.
     """
     return select_detailed(attn, strategy, heads, **options).indices
 
@@ -115,4 +116,17 @@ def select_batch(
     if entry.kind == "ranking":
         ranked = top_heads(entry.score_fn(a, **options), heads, largest=entry.best == "largest")
         return list(ranked.sort(dim=-1).values.unbind(0))
-    return [entry.select_fn(a[b], heads, **options).indices for b in range(a.shape[0])]
+    return [entry.select_fn(a[b], heads, **_sample_options(entry, options, b, a.shape[0])).indices
+            for b in range(a.shape[0])]
+
+
+def _sample_options(entry: Strategy, options: Mapping[str, Any], b: int, batch: int) -> dict[str, Any]:
+    """Sample ``b``'s options: per-sample options given as a ``[B, ...]`` tensor are indexed by ``b``."""
+    out = dict(options)
+    for name in entry.per_sample:
+        value = out.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            if value.shape[0] != batch:
+                raise ValueError(f"strategy {entry.name!r}: {name} has {value.shape[0]} rows for a batch of {batch}")
+            out[name] = value[b]
+    return out

@@ -10,7 +10,14 @@ File format (docs/heads.md "Calibration file")::
      "strategy": "sum", "options": {}, "best": "largest", "n_samples": 500,
      "scores": [...num_heads floats: mean per-sample score...],
      "scores_std": [...num_heads floats: population std over samples...],
-     "ranked_heads": [...permutation of 0..num_heads-1, best first...]}
+     "ranked_heads": [...permutation of 0..num_heads-1, best first...],
+     "weights": [...optional: num_heads non-negative floats summing to 1 (HAWK-style head weights)...],
+     "data": "optional: which calibration data the statistics saw"}
+
+``weights`` (``finepruner calibrate --weights``, ``HeadSet.with_weights``) are the L1-normalised mean scores
+of a largest-is-best strategy (default ``sum``: each head's share of the mean visual-attention mass), the
+static per-head weights of HAWK's soft selection (spec methods_more.md §7); ``weighting="hawk"`` of the
+``finepruner`` method reads them.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,6 +54,8 @@ class HeadSet:
     scores_std: tuple[float, ...]
     ranked_heads: tuple[int, ...]
     source: str | None = field(default=None, compare=False)
+    weights: tuple[float, ...] | None = None
+    data: str | None = None
 
     def top(self, heads: int) -> torch.Tensor:
         """The ``heads`` best calibrated heads, ascending int64."""
@@ -69,7 +78,30 @@ class HeadSet:
             "scores": list(self.scores),
             "scores_std": list(self.scores_std),
             "ranked_heads": list(self.ranked_heads),
+            **({"weights": list(self.weights)} if self.weights is not None else {}),
+            **({"data": self.data} if self.data is not None else {}),
         }
+
+    def with_weights(self, data: str | None = None) -> HeadSet:
+        """This head set with HAWK-style weights: the mean scores L1-normalised (spec methods_more.md §7).
+
+        HAWK's own weights come from a head-ablation procedure that is not public; the proxy here is the
+        calibrated statistic itself (for ``sum``: the head's share of the mean visual-attention mass).
+        Needs a strategy whose largest scores are best and whose mean scores are non-negative.
+        """
+        if self.best != "largest":
+            raise ValueError(
+                f"head weights need a strategy whose largest scores are best; {self.strategy!r} ranks the "
+                "smallest first (use e.g. strategy 'sum')"
+            )
+        if any(x < 0 for x in self.scores) or not sum(self.scores) > 0:
+            raise ValueError(
+                f"head weights need non-negative mean scores with a positive sum; strategy {self.strategy!r} "
+                f"gave {min(self.scores):.4g}..{max(self.scores):.4g}"
+            )
+        total = math.fsum(self.scores)
+        weights = tuple(x / total for x in self.scores)
+        return replace(self, weights=weights, data=self.data if data is None else data)
 
     def save(self, path: PathLike) -> None:
         """Write ``heads.json`` (UTF-8, indented)."""
@@ -239,6 +271,14 @@ def parse_head_set(data: Mapping[str, Any], path: PathLike = "<heads.json>") -> 
         or sorted(ranked) != list(range(num_heads))
     ):
         raise _fail(path, "ranked_heads", f"must be a permutation of 0..{num_heads - 1}")
+    weights = data.get("weights")
+    if weights is not None:
+        weights = _float_list(data, path, "weights", num_heads)
+        if any(x < 0 for x in weights) or not sum(weights) > 0:
+            raise _fail(path, "weights", "must be non-negative numbers with a positive sum")
+    described = data.get("data")
+    if described is not None and not isinstance(described, str):
+        raise _fail(path, "data", "must be a string or null")
     return HeadSet(
         num_heads=num_heads,
         num_visual=num_visual,
@@ -252,6 +292,8 @@ def parse_head_set(data: Mapping[str, Any], path: PathLike = "<heads.json>") -> 
         scores_std=scores_std,
         ranked_heads=tuple(ranked),
         source=os.fspath(path),
+        weights=weights,
+        data=described,
     )
 
 

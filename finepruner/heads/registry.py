@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 import torch
 
-from finepruner.heads import dynamic, strategies
+from finepruner.heads import dynamic, prior_art, strategies
 from finepruner.heads.calibration import as_head_set
 from finepruner.heads.selection import Selection, sorted_long
 
 Kind = Literal["ranking", "selector", "control"]
-HeadsPolicy = Literal["required", "cap", "ignored"]
+HeadsPolicy = Literal["required", "cap", "optional", "ignored"]
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,13 @@ class Strategy:
         best: which end of the score is selected for rankings (``"largest"`` / ``"smallest"``), else None.
         options: allowed keyword options and their defaults.
         heads: how ``heads=`` is used: ``"required"`` (exactly H heads), ``"cap"`` (optional upper bound
-            on a dynamically chosen count), ``"ignored"`` (validated if given, otherwise unused).
+            on a dynamically chosen count), ``"optional"`` (exactly H heads if given, else the strategy's
+            own default count), ``"ignored"`` (validated if given, otherwise unused).
         summary: one line for listings and docs.
         score_fn: ``f(attn32, **options) -> [..., H]`` for rankings.
         select_fn: ``f(attn32 [H, N], heads, **options) -> Selection`` for the others.
+        per_sample: options that ``select_batch`` may receive with a leading batch dimension (one value
+            per sample, e.g. ``gravity`` [B, N]); it passes row ``b`` to sample ``b``.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Strategy:
     summary: str
     score_fn: Callable[..., torch.Tensor] | None = None
     select_fn: Callable[..., Selection] | None = None
+    per_sample: tuple[str, ...] = ()
 
 
 def _all(attn: torch.Tensor, heads: int | None) -> Selection:
@@ -140,6 +144,16 @@ _ENTRIES = (
         "cap",
         "consensus plus diversity dynamic selection (v3, spec §4.3)",
         select_fn=dynamic.select_consensus,
+    ),
+    Strategy(
+        "sparsevlm_priority",
+        "selector",
+        None,
+        MappingProxyType({"gravity": "rope", **_DEF}),
+        "optional",
+        "SparseVLM v2.0 priority heads: top round(14/32 H) by RoPE-corrected visual attention sum",
+        select_fn=prior_art.select_priority,
+        per_sample=("gravity",),
     ),
     Strategy("all", "control", None, MappingProxyType({}), "ignored", "every head (= FastV)", select_fn=_all),
     Strategy(

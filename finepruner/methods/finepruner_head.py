@@ -24,12 +24,18 @@ class FinePrunerHead(FastV):
 
     Parameters (besides FastV's ``tokens``, ``ratio``, ``K``, ``budget``, ``positions``, ``score_impl``):
         heads: H, the number of heads to use (1..heads per layer); required by ranking strategies,
-            an upper bound for ``dynamic``/``consensus``.
+            an upper bound for ``dynamic``/``consensus``; optional for ``sparsevlm_priority`` (default
+            ``round(14/32 · heads per layer)``) and ``weighting="hawk"`` (default: every head).
         strategy: a head-selection strategy from ``finepruner.heads.strategies()`` (default ``"sum"``:
-            the heads that give the image the most attention; ``"all"`` equals ``fastv`` exactly).
+            the heads that give the image the most attention; ``"all"`` equals ``fastv`` exactly;
+            ``"sparsevlm_priority"``: SparseVLM v2.0's priority heads on the last query, with its RoPE
+            gravity correction unless ``options={"gravity": "none"}``, spec methods_more.md §7).
         aggregation: ``"mean"`` (default) or ``"softmax_weighted"``.
         definitions: ``"renormalised"`` (default) or ``"original"`` (double softmax, as the original code).
         heads_from: path of a ``heads.json`` written by ``finepruner calibrate``: a fixed head set.
+        weighting: ``"none"`` (default) or ``"hawk"``: HAWK's soft selection, token score
+            ``Σ_h w_h · A_h/‖A_h‖₂`` with the per-head ``weights`` of ``heads_from``
+            (``finepruner calibrate --weights``), spec methods_more.md §7.
         seed: seed of the ``random`` strategy (a control).
         options: further strategy options, e.g. ``{"k": 10}`` for ``top_k_sum`` or
             ``{"min_heads": 4, "max_heads": 24}`` for the dynamic selectors.
@@ -57,9 +63,12 @@ class FinePrunerHead(FastV):
         seed: int | None = None,
         options: Mapping[str, Any] | None = None,
         score_impl: ScoreImpl = "cheap",
+        weighting: str = "none",
     ) -> None:
         super().__init__(tokens=tokens, ratio=ratio, K=K, budget=budget, positions=positions, score_impl=score_impl)
-        self.guidance = HeadGuidance.from_params(strategy, heads, aggregation, heads_from, definitions, seed, options)
+        self.guidance = HeadGuidance.from_params(
+            strategy, heads, aggregation, heads_from, definitions, seed, options, weighting
+        )
 
     def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
         self.guidance.check_model(num_heads, num_layers, num_visual, layer=self.K - 1)

@@ -110,30 +110,6 @@ def check_data(cells: Sequence[Cell], data_root: str | Path) -> None:
         raise DataError("; ".join(dict.fromkeys(problems)))
 
 
-def answers_coverage(cell: Cell, data_root: str | Path, answers_path: str | Path | None) -> dict[str, int]:
-    """Questions of the cell (its benchmark, ``limit`` applied) without an answer in ``answers_path``, and
-    answers recorded as errors (``metadata.error``), read from the files themselves."""
-    from finepruner.eval import benchmarks
-    from finepruner.eval.io import answer_key, iter_existing_answers
-
-    files = (cell.settings.get("files") or {}).get(benchmarks.parse_spec(cell.benchmark)[0])
-    samples = benchmarks.get(cell.benchmark, files=files).load(data_root)
-    limit = cell.settings.get("limit")
-    if limit is not None:
-        samples = samples[: int(limit)]
-    wanted = {s.key for s in samples}
-    answered: set[str] = set()
-    errors = 0
-    if answers_path is not None and Path(answers_path).is_file():
-        for rec in iter_existing_answers([Path(answers_path)]):
-            key = answer_key(rec.get("question_id"), rec.get("prompt"))
-            if key not in wanted or key in answered:
-                continue
-            answered.add(key)
-            errors += bool((rec.get("metadata") or {}).get("error"))
-    return {"questions": len(wanted), "missing": len(wanted - answered), "errors": errors}
-
-
 class IncompleteCell(RuntimeError):
     """A cell whose run ended without an answer for every question (or with error records)."""
 
@@ -267,11 +243,10 @@ def run_sweep(
                 if rank == 0:
                     spec = next(iter(all_metrics))
                     metrics = all_metrics[spec]
-                    coverage = answers_coverage(cell, opts.data_root, metrics.get("answers_file"))
-                    if coverage["missing"] or coverage["errors"]:
+                    if not metrics.get("complete"):  # evaluate's own count (limit applied)
                         raise IncompleteCell(
-                            f"incomplete: {coverage['missing']} of {coverage['questions']} questions without "
-                            f"an answer, {coverage['errors']} answers recorded as errors; not stored as "
+                            f"incomplete: {metrics.get('missing')} of {metrics.get('expected')} questions without "
+                            f"an answer, {metrics.get('errors')} answers recorded as errors; not stored as "
                             "complete (the next sweep reruns the cell)"
                         )
                     efficiency, timing = collect_efficiency(run_dir, spec, metrics)
