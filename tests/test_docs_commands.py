@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from finepruner import cli, methods
-from finepruner.eval.cli import parse_value
+from finepruner.methods.spec import parse_value
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

@@ -7,22 +7,15 @@ import pytest
 from PIL import Image
 
 from finepruner.cli import main
+from finepruner.methods.spec import parse_method_spec
 from finepruner.models.tiny import build_tiny_llava
 from finepruner.report import overlays
-from finepruner.report.overlays import head_grid_size, overlay_size, parse_method_spec, show
+from finepruner.report.overlays import head_grid_size, overlay_size, show
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return build_tiny_llava(seed=0, qk_scale=8.0)
-
-
-def test_parse_method_spec():
-    assert parse_method_spec("vanilla") == ("vanilla", {})
-    assert parse_method_spec("finepruner:tokens=64,heads=16,strategy=sparsity") == (
-        "finepruner", {"tokens": 64, "heads": 16, "strategy": "sparsity"})
-    with pytest.raises(ValueError):
-        parse_method_spec("fastv:tokens")
 
 
 def test_sizes_by_hand():

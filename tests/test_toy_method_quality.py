@@ -25,6 +25,9 @@ SUITE_MEAN_MARGINS = {
     # DART 64.1 (99.6, 79.5, 67.2, 10.0): gap 25.5. tokens=16 keeps 16+4 = 20 image tokens from layer 2 on;
     # random at 20 tokens scores 38.8, so the four extra tokens do not explain the gap.
     "dart": 12,
+    # VisionZip 59.6 (90.7, 73.1, 64.7, 10.0): gap 21.1 (14 dominant incl. [CLS] + 2 contextual tokens;
+    # cls_token=False, LightCompress's variant, scores 63.1)
+    "visionzip": 10,
 }
 
 

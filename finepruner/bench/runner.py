@@ -46,6 +46,7 @@ import finepruner
 from finepruner import methods
 from finepruner.bench.flops import TFLOP, shape_dict
 from finepruner.engine.state import PruneStats
+from finepruner.methods.spec import parse_method_spec
 from finepruner.models.adapter import LlavaAdapter
 
 DEFAULT_BUDGETS = (64, 128, 192)
@@ -69,18 +70,10 @@ class Variant:
 
 
 def parse_method(text: str) -> tuple[str, dict]:
-    """``"name"`` or ``"name:key=value,key=value"`` (values parsed as JSON when possible)."""
-    name, _, rest = text.partition(":")
-    params: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"method spec {text!r}: expected key=value, got {item!r}")
-        try:
-            params[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key.strip()] = value.strip()
-    methods.get(name)  # unknown names raise, listing the available ones
+    """``"name"`` or ``"name:key=value,key=value"`` (``finepruner.methods.spec``); unknown names raise,
+    listing the registered methods."""
+    name, params = parse_method_spec(text)
+    methods.get(name)
     return name, params
 
 

@@ -255,11 +255,12 @@ def _keep(tokens: _Tokens, local: torch.Tensor, renumber: bool) -> _Tokens:
 
 
 def _insert(tokens: _Tokens, insert: torch.Tensor, positions: torch.Tensor | None, first_id: int,
-            start: torch.Tensor | None = None) -> _Tokens:
+            start: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> _Tokens:
     """Insert ``insert`` [B, c, D] right after the last kept visual token (at ``start`` [B, 1] when none is
     kept); they become visual tokens with ids ``first_id..``. Positions: ``positions`` [B, c] (original
     mode), or, when None (renumber mode), contiguous after the preceding token, with the following tokens
-    shifted by c."""
+    shifted by c. ``valid`` [B, c] (``Selection.insert_valid``): False slots are padding, masked out and
+    skipped by the renumbered positions (the following tokens shift by each sample's own count)."""
     batch, length, width = tokens.hidden.shape
     count = insert.shape[1]
     device = tokens.hidden.device
@@ -278,12 +279,20 @@ def _insert(tokens: _Tokens, insert: torch.Tensor, positions: torch.Tensor | Non
     position_ids = tokens.position_ids
     shift = tokens.shift
     if positions is None:
-        positions = position_ids.gather(1, start - 1) + 1 + torch.arange(count, device=device)[None]
-        position_ids = position_ids + count * after
-        shift = shift - count
+        if valid is None:
+            offsets, added = torch.arange(count, device=device)[None], count
+        else:  # padding slots take no position: each sample's tokens are contiguous, the text follows them
+            offsets = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            added = valid.long().sum(dim=1, keepdim=True)
+        positions = position_ids.gather(1, start - 1) + 1 + offsets
+        position_ids = position_ids + added * after
+        shift = shift - (added if valid is None else added[:, 0])
     mask2d = tokens.mask2d
+    if valid is not None and mask2d is None:
+        mask2d = torch.ones(batch, length, dtype=torch.long, device=device)
     if mask2d is not None:
-        mask2d = spread(mask2d, torch.ones(batch, count, dtype=mask2d.dtype, device=device))
+        fill = torch.ones(batch, count, dtype=mask2d.dtype, device=device) if valid is None else valid.to(mask2d.dtype)
+        mask2d = spread(mask2d, fill)
     new_ids = torch.arange(first_id, first_id + count, device=device).expand(batch, -1)
     return _Tokens(
         hidden=spread(tokens.hidden, insert.to(tokens.hidden.dtype)),
@@ -365,7 +374,7 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
             )
             context = StageContext(attention=attention, visual_ids=visual_ids, row_keys=row_keys, vision=vision,
                                    signals=signals, instructions=instructions)
-            local, insert, insert_from = _unpack_selection(
+            local, insert, insert_from, insert_valid = _unpack_selection(
                 handle.method.select(stage_index, stage, context), stage, stage_index, batch, width, handle.method.name
             )
             stats.selection_seconds += _clock(hidden, handle) - started
@@ -378,7 +387,8 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
                 merged.append(None)
             else:
                 anchor = None if local.shape[1] else visual_index[:, :1]  # nothing kept: where the span began
-                tokens = _insert(tokens, insert, None if renumber else insert_positions, next_id, anchor)
+                tokens = _insert(tokens, insert, None if renumber else insert_positions, next_id, anchor,
+                                 insert_valid)
                 next_id += insert.shape[1]
                 merged.append(tokens.visual_ids[:, -insert.shape[1]:])
             hidden, position_ids, mask2d = tokens.hidden, tokens.position_ids, tokens.mask2d
@@ -426,17 +436,18 @@ def _cached_keys(cache: DynamicCache | None, layer: int, length: int) -> torch.T
 
 
 def _unpack_selection(choice, stage, stage_index, batch, width, name):
-    """``(keep, insert, insert_from)`` of a method's answer, checked against the stage's declared counts."""
+    """``(keep, insert, insert_from, insert_valid)`` of a method's answer, checked against the stage's
+    declared counts."""
     if isinstance(choice, Selection):
-        local, insert, insert_from = choice.keep, choice.insert, choice.insert_from
+        local, insert, insert_from, valid = choice.keep, choice.insert, choice.insert_from, choice.insert_valid
     else:
-        local, insert, insert_from = choice, None, None
+        local, insert, insert_from, valid = choice, None, None, None
     if local.ndim != 2 or local.shape[0] != batch or (stage.keep is not None and local.shape[1] != stage.keep):
         raise RuntimeError(
             f"{name} selected {tuple(local.shape)} tokens at stage {stage_index}; expected {(batch, stage.keep)}"
         )
     if insert is not None and insert.shape[1] == 0:
-        insert = insert_from = None
+        insert = insert_from = valid = None
     count = 0 if insert is None else insert.shape[1]
     if insert is not None and (insert.ndim != 3 or insert.shape[0] != batch or insert.shape[2] != width):
         raise RuntimeError(f"{name} inserted {tuple(insert.shape)} hidden states; expected [{batch}, c, {width}]")
@@ -444,4 +455,10 @@ def _unpack_selection(choice, stage, stage_index, batch, width, name):
         raise RuntimeError(f"{name} inserted {count} tokens at stage {stage_index}; the plan says {stage.insert}")
     if insert is not None and (insert_from is None or tuple(insert_from.shape) != (batch, count)):
         raise RuntimeError(f"{name}: Selection.insert_from must be [{batch}, {count}] with Selection.insert")
-    return local, insert, insert_from
+    if valid is not None and (insert is None or tuple(valid.shape) != (batch, count)):
+        raise RuntimeError(f"{name}: Selection.insert_valid must be [{batch}, {count}] with Selection.insert")
+    if valid is not None:
+        valid = valid.to(device=insert.device, dtype=torch.bool)
+        if bool(valid.all()):
+            valid = None  # no padding slot: the plain path
+    return local, insert, insert_from, valid

@@ -16,6 +16,10 @@ method is applied, during the vision tower run LLaVA does anyway (no extra tower
   gives the [CLS] row summed over heads and the head-mean of that layer's key projections (patches).
 * ``cls_feature``: a forward hook on the feature layer itself keeps the [CLS] vector of its output (the
   row the ``"default"`` strategy drops before the projector), one per image.
+* ``last_layer_attention`` / ``last_layer_keys`` (PruMerge, ``methods_more.md`` §5.1): a hook on the self-
+  attention of the *last* encoder layer recomputes its ``q_proj``/``k_proj`` outputs from the hook's input
+  (``layer_norm1`` of the previous layer's output) and keeps the [CLS] row of one merged head over the full
+  width, ``softmax(q k^T / sqrt(Dv))``, and the patch keys.
 
 Per-image rows are mapped to batch samples in the order in which LLaVA scatters image features into
 the ``<image>`` positions (row-major): a sample with several images gets their tokens concatenated.
@@ -38,9 +42,13 @@ VISION_SIGNALS: tuple[str, ...] = (
     "cls_attention_sum",
     "feature_keys",
     "cls_feature",
+    "last_layer_attention",
+    "last_layer_keys",
 )
 #: Signals computed by the hook on the feature layer's self-attention.
 _ATTENTION_SIGNALS = frozenset({"cls_attention", "cls_attention_sum", "feature_keys"})
+#: Signals computed by the hook on the last layer's self-attention.
+_LAST_LAYER_SIGNALS = frozenset({"last_layer_attention", "last_layer_keys"})
 
 
 @dataclass
@@ -59,6 +67,10 @@ class VisionSignals:
         feature_keys: [B, V, head_dim] float32 head-mean of that layer's ``k_proj`` outputs (patches).
         cls_feature: [B, I, Dv] the [CLS] vector of the feature layer's output, one per image of the sample
             (I images; pre-projector, the same hidden state as ``patch_features``).
+        last_layer_attention: [B, V] float32 [CLS]-query attention of the last encoder layer as ONE head over
+            the full width ``Dv`` (PruMerge's ``softmax(q k^T / sqrt(Dv))[0, 1:]``).
+        last_layer_keys: [B, V, Dv] float32 ``k_proj`` outputs of the last encoder layer (patches).
+        patches_per_image: patch tokens per encoded image (V for one image per sample).
         project: runs the model's ``multi_modal_projector`` on new pre-projector tokens (e.g. ``pool``'s
             pooled features) without the capture recording them.
     """
@@ -70,6 +82,9 @@ class VisionSignals:
     cls_attention_sum: torch.Tensor | None = None
     feature_keys: torch.Tensor | None = None
     cls_feature: torch.Tensor | None = None
+    last_layer_attention: torch.Tensor | None = None
+    last_layer_keys: torch.Tensor | None = None
+    patches_per_image: int | None = None
     prompt_ids: list[list[int]] | None = None
     image_token_id: int | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -138,6 +153,23 @@ def feature_layer_signals(attention: nn.Module, hidden: torch.Tensor, drop_cls: 
     return {"cls_attention": probs.mean(dim=1), "cls_attention_sum": probs.sum(dim=1), "feature_keys": keys}
 
 
+@torch.no_grad()
+def merged_head_signals(attention: nn.Module, hidden: torch.Tensor, drop_cls: bool = True) -> dict[str, torch.Tensor]:
+    """PruMerge's signals of a CLIP self-attention (``methods_more.md`` §5.1), in float32: the [CLS] row of
+    one head over the full width, ``softmax(q_0 k^T * Dv**-0.5)`` over all keys, and the keys themselves.
+
+    Returns ``last_layer_attention`` [n, P] and ``last_layer_keys`` [n, P, Dv] (patches; with
+    ``drop_cls=False`` the [CLS] column/row is kept).
+    """
+    width = hidden.shape[-1]
+    query = attention.q_proj(hidden[:, :1]).float()  # [n, 1, Dv]
+    keys = attention.k_proj(hidden).float()  # [n, L, Dv]
+    probs = ((query @ keys.transpose(-1, -2)) * width**-0.5).softmax(dim=-1)[:, 0]  # [n, L]
+    if drop_cls:
+        probs, keys = probs[:, 1:], keys[:, 1:]
+    return {"last_layer_attention": probs, "last_layer_keys": keys}
+
+
 class VisionCapture:
     """Forward hooks on a LLaVA model's vision side that record the signals named in ``needs``."""
 
@@ -151,7 +183,9 @@ class VisionCapture:
         self._cls: list[torch.Tensor] = []
         self._features: list[torch.Tensor] = []
         self._projected: list[torch.Tensor] = []
-        self._attention: dict[str, list[torch.Tensor]] = {"cls_attention_sum": [], "feature_keys": []}
+        self._attention: dict[str, list[torch.Tensor]] = {
+            "cls_attention_sum": [], "feature_keys": [], "last_layer_attention": [], "last_layer_keys": []
+        }
         self._cls_feature: list[torch.Tensor] = []
         self._quiet = False  # True while ``project`` runs: those projector calls are not LLaVA's encoding
         config = adapter.model.config
@@ -167,6 +201,9 @@ class VisionCapture:
                 )
             if "cls_feature" in needs:
                 self._hooks.append(layers[index].register_forward_hook(self._on_feature_layer))
+        if _LAST_LAYER_SIGNALS & set(needs):
+            last = tower.encoder.layers[-1].self_attn
+            self._hooks.append(last.register_forward_hook(self._on_last_attention, with_kwargs=True))
         if {"patch_features", "projected_features", "post_layernorm_features"} & set(needs):
             projector = adapter.llava_model.multi_modal_projector
             self._hooks.append(projector.register_forward_hook(self._on_projector))
@@ -185,6 +222,12 @@ class VisionCapture:
         for name, chunks in self._attention.items():
             if name in self.needs:
                 chunks.append(signals[name])
+
+    def _on_last_attention(self, module, args, kwargs, output) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        signals = merged_head_signals(module, hidden, self._drop_cls)
+        for name in _LAST_LAYER_SIGNALS & set(self.needs):
+            self._attention[name].append(signals[name])
 
     def _on_feature_layer(self, module, args, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -214,7 +257,7 @@ class VisionCapture:
 
     def _patches_per_image(self) -> int:
         """Patch tokens per image of the captured encodings (from the captured per-image signals)."""
-        for chunks in (self._attention["feature_keys"], self._attention["cls_attention_sum"], self._cls):
+        for chunks in (*self._attention.values(), self._cls):
             if chunks:
                 return int(chunks[0].shape[1])
         tower = self.adapter.vision_tower
@@ -269,6 +312,9 @@ class VisionCapture:
             cls_attention_sum=per_sample(self._attention["cls_attention_sum"], "cls_attention_sum"),
             feature_keys=per_sample(self._attention["feature_keys"], "feature_keys"),
             cls_feature=cls_feature,
+            last_layer_attention=per_sample(self._attention["last_layer_attention"], "last_layer_attention"),
+            last_layer_keys=per_sample(self._attention["last_layer_keys"], "last_layer_keys"),
+            patches_per_image=self._patches_per_image(),
             patch_features=features if "patch_features" in self.needs else None,
             projected_features=per_sample(self._projected, "projected_features"),
             prompt_ids=prompt_ids,

@@ -11,18 +11,10 @@ from typing import Any
 from finepruner.eval.errors import EvalError
 
 
-def parse_value(text: str) -> Any:
-    """JSON-ish value of a ``--param key=value``: numbers, true/false/null, lists; else the string."""
-    aliases = {"True": True, "False": False, "None": None}
-    if text in aliases:
-        return aliases[text]
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``--param key=value`` items -> ``{key: value}``, values as ``finepruner.methods.spec.parse_value``."""
+    from finepruner.methods.spec import parse_value
+
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")

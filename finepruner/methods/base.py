@@ -98,11 +98,15 @@ class Selection:
         insert_from: [B, c] index into the current visual tokens whose position id an inserted token
             takes with ``positions="original"`` (e.g. its cluster centre); with ``"renumber"`` inserted
             tokens take the next contiguous positions after the kept visual tokens.
+        insert_valid: [B, c] bool, for samples that insert fewer tokens than others (data-dependent counts,
+            e.g. adaptive PruMerge): False marks a padding slot, masked out of attention and skipped by the
+            renumbered positions, so each sample sees only its own tokens. None: every slot is a token.
     """
 
     keep: torch.Tensor
     insert: torch.Tensor | None = None
     insert_from: torch.Tensor | None = None
+    insert_valid: torch.Tensor | None = None
 
 
 class PruningMethod:

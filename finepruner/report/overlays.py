@@ -40,32 +40,6 @@ class MethodView:
     answer: str = ""
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"finepruner:tokens=64,heads=16,strategy=sparsity"`` -> ("finepruner", {...}); values are JSON
-    where they parse (``layers=[8,16,24]``), else strings."""
-    from finepruner.eval.cli import parse_value
-
-    name, _, rest = spec.partition(":")
-    params: dict[str, Any] = {}
-    items, depth, current = [], 0, ""
-    for ch in rest:  # split on commas outside [] and {}
-        depth += (ch in "[{") - (ch in "]}")
-        if ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += ch
-    items.append(current)
-    for item in filter(None, (x.strip() for x in items)):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"method spec {spec!r}: expected key=value, got {item!r}")
-        params[key.strip()] = parse_value(value.strip())
-    if not name:
-        raise ValueError(f"method spec {spec!r} has no method name")
-    return name.strip(), params
-
-
 def view_image(image: Image.Image, processor: Any, aspect: str = "pad") -> Image.Image:
     """The image as the model sees it (before resizing): padded to a square with the mean colour."""
     from finepruner.eval.prompting import expand2square, image_background

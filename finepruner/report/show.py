@@ -78,7 +78,8 @@ def _check_args(args: argparse.Namespace, methods: list[tuple[str, dict[str, Any
 def run_show(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from finepruner.report.overlays import parse_method_spec, show
+    from finepruner.methods.spec import parse_method_spec
+    from finepruner.report.overlays import show
 
     try:
         from finepruner.sweep.config import model_shape

@@ -1,0 +1,53 @@
+"""Method specs on the command line: ``name`` or ``name:key=value,key=value`` (one parser for every
+command: ``bench --methods``, ``show --method``, and the values of ``eval --param``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: Python spellings accepted beside JSON's true/false/null.
+_ALIASES: dict[str, Any] = {"True": True, "False": False, "None": None}
+
+
+def parse_value(text: str) -> Any:
+    """A parameter value: JSON where it parses (numbers, true/false/null, lists such as ``[8,16,24]``),
+    Python's ``True``/``False``/``None``, else the string itself."""
+    if text in _ALIASES:
+        return _ALIASES[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split on the commas outside ``[]`` and ``{}`` (so list values keep their commas)."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"finepruner:tokens=64,heads=16,strategy=sparsity"`` -> ``("finepruner", {...})``.
+
+    Raises ``ValueError`` naming the spec for an empty name or an item without ``=``. The name is not
+    looked up here (``finepruner.methods.get`` does that, listing the registered methods)."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"method spec {spec!r} has no method name")
+    params: dict[str, Any] = {}
+    for item in _split_top_level(rest):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method spec {spec!r}: expected key=value, got {item!r}")
+        params[key.strip()] = parse_value(value.strip())
+    return name, params

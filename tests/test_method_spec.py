@@ -1,0 +1,48 @@
+"""One method-spec parser for every command (``finepruner.methods.spec``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from finepruner.bench import runner
+from finepruner.cli import build_parser
+from finepruner.methods.spec import parse_method_spec, parse_value
+
+
+def test_values():
+    assert parse_value("64") == 64 and parse_value("0.5") == 0.5 and parse_value("[8,16]") == [8, 16]
+    assert parse_value("true") is True and parse_value("True") is True and parse_value("None") is None
+    assert parse_value("sum") == "sum" and parse_value("") == ""
+
+
+def test_specs():
+    assert parse_method_spec("vanilla") == ("vanilla", {})
+    assert parse_method_spec("finepruner:tokens=64,heads=16,strategy=sparsity") == (
+        "finepruner", {"tokens": 64, "heads": 16, "strategy": "sparsity"})
+    # commas inside a list value do not split it
+    assert parse_method_spec("sparsevlm:layers=[1,2,4],keeps=[40,20,10]") == (
+        "sparsevlm", {"layers": [1, 2, 4], "keeps": [40, 20, 10]})
+    assert parse_method_spec(" fastv : tokens = 8 ,") == ("fastv", {"tokens": 8})
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("fastv:tokens", "expected key=value, got 'tokens'"),
+    (":tokens=3", "has no method name"),
+    ("fastv:=3", "expected key=value"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_method_spec(spec)
+
+
+def test_every_command_parses_the_same_way():
+    """bench's --methods and eval's --param values go through the same parser as show's --method."""
+    spec = "sparsevlm:layers=[1,2,4],keeps=[40,20,10],version=2.0"
+    assert runner.parse_method(spec) == parse_method_spec(spec)
+    with pytest.raises(ValueError, match="nope"):
+        runner.parse_method("nope")  # bench also checks the name against the registry
+    from finepruner.eval.cli import parse_key_values
+
+    args = build_parser("eval").parse_args(["eval", "--model", "m", "--bench", "pope", "--data-root", "d",
+                                            "--out", "o", "--param", "layers=[1,2,4]", "--param", "version=2.0"])
+    assert parse_key_values(args.param, "--param") == {"layers": [1, 2, 4], "version": 2.0}
