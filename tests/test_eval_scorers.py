@@ -379,3 +379,17 @@ def test_openai_judge_against_local_server(tmp_path: Path) -> None:
         assert again.complete("hello", max_tokens=3) == "0.7" and len(seen) == 1
     finally:
         server.shutdown()
+
+
+def test_benchmark_registry_refuses_a_second_class_under_a_taken_name():
+    from finepruner.eval.benchmarks.pope import Pope
+
+    benchmarks.available()  # the built-in modules are registered
+    assert benchmarks.register(Pope) is Pope  # the same class again (a reload) is fine
+
+    class AnotherPope(Pope):
+        name = "pope"
+
+    with pytest.raises(ValueError, match="benchmark name .pope. is taken by finepruner.eval.benchmarks.pope.Pope"):
+        benchmarks.register(AnotherPope)
+    assert benchmarks.get("pope").__class__ is Pope

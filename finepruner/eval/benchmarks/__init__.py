@@ -22,6 +22,10 @@ def register(cls: type[Benchmark]) -> type[Benchmark]:
     """Class decorator adding a benchmark under ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no name")
+    other = _REGISTRY.get(cls.name)
+    if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"benchmark name {cls.name!r} is taken by {other.__module__}.{other.__qualname__}; "
+                         f"{cls.__module__}.{cls.__qualname__} needs another name")
     _REGISTRY[cls.name] = cls
     return cls
 
