@@ -11,6 +11,7 @@ import finepruner
 from finepruner.cli import main
 from finepruner.heads import load_head_set
 from finepruner.models.tiny import build_tiny_llava
+from tests.conftest import noise_images
 from tests.eval_fixtures import make_pope
 
 
@@ -47,3 +48,33 @@ def test_calibrate_reports_missing_data(checkpoint, tmp_path, capsys):
                  "--out", str(tmp_path / "h.json")])
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_calibrate_weights_feed_the_hawk_weighting(checkpoint, tmp_path):
+    root = tmp_path / "eval"
+    make_pope(root)
+    out = tmp_path / "weights.json"
+    code = main(["calibrate", "--model", str(checkpoint), "--bench", "pope", "--data-root", str(root),
+                 "--n", "4", "--layer", "2", "--weights", "--out", str(out), "--no-progress"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    total = sum(data["scores"])
+    assert data["weights"] == pytest.approx([s / total for s in data["scores"]])  # L1-normalised mass
+    assert data["data"] == "pope: the first 4 questions with an image"
+    model, processor = finepruner.load_model(checkpoint)
+    inputs = processor(images=noise_images(1), text=["USER: <image> is there a cat ? ASSISTANT:"],
+                       return_tensors="pt")
+    with finepruner.apply(model, "finepruner", tokens=8, weighting="hawk", heads_from=str(out)) as handle:
+        with torch.no_grad():
+            model(**inputs)
+    attn = handle.attention[0][0]  # [heads, visual] last-query rows the scores came from
+    want = sum(w * row / row.norm() for w, row in zip(data["weights"], attn, strict=True))
+    assert torch.equal(handle.kept[0][0], want.topk(8).indices.sort().values)
+
+
+def test_calibrate_weights_need_a_largest_is_best_strategy(checkpoint, tmp_path, capsys, no_model_load):
+    code = main(["calibrate", "--model", str(checkpoint), "--bench", "pope", "--data-root", str(tmp_path),
+                 "--strategy", "entropy", "--weights", "--out", str(tmp_path / "h.json")])
+    assert code == 2
+    assert "--weights needs a --strategy whose largest scores are best; 'entropy'" in capsys.readouterr().err
+    assert no_model_load == []

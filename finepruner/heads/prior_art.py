@@ -139,5 +139,5 @@ def hawk_scores(attn: torch.Tensor, weights: Any) -> torch.Tensor:
         raise ValueError("attn must be a tensor [H, N] or [B, H, N]")
     a = as_float32(attn)
     w = check_weights(weights, a.shape[-2]).to(a.device)
-    unit = a
+    unit = torch.nn.functional.normalize(a, p=2, dim=-1)
     return torch.einsum("h,...hn->...n", w, unit)

@@ -15,6 +15,7 @@ from finepruner.methods.fastv import FastV
 from finepruner.methods.finepruner_head import FinePrunerHead
 from finepruner.methods.pdrop import PDrop
 from finepruner.methods.pool import Pool
+from finepruner.methods.prumerge import PruMerge, PruMergePlus
 from finepruner.methods.random_selection import RandomSelection
 from finepruner.methods.sparsevlm import SparseVLM
 from finepruner.methods.vanilla import Vanilla
@@ -23,7 +24,7 @@ from finepruner.methods.vispruner import VisPruner
 
 _METHODS: tuple[type[PruningMethod], ...] = (
     Vanilla, RandomSelection, FastV, PDrop, FinePrunerHead, VisPruner, CDPruner, SparseVLM, DivPrune, DART, Pool,
-    VisionZip,
+    VisionZip, PruMergePlus, PruMerge,
 )
 _REGISTRY: dict[str, type[PruningMethod]] = {cls.name: cls for cls in _METHODS}
 #: Other accepted names (not listed by ``available()``).

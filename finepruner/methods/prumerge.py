@@ -1,0 +1,257 @@
+"""``prumerge`` and ``prumerge_plus``: LLaVA-PruMerge / PruMerge+ (Shang et al., ICCV'25), spec
+``methods_more.md`` §5.
+
+Before the language model: the [CLS] row of ONE attention head over the full width, built from the ``q_proj``
+/ ``k_proj`` outputs of the LAST CLIP layer, ranks the patches; the patches whose attention is an IQR outlier
+(``> Q3 + 1.5 IQR``) are kept (adaptive count), PruMerge+ adds a spatial grid of patches; every kept patch
+absorbs its 32 most key-similar patches weighted by their attention (``F_i + sum a_j F_j``, no
+normalisation), one extra token sums the unkept patches the same way, and all go through the projector in
+attention order (then the grid, then the extra token) with contiguous positions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from finepruner.methods.base import Positions, PruningMethod, Selection, Stage, StageContext
+
+IQRScope = Literal["sample", "batch"]
+IQR_SCOPES: tuple[str, ...] = ("sample", "batch")
+#: Neighbours merged into each kept token (official ``topk(..., k=32)``).
+NEIGHBOURS = 32
+
+
+def outlier_count(attention: torch.Tensor) -> int:
+    """Values above ``Q3 + 1.5 * IQR`` of the flattened ``attention`` (numpy's linear percentiles)."""
+    flat = attention.double().flatten()
+    q1, q3 = torch.quantile(flat, 0.25).item(), torch.quantile(flat, 0.75).item()
+    return int((flat > q3 + 1.5 * (q3 - q1)).sum().item())
+
+
+def complement(index: torch.Tensor, num: int) -> torch.Tensor:
+    """The official ``complement_idx`` for one sample: ``sorted(arange(num) with index set to 0)[len(index):]``.
+    The unkept patches in index order when ``index`` has no duplicates; each duplicate drops one more of the
+    smallest unkept patches (official behaviour)."""
+    masked = torch.arange(num, device=index.device).scatter(0, index, 0)
+    return masked.sort().values[index.numel():]
+
+
+def merge_tokens(
+    features: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor, index: torch.Tensor,
+    neighbours: int = NEIGHBOURS, normalize: bool = False,
+) -> torch.Tensor:
+    """PruMerge's merged tokens for one sample (spec §5.1), in float32.
+
+    Args:
+        features: [N, Dv] pre-projector patch features F.
+        keys: [N, Dv] last-layer patch keys.
+        attention: [N] the merged-head [CLS] attention a.
+        index: [k] the kept patches in output order (duplicates allowed, as in the official fixed branch).
+        neighbours: patches merged into each kept one (fewer when fewer candidates exist).
+        normalize: divide each weighted sum by its weights' sum (the official division is commented out).
+
+    Returns:
+        [k + 1, Dv]: ``F_i + sum_{j in nbrs(i)} a_j F_j`` per kept entry, then ``sum_{j unkept} a_j F_j``.
+        A kept entry's candidates are the other kept entries and the unkept patches (``complement``), in that
+        order; the ``neighbours`` with the largest key cosine are taken (first candidate on ties).
+    """
+    values, weights = features.float(), attention.float()
+    normed = torch.nn.functional.normalize(keys.float(), p=2, dim=-1)
+    rest = complement(index, features.shape[0])
+    pool = torch.cat([index, rest])  # [M] candidates; entry p of ``index`` is pool entry p
+    count = index.numel()
+    sims = normed[index] @ normed[pool].T  # [k, M]
+    sims[torch.arange(count, device=sims.device), torch.arange(count, device=sims.device)] = -math.inf
+    take = min(neighbours, pool.numel() - 1)
+    chosen = pool[sims.argsort(dim=-1, descending=True, stable=True)[:, :take]]  # [k, take]
+    picked = weights[chosen]  # [k, take]
+    merged = (values[chosen] * picked[..., None]).sum(dim=1)
+    if normalize:
+        merged = merged / picked.sum(dim=1, keepdim=True)
+    extra = (values[rest] * weights[rest][:, None]).sum(dim=0, keepdim=True)
+    return torch.cat([values[index] + merged, extra])
+
+
+class PruMerge(PruningMethod):
+    """PruMerge: IQR-outlier [CLS] attention + attention-weighted key-neighbour merging, before the LLM (§5).
+
+    What "N tokens" means: by default the count is adaptive, per image: the IQR outliers plus one extra
+    token (``prumerge_plus``: plus the grid); every kept token is a merged token. With ``tokens`` or
+    ``ratio`` the official non-adaptive branch runs instead (fixed counts, below).
+
+    Parameters:
+        tokens: fixed budget N instead of the adaptive count. ``prumerge``: the ``N - 1`` top-attention patches
+            plus the extra token = N. ``prumerge_plus``: the non-adaptive branch with ``r = N / (2V)``
+            (64 / 128 / 192 -> r = 1/18, 1/9, 1/6 on LLaVA-1.5: 32+32+1 = 65, 64+64+1 = 129, 96+96+1 = 193).
+        ratio: r directly (0 < r <= 1): ``int(V*r)`` top patches (+ the "+" grid ``arange(s/2, V-1, s)``,
+            s = int(1/r)) + the extra token. Not with ``tokens``.
+        iqr: ``"sample"`` (default): the outlier quartiles of each image alone, so a padded batch equals each
+            sample alone; ``"batch"`` (official): the quartiles and the ratio over the whole batch.
+        dedup: drop grid patches already kept (non-adaptive "+" only; official False: the de-duplication line
+            is commented out, so a patch can appear twice). The adaptive grid is always de-duplicated
+            (official).
+        normalize_merge_weights: divide each neighbour sum by its attention sum (official False).
+        neighbours: patches merged into each kept one (official 32).
+        positions: ``"renumber"`` (default, official: contiguous) or ``"original"`` (each merged token takes
+            its kept patch's position, the extra token the first visual token's).
+
+    Samples of a batch may keep different counts (adaptive, ``dedup``): the shorter ones get padding slots
+    (``Selection.insert_valid``) that no token attends to and that take no position.
+    """
+
+    name = "prumerge"
+    default_positions = "renumber"
+    needs_vision = ("last_layer_attention", "last_layer_keys", "patch_features")
+    #: PruMerge+ adds spatially sampled patches.
+    grid_additions: bool = False
+
+    def __init__(
+        self,
+        tokens: int | None = None,
+        ratio: float | None = None,
+        iqr: IQRScope = "sample",
+        dedup: bool = False,
+        normalize_merge_weights: bool = False,
+        neighbours: int = NEIGHBOURS,
+        positions: Positions | None = None,
+    ) -> None:
+        super().__init__(positions)
+        if tokens is not None and ratio is not None:
+            raise ValueError(f"{self.name}: pass tokens or ratio, not both (neither: the adaptive official rule)")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"{self.name}: tokens={tokens!r}; allowed: an integer >= 1 (and <= V)")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int | float)
+                                  or not 0.0 < ratio <= 1.0):
+            raise ValueError(f"{self.name}: ratio={ratio!r}; allowed: 0 < ratio <= 1")
+        if iqr not in IQR_SCOPES:
+            raise ValueError(f"{self.name}: iqr={iqr!r}; allowed: {IQR_SCOPES}")
+        for label, value in (("dedup", dedup), ("normalize_merge_weights", normalize_merge_weights)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.name}: {label}={value!r}; allowed: True or False")
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
+            raise ValueError(f"{self.name}: neighbours={neighbours!r}; allowed: an integer >= 1")
+        self.tokens, self.ratio, self.iqr, self.dedup = tokens, ratio, iqr, dedup
+        self.normalize_merge_weights, self.neighbours = normalize_merge_weights, neighbours
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tokens is None and self.ratio is None
+
+    def fixed_ratio(self, num_visual: int) -> float | None:
+        """r of the non-adaptive branch (None when adaptive)."""
+        if self.ratio is not None:
+            return float(self.ratio)
+        if self.tokens is not None and self.grid_additions:
+            return self.tokens / (2 * num_visual)
+        return None
+
+    def fixed_index(self, order: torch.Tensor, num_visual: int) -> torch.Tensor:
+        """Kept entries of one sample in the non-adaptive branch, from its descending-attention ``order``."""
+        if self.tokens is not None and not self.grid_additions:
+            return order[: self.tokens - 1]
+        ratio = self.fixed_ratio(num_visual)
+        top = order[: int(num_visual * ratio)]
+        if not self.grid_additions:
+            return top
+        step = int(1 / ratio)
+        grid = torch.arange(int(step / 2), num_visual - 1, step, device=order.device)
+        if self.dedup:
+            grid = grid[~torch.isin(grid, top)]
+        return torch.cat([top, grid])
+
+    def fixed_count(self, num_visual: int) -> int | None:
+        """Tokens per sample of the non-adaptive branch without de-duplication (None when data-dependent)."""
+        if self.adaptive or (self.dedup and self.grid_additions):
+            return None
+        if self.tokens is not None and not self.grid_additions:
+            return self.tokens
+        ratio = self.fixed_ratio(num_visual)
+        count = int(num_visual * ratio)
+        if self.grid_additions:
+            step = int(1 / ratio)
+            count += len(range(int(step / 2), num_visual - 1, step))
+        return count + 1
+
+    def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        if self.tokens is not None:
+            most = 2 * num_visual if self.grid_additions else num_visual
+            if self.tokens > most:
+                rule = "2V (r = N / 2V <= 1)" if self.grid_additions else "V"
+                raise ValueError(
+                    f"{self.name}: tokens={self.tokens} is not allowed; this model has {num_visual} visual tokens "
+                    f"per sample, so tokens must be in 1..{most} ({rule})"
+                )
+        if num_visual < 2:
+            raise ValueError(f"{self.name}: {num_visual} visual token per sample; merging needs at least 2")
+        return [Stage(layer=0, keep=0, insert=self.fixed_count(num_visual))]
+
+    def adaptive_index(self, order: torch.Tensor, ratio: float, num_visual: int) -> torch.Tensor:
+        """Kept entries of one sample in the adaptive branch: ``int(V * ratio)`` top patches, and for "+" the
+        grid ``arange(0, V - 1, int(int(1/ratio) / 3))`` minus the kept ones. Where the official code fails,
+        ratio = 0 is taken as 1/V for the grid stride, and a stride of 0 (ratio > 1/3) as 1."""
+        top = order[: int(num_visual * ratio)]
+        if not self.grid_additions:
+            return top
+        step = int(1 / ratio) if ratio > 0 else num_visual
+        grid = torch.arange(0, num_visual - 1, max(1, int(step / 3)), device=order.device)
+        return torch.cat([top, grid[~torch.isin(grid, top)]])
+
+    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
+        vision = ctx.vision
+        if vision is None:
+            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
+        vision.require(self.name, *self.needs_vision)
+        if vision.project is None:
+            raise RuntimeError(f"{self.name}: merged tokens need the model's projector (engine error)")
+        ids = ctx.visual_ids
+        batch, num_visual = ids.shape
+        if vision.patches_per_image != num_visual:
+            raise ValueError(
+                f"{self.name}: {num_visual} visual tokens per sample from images of {vision.patches_per_image} "
+                "patches; PruMerge ranks and merges the patches of one image and needs one image per sample "
+                "(LLaVA-1.5 layout)"
+            )
+        device = ids.device
+        attention = vision.last_layer_attention.to(device).gather(1, ids)
+        features = _gather(vision.patch_features.to(device), ids)
+        keys = _gather(vision.last_layer_keys.to(device), ids)
+        order = attention.argsort(dim=-1, descending=True, stable=True)
+        if not self.adaptive:
+            indices = [self.fixed_index(order[b], num_visual) for b in range(batch)]
+        else:
+            if self.iqr == "batch":  # official: quartiles and ratio over the flattened batch
+                ratios = [outlier_count(attention) / attention.numel()] * batch
+            else:
+                ratios = [outlier_count(attention[b]) / num_visual for b in range(batch)]
+            indices = [self.adaptive_index(order[b], ratios[b], num_visual) for b in range(batch)]
+        rows = [merge_tokens(features[b], keys[b], attention[b], indices[b], self.neighbours,
+                             self.normalize_merge_weights) for b in range(batch)]
+        count = max(row.shape[0] for row in rows)
+        insert = features.new_zeros(batch, count, features.shape[-1], dtype=torch.float32)
+        valid = torch.zeros(batch, count, dtype=torch.bool, device=device)
+        origins = torch.zeros(batch, count, dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            insert[b, : row.shape[0]] = row
+            valid[b, : row.shape[0]] = True
+            origins[b, : indices[b].numel()] = indices[b]
+        projected = vision.project(insert.to(features.dtype))
+        keep = torch.empty(batch, 0, dtype=torch.long, device=device)
+        return Selection(keep=keep, insert=projected.to(device), insert_from=origins, insert_valid=valid)
+
+
+class PruMergePlus(PruMerge):
+    """PruMerge+: PruMerge plus spatially sampled patches (spec §5.1 "+", §5.3); parameters as ``prumerge``.
+
+    Adaptive (default): the outliers plus the grid ``arange(0, V - 1, int(int(1/ratio) / 3))`` not already
+    kept, plus the extra token. ``tokens=N``: the official non-adaptive branch with ``r = N / (2V)``.
+    """
+
+    name = "prumerge_plus"
+    grid_additions = True
+
+
+def _gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return values.gather(1, ids[..., None].expand(-1, -1, values.shape[-1]))
