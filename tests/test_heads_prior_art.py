@@ -12,6 +12,7 @@ import torch
 
 import finepruner
 import finepruner.heads as fh
+from finepruner.methods.spec import parse_method_spec
 from tests.conftest import GEN, IMAGE_TOKEN_ID, NUM_VISUAL, PROMPTS, generate, single
 
 # ------------------------------------------------------------------------------------------------------
@@ -214,6 +215,10 @@ def test_priority_method_equals_reference(tiny, batch, eager_rows):
         want = corrected[chosen].mean(0).topk(12).indices.sort().values
         assert handle.heads[0][b].tolist() == chosen
         assert torch.equal(handle.kept[0][b], want)
+    name, params = parse_method_spec("finepruner:tokens=12,strategy=sparsevlm_priority")
+    with finepruner.apply(model, name, **params) as spec_handle, torch.no_grad():
+        model(**batch)
+    assert all(torch.equal(x, y) for x, y in zip(spec_handle.kept[0], handle.kept[0], strict=True))
     plain = run(model, batch, tokens=12, strategy="sparsevlm_priority", options={"gravity": "none"})
     summed = run(model, batch, tokens=12, strategy="sum", heads=2)
     assert all(torch.equal(x, y) for x, y in zip(plain.kept[0], summed.kept[0], strict=True))

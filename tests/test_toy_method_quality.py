@@ -28,6 +28,11 @@ SUITE_MEAN_MARGINS = {
     # VisionZip 59.6 (90.7, 73.1, 64.7, 10.0): gap 21.1 (14 dominant incl. [CLS] + 2 contextual tokens;
     # cls_token=False, LightCompress's variant, scores 63.1)
     "visionzip": 10,
+    # PruMerge, tokens=16 (15 merged + the extra token): 63.3 (93.7, 74.4, 70.0, 15.0): gap 24.7
+    "prumerge": 12,
+    # PruMerge+, tokens=16 (official fixed branch r = 16/288: 8 top + 8 grid + 1 extra = 17 tokens): 56.0 (84.1,
+    # 66.7, 68.4, 5.0): gap 17.5; random at 20 tokens scores 38.8, so the extra token does not explain it
+    "prumerge_plus": 8,
 }
 
 

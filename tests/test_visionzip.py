@@ -167,3 +167,34 @@ def test_two_images_per_sample_is_a_clear_error(tiny):
     inputs = processor(images=noise_images(2), text=["USER: <image> <image> what ? ASSISTANT:"], return_tensors="pt")
     with finepruner.apply(model, "visionzip", tokens=16), torch.no_grad(), pytest.raises(ValueError, match="2 images"):
         model(**inputs)
+
+
+def test_captured_signals_equal_eager_reference(tiny, tiny_eager, batch):
+    """The feature-layer hook gives the [CLS] row summed over heads, the head-mean keys and the [CLS] vector."""
+    from finepruner.methods.base import PruningMethod, Stage
+
+    class Recorder(PruningMethod):
+        name = "recorder"
+        default_positions = "renumber"
+        needs_vision = ("cls_attention_sum", "feature_keys", "cls_feature")
+
+        def plan(self, num_layers, num_visual):
+            return [Stage(layer=0, keep=num_visual)]
+
+        def select(self, stage_index, stage, ctx):
+            self.seen = ctx.vision
+            return ctx.visual_ids.clone()
+
+    model, _ = tiny
+    out = eager_vision(tiny_eager[0], batch)
+    layer = model.model.vision_tower.encoder.layers[-2]
+    with torch.no_grad():
+        raw = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[-3]))[:, 1:]
+    recorder = Recorder()
+    with finepruner.apply(model, recorder), torch.no_grad():
+        model(**batch)
+    seen = recorder.seen
+    assert (seen.cls_attention_sum - out.attentions[-2][:, :, 0, 1:].sum(1)).abs().max().item() <= 1e-6
+    keys = raw.view(*raw.shape[:2], layer.self_attn.num_heads, -1).mean(dim=2)
+    assert (seen.feature_keys - keys).abs().max().item() <= 1e-5
+    assert (seen.cls_feature[:, 0] - out.hidden_states[-2][:, 0]).abs().max().item() <= 1e-6

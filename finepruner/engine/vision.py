@@ -1,4 +1,4 @@
-"""Vision-side signals for selections made before the language model (VisPruner, CDPruner).
+"""Vision-side signals for selections made before the language model (VisPruner, CDPruner, VisionZip, PruMerge).
 
 A method that sets ``needs_vision`` (a tuple of names from ``VISION_SIGNALS``) gets, at its stages, a
 ``VisionSignals`` in ``StageContext.vision``. The handle captures them with forward hooks while the
@@ -219,9 +219,9 @@ class VisionCapture:
         signals = feature_layer_signals(module, hidden, self._drop_cls)
         if "cls_attention" in self.needs:
             self._cls.append(signals["cls_attention"])
-        for name, chunks in self._attention.items():
+        for name in ("cls_attention_sum", "feature_keys"):
             if name in self.needs:
-                chunks.append(signals[name])
+                self._attention[name].append(signals[name])
 
     def _on_last_attention(self, module, args, kwargs, output) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)

@@ -78,7 +78,7 @@ class VisionZip(PruningMethod):
 
     Parameters:
         tokens: N, split as the published budgets (64 -> 54+10, 128 -> 108+20, 192 -> 162+30; in general
-            contextual = floor(5N/32)); default V/4 (144 -> 123+21 on LLaVA-1.5). Not with
+            contextual = floor(5N/32)); default V/4 (144 -> 122+22 on LLaVA-1.5). Not with
             ``dominant``/``contextual``.
         dominant, contextual: the split directly (both together): dominant >= 1 (>= 0 without the [CLS]
             token), contextual >= 0; ``dominant - cls_token <= V`` and ``contextual <=`` the patches left.
