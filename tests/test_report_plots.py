@@ -58,6 +58,9 @@ def rendered(fig):
 def test_method_colour_is_fixed_per_method_and_stable_for_other_names():
     registered = list(METHOD_COLOURS)
     assert len({method_colour(m) for m in registered}) == len(registered)  # registered methods never share
+    from finepruner import methods
+
+    assert set(methods.available()) <= set(METHOD_COLOURS)  # a new method gets its own fixed colour
     assert method_colour("fastv") == method_colour("fastv K=3") == method_colour("fastv:score_impl=eager@64")
     assert method_colour("FastV") == METHOD_COLOURS["fastv"]
     assert method_colour("my_method") == method_colour("my_method tokens=3")  # hash of the method name
