@@ -46,3 +46,15 @@ def test_every_command_parses_the_same_way():
     args = build_parser("eval").parse_args(["eval", "--model", "m", "--bench", "pope", "--data-root", "d",
                                             "--out", "o", "--param", "layers=[1,2,4]", "--param", "version=2.0"])
     assert parse_key_values(args.param, "--param") == {"layers": [1, 2, 4], "version": 2.0}
+
+
+def test_method_registry_refuses_duplicate_names():
+    from finepruner import methods
+    from finepruner.methods.fastv import FastV
+
+    class OtherFastV(FastV):
+        pass
+
+    with pytest.raises(ValueError, match="method name 'fastv' is claimed by FastV and"):
+        methods._unique_names((FastV, OtherFastV))
+    assert sorted(methods._unique_names((FastV,))) == sorted(["fastv", *getattr(FastV, "aliases", ())])

@@ -26,9 +26,26 @@ _METHODS: tuple[type[PruningMethod], ...] = (
     Vanilla, RandomSelection, FastV, PDrop, FinePrunerHead, VisPruner, CDPruner, SparseVLM, DivPrune, DART, Pool,
     VisionZip, PruMergePlus, PruMerge,
 )
+
+
+def _unique_names(classes: tuple[type[PruningMethod], ...]) -> dict[str, type[PruningMethod]]:
+    """``{name: class}``, refusing an empty name and a name (or alias) that two classes claim."""
+    registry: dict[str, type[PruningMethod]] = {}
+    for cls in classes:
+        for name in (cls.name, *getattr(cls, "aliases", ())):
+            if not name:
+                raise ValueError(f"method class {cls.__qualname__} has no name")
+            if name in registry:
+                raise ValueError(f"method name {name!r} is claimed by {registry[name].__qualname__} and "
+                                 f"{cls.__qualname__}")
+            registry[name] = cls
+    return registry
+
+
+_ALL_NAMES = _unique_names(_METHODS)
 _REGISTRY: dict[str, type[PruningMethod]] = {cls.name: cls for cls in _METHODS}
 #: Other accepted names (not listed by ``available()``).
-ALIASES: dict[str, str] = {alias: cls.name for cls in _METHODS for alias in getattr(cls, "aliases", ())}
+ALIASES: dict[str, str] = {name: cls.name for name, cls in _ALL_NAMES.items() if name != cls.name}
 
 
 def available() -> list[str]:
