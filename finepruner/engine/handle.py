@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +57,10 @@ class Handle:
         self._pending: tuple[torch.Tensor | None, list[int]] | None = None
         self._hook = None
         self._vision: VisionCapture | None = None  # vision-side hooks for methods with ``needs_vision``
+        # generate(use_cache=False) passes the same pre-encoded images (``mm_encoder_outputs``) to every
+        # step, which re-prunes the whole prompt: the signals taken at the first step serve the later ones
+        self._encoder_outputs = None  # this call's mm_encoder_outputs
+        self._vision_taken: tuple[weakref.ref, VisionSignals] | None = None  # (their source, the signals)
         self._prompt_ids: list[list[int]] | None = None
         # this prefill's (explicit texts or None, prompt ids) for methods with ``needs_instructions``
         self._instructions: tuple[list[str] | None, list[list[int]]] | None = None
@@ -93,6 +98,7 @@ class Handle:
         if self._vision is not None:
             self._vision.remove()
             self._vision = None
+        self._vision_taken = self._encoder_outputs = None
 
     def __enter__(self) -> Handle:
         return self
@@ -119,6 +125,7 @@ class Handle:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._prompt_ids = None
         self._instructions = None
+        self._encoder_outputs = kwargs.get("mm_encoder_outputs")
         if kwargs.get("pixel_values") is None and kwargs.get("mm_encoder_outputs") is None:
             self._pending = None  # no image in this call (e.g. a decode step)
             return
@@ -173,7 +180,12 @@ class Handle:
         if self._vision is None:
             return None
         prompt_ids, self._prompt_ids = self._prompt_ids, None
-        return self._vision.take(batch, num_visual, prompt_ids)
+        source = _encoded_images(self._encoder_outputs)
+        if source is not None and self._vision_taken is not None and self._vision_taken[0]() is source:
+            return self._vision_taken[1]  # the same encoded images again (a no-cache generate step)
+        signals = self._vision.take(batch, num_visual, prompt_ids)
+        self._vision_taken = (weakref.ref(source), signals) if source is not None else None
+        return signals
 
     def _take_instructions(self, batch: int) -> list[str] | None:
         """This prefill's instruction texts for a batch of ``batch`` rows (consumed), or None when the
@@ -224,3 +236,17 @@ def apply(model: nn.Module, method: str | PruningMethod, /, *, processor=None, *
     handle = Handle(model, method, processor)
     handle._install()
     return handle
+
+
+def _encoded_images(mm_encoder_outputs) -> object | None:
+    """The pre-encoded image output inside ``generate``'s ``mm_encoder_outputs`` (held weakly by the
+    handle, so that it is freed with the generation), or None."""
+    if not isinstance(mm_encoder_outputs, dict):
+        return None
+    encoded = mm_encoder_outputs.get("image")
+    try:
+        weakref.ref(encoded)
+    except TypeError:
+        return None
+    return encoded
+
