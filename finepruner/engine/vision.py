@@ -20,6 +20,11 @@ method is applied, during the vision tower run LLaVA does anyway (no extra tower
   attention of the *last* encoder layer recomputes its ``q_proj``/``k_proj`` outputs from the hook's input
   (``layer_norm1`` of the previous layer's output) and keeps the [CLS] row of one merged head over the full
   width, ``softmax(q k^T / sqrt(Dv))``, and the patch keys.
+* ``received_attention`` (HiPrune, ``methods_more.md`` §4.1): a hook on the self-attention of each layer a
+  method names recomputes that layer's full attention from the hook's input (eager, float32) and keeps the
+  attention each token *receives*, averaged over heads and over all queries. ``"received_attention"`` alone
+  is the feature layer; ``received_attention_signal(l)`` (``"received_attention@l"``) is encoder layer ``l``
+  (0-based). Only the named layers are hooked.
 
 Per-image rows are mapped to batch samples in the order in which LLaVA scatters image features into
 the ``<image>`` positions (row-major): a sample with several images gets their tokens concatenated.
@@ -28,6 +33,7 @@ All signals are indexed by the *original* visual-token ids (0..V-1) of each samp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,11 +50,35 @@ VISION_SIGNALS: tuple[str, ...] = (
     "cls_feature",
     "last_layer_attention",
     "last_layer_keys",
+    "received_attention",
 )
+#: Prefix of the per-layer form of ``received_attention`` (``"received_attention@8"``: encoder layer index 8).
+RECEIVED_PREFIX = "received_attention@"
 #: Signals computed by the hook on the feature layer's self-attention.
 _ATTENTION_SIGNALS = frozenset({"cls_attention", "cls_attention_sum", "feature_keys"})
 #: Signals computed by the hook on the last layer's self-attention.
 _LAST_LAYER_SIGNALS = frozenset({"last_layer_attention", "last_layer_keys"})
+
+
+def received_attention_signal(layer: int) -> str:
+    """The signal name of the attention received per token at encoder layer ``layer`` (0-based)."""
+    return f"{RECEIVED_PREFIX}{layer}"
+
+
+def _received_layer(name: str, num_layers: int, feature_layer: int | None) -> int | None:
+    """The encoder layer index a ``received_attention`` name asks for, or None for other signals."""
+    if name == "received_attention":
+        if feature_layer is None:
+            raise ValueError("received_attention needs an integer vision_feature_layer")
+        return feature_layer
+    if not name.startswith(RECEIVED_PREFIX):
+        return None
+    text = name[len(RECEIVED_PREFIX):]
+    if not text.isdigit() or not int(text) < num_layers:
+        raise ValueError(
+            f"vision signal {name!r}: the layer must be an encoder layer index in 0..{num_layers - 1}"
+        )
+    return int(text)
 
 
 @dataclass
@@ -70,6 +100,9 @@ class VisionSignals:
         last_layer_attention: [B, V] float32 [CLS]-query attention of the last encoder layer as ONE head over
             the full width ``Dv`` (PruMerge's ``softmax(q k^T / sqrt(Dv))[0, 1:]``).
         last_layer_keys: [B, V, Dv] float32 ``k_proj`` outputs of the last encoder layer (patches).
+        received_attention: encoder layer index -> [B, V] float32 attention each visual token receives at that
+            layer, mean over heads and over all queries ([CLS] included), for the layers the method named.
+        feature_layer: the encoder layer index of the feature layer (``received_attention`` without a layer).
         patches_per_image: patch tokens per encoded image (V for one image per sample).
         project: runs the model's ``multi_modal_projector`` on new pre-projector tokens (e.g. ``pool``'s
             pooled features) without the capture recording them.
@@ -84,6 +117,8 @@ class VisionSignals:
     cls_feature: torch.Tensor | None = None
     last_layer_attention: torch.Tensor | None = None
     last_layer_keys: torch.Tensor | None = None
+    received_attention: dict[int, torch.Tensor] | None = None
+    feature_layer: int | None = None
     patches_per_image: int | None = None
     prompt_ids: list[list[int]] | None = None
     image_token_id: int | None = None
@@ -91,12 +126,19 @@ class VisionSignals:
 
     def require(self, method: str, *names: str) -> None:
         """Raise a clear error when a needed signal was not captured (e.g. no ``pixel_values``)."""
-        missing = [name for name in names if getattr(self, name) is None]
+        missing = [name for name in names if not self._has(name)]
         if missing:
             raise RuntimeError(
                 f"{method}: vision signal(s) {', '.join(missing)} were not captured; pre-LLM methods need the "
                 "model to encode the images in the same call (pass pixel_values, not precomputed image features)"
             )
+
+
+    def _has(self, name: str) -> bool:
+        if name == "received_attention" or name.startswith(RECEIVED_PREFIX):
+            layer = self.feature_layer if name == "received_attention" else int(name[len(RECEIVED_PREFIX):])
+            return self.received_attention is not None and layer in self.received_attention
+        return getattr(self, name) is not None
 
 
 def feature_layer_index(num_layers: int, vision_feature_layer) -> int:
@@ -170,13 +212,30 @@ def merged_head_signals(attention: nn.Module, hidden: torch.Tensor, drop_cls: bo
     return {"last_layer_attention": probs, "last_layer_keys": keys}
 
 
+@torch.no_grad()
+def received_attention(attention: nn.Module, hidden: torch.Tensor, drop_cls: bool = True) -> torch.Tensor:
+    """Attention received per token at a CLIP self-attention (HiPrune's ``g``, ``methods_more.md`` §4.1), in
+    float32: the eager probabilities ``softmax(q k^T * scale)`` averaged over heads and over all queries.
+
+    Returns [n, P] (patch columns; with ``drop_cls=False`` [n, 1 + P], [CLS] column kept).
+    """
+    n, length, _ = hidden.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(hidden).float().view(n, length, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden).float().view(n, length, heads, head_dim).transpose(1, 2)
+    received = ((query @ key.transpose(-1, -2)) * attention.scale).softmax(dim=-1).mean(dim=(1, 2))  # [n, L]
+    return received[:, 1:] if drop_cls else received
+
+
 class VisionCapture:
     """Forward hooks on a LLaVA model's vision side that record the signals named in ``needs``."""
 
     def __init__(self, adapter, needs: tuple[str, ...]) -> None:
-        unknown = sorted(set(needs) - set(VISION_SIGNALS))
+        unknown = sorted(n for n in set(needs) - set(VISION_SIGNALS) if not n.startswith(RECEIVED_PREFIX))
         if unknown:
-            raise ValueError(f"unknown vision signal(s) {unknown}; available: {VISION_SIGNALS}")
+            raise ValueError(
+                f"unknown vision signal(s) {unknown}; available: {VISION_SIGNALS} or {RECEIVED_PREFIX}<layer>"
+            )
         self.adapter = adapter
         self.needs = tuple(needs)
         self._hooks: list = []
@@ -191,7 +250,22 @@ class VisionCapture:
         config = adapter.model.config
         self._drop_cls = config.vision_feature_select_strategy == "default"
         tower = adapter.vision_tower
+        num_tower_layers = len(tower.encoder.layers)
+        feature = config.vision_feature_layer
+        feature_index = (  # only resolved for the bare ``received_attention`` name
+            feature_layer_index(num_tower_layers, feature) if "received_attention" in needs
+            and isinstance(feature, int) and not isinstance(feature, bool) else None
+        )
+        self._feature_index = feature_index
+        received_layers = sorted({
+            layer for name in needs
+            if (layer := _received_layer(name, num_tower_layers, feature_index)) is not None
+        })
+        self._received: dict[int, list[torch.Tensor]] = {layer: [] for layer in received_layers}
         self._hooks.append(tower.register_forward_pre_hook(self._on_tower))
+        for layer in received_layers:
+            hook = functools.partial(self._on_received, layer)
+            self._hooks.append(tower.encoder.layers[layer].self_attn.register_forward_hook(hook, with_kwargs=True))
         if _ATTENTION_SIGNALS & set(needs) or "cls_feature" in needs:
             layers = tower.encoder.layers
             index = feature_layer_index(len(layers), config.vision_feature_layer)
@@ -229,6 +303,10 @@ class VisionCapture:
         for name in _LAST_LAYER_SIGNALS & set(self.needs):
             self._attention[name].append(signals[name])
 
+    def _on_received(self, layer: int, module, args, kwargs, output) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self._received[layer].append(received_attention(module, hidden, self._drop_cls))
+
     def _on_feature_layer(self, module, args, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
         self._cls_feature.append(hidden[:, 0].detach())
@@ -254,10 +332,11 @@ class VisionCapture:
         self._cls, self._features, self._projected = [], [], []
         self._attention = {name: [] for name in self._attention}
         self._cls_feature = []
+        self._received = {layer: [] for layer in self._received}
 
     def _patches_per_image(self) -> int:
         """Patch tokens per image of the captured encodings (from the captured per-image signals)."""
-        for chunks in (*self._attention.values(), self._cls):
+        for chunks in (*self._attention.values(), *self._received.values(), self._cls):
             if chunks:
                 return int(chunks[0].shape[1])
         tower = self.adapter.vision_tower
@@ -314,6 +393,11 @@ class VisionCapture:
             cls_feature=cls_feature,
             last_layer_attention=per_sample(self._attention["last_layer_attention"], "last_layer_attention"),
             last_layer_keys=per_sample(self._attention["last_layer_keys"], "last_layer_keys"),
+            received_attention={
+                layer: per_sample(chunks, f"{RECEIVED_PREFIX}{layer}") for layer, chunks in self._received.items()
+                if chunks
+            } or None,
+            feature_layer=self._feature_index,
             patches_per_image=self._patches_per_image(),
             patch_features=features if "patch_features" in self.needs else None,
             projected_features=per_sample(self._projected, "projected_features"),

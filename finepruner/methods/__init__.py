@@ -13,6 +13,7 @@ from finepruner.methods.dart import DART
 from finepruner.methods.divprune import DivPrune
 from finepruner.methods.fastv import FastV
 from finepruner.methods.finepruner_head import FinePrunerHead
+from finepruner.methods.hiprune import HiPrune
 from finepruner.methods.pdrop import PDrop
 from finepruner.methods.pool import Pool
 from finepruner.methods.prumerge import PruMerge, PruMergePlus
@@ -24,7 +25,7 @@ from finepruner.methods.vispruner import VisPruner
 
 _METHODS: tuple[type[PruningMethod], ...] = (
     Vanilla, RandomSelection, FastV, PDrop, FinePrunerHead, VisPruner, CDPruner, SparseVLM, DivPrune, DART, Pool,
-    VisionZip, PruMergePlus, PruMerge,
+    VisionZip, PruMergePlus, PruMerge, HiPrune,
 )
 
 
