@@ -1,7 +1,8 @@
 """Pre-LLM methods under ``generate(use_cache=False)``: transformers encodes the images once and passes
 the same encoded output to every step, which re-runs (and re-prunes) the whole prompt; the vision
-signals of the first step must serve the later ones, giving the tokens of a cached generate. (``random`` is left out: its draw is keyed by the prompt
-tokens, which grow at every no-cache step, so each step draws anew, like FastV's re-pruning.)"""
+signals of the first step must serve the later ones, giving the tokens of a cached generate.
+(``random`` is left out: its draw is keyed by the prompt tokens, which grow at every no-cache step, so
+each step draws anew, like FastV's re-pruning.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import finepruner
 from tests.conftest import generate
 
 PRE_LLM = {"vispruner": {"tokens": 12}, "divprune": {"tokens": 12}, "pool": {"tokens": 16},
-           "visionzip": {"tokens": 12}, "prumerge_plus": {"tokens": 16}}
+           "visionzip": {"tokens": 12}, "prumerge_plus": {"tokens": 16},
+           "hiprune": {"tokens": 12}}
 
 
 @pytest.mark.parametrize("method", sorted(PRE_LLM))

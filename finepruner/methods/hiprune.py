@@ -1,0 +1,190 @@
+"""``hiprune``: HiPrune (arXiv 2508.00553), hierarchical CLIP attention, spec ``methods_more.md`` §4.
+
+Before the language model, from the attention each patch *receives* in two CLIP layers (mean over heads and
+over all queries): "anchors" are the top patches of a middle "object" layer, each with its ±1 and ±grid-width
+neighbours ("buffers"); "registers" fill the budget with the top patches of the deep (feature) layer among
+the rest. The kept patches go to the LLM in spatial order, contiguous positions, nothing merged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
+
+#: Official ``HIPRUNE_ALPHA``, ``HIPRUNE_OBJECT_LAYER`` (1-based) and the tower depth it is set for (§4.1).
+DEFAULT_ALPHA = 0.1
+DEFAULT_OBJECT_LAYER = 9
+REFERENCE_DEPTH = 24
+Wrap = Literal["official", "grid"]
+WRAP_MODES: tuple[str, ...] = ("official", "grid")
+
+
+def anchor_count(tokens: int, alpha: float) -> int:
+    """``a = round(N' * alpha / 5)`` (Python's ``round``, half to even), spec §4.1."""
+    return round(tokens * alpha / 5)
+
+
+def default_object_layer(depth: int) -> int:
+    """The object layer (1-based) for a tower of ``depth`` layers: 9 on LLaVA-1.5's 24 layers, the same
+    fraction of the depth elsewhere (``max(1, round(9 * depth / 24))``)."""
+    return max(1, round(DEFAULT_OBJECT_LAYER * depth / REFERENCE_DEPTH))
+
+
+def hiprune_select(
+    object_scores: torch.Tensor, deep_scores: torch.Tensor, tokens: int, alpha: float, grid_width: int,
+    wrap: Wrap = "official",
+) -> torch.Tensor:
+    """HiPrune's kept set (spec §4.1), vectorised over the batch.
+
+    Args:
+        object_scores: [B, V] attention received per patch at the object layer.
+        deep_scores: [B, V] the same at the deep (feature) layer.
+        tokens: N', patches kept per sample.
+        alpha: anchors are ``round(N' * alpha / 5)`` patches.
+        grid_width: patches per row of the grid (the ±row neighbours are ±grid_width).
+        wrap: ``"official"``: neighbours are flat indices clamped to [0, V-1] (±1 crosses row edges);
+            ``"grid"``: neighbours outside the image or across a row edge are dropped.
+
+    Returns:
+        [B, N'] sorted indices: anchors, buffers and the top deep-layer registers outside them. Ties go to
+        the first index.
+    """
+    batch, num_visual = object_scores.shape
+    device = object_scores.device
+    count = anchor_count(tokens, alpha)
+    anchors = object_scores.argsort(dim=-1, descending=True, stable=True)[:, :count]  # [B, a]
+    chosen = torch.zeros(batch, num_visual, dtype=torch.bool, device=device)
+    chosen.scatter_(1, anchors, True)
+    column = anchors % grid_width
+    for step in (-1, 1, -grid_width, grid_width):
+        neighbours = anchors + step
+        if wrap == "grid":  # a dropped neighbour is replaced by its anchor (already chosen)
+            valid = (neighbours >= 0) & (neighbours < num_visual)
+            if step == -1:
+                valid &= column > 0
+            elif step == 1:
+                valid &= column < grid_width - 1
+            neighbours = torch.where(valid, neighbours, anchors)
+        chosen.scatter_(1, neighbours.clamp(0, num_visual - 1), True)
+    left = tokens - chosen.sum(dim=1, keepdim=True)  # registers per sample
+    masked = deep_scores.float().masked_fill(chosen, float("-inf"))
+    order = masked.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_visual, device=device).expand(batch, -1))
+    keep = chosen | (~chosen & (rank < left))
+    return keep.nonzero()[:, 1].view(batch, tokens)
+
+
+class HiPrune(PruningMethod):
+    """HiPrune: object-layer anchors with buffers + deep-layer registers, before the LLM (spec §4).
+
+    "N tokens" means exactly ``tokens`` visual tokens per sample enter the language model (official
+    ``HIPRUNE_RETENTION``; the official code divides it by the batch size, a bug we do not reproduce, §4.2).
+
+    Parameters:
+        tokens: N' kept patches per sample (1..V); budgets 192/128/64 are ``tokens=192/128/64``; default V/3
+            (192 on LLaVA-1.5).
+        alpha: anchor share, ``a = round(N' * alpha / 5)`` anchors (default 0.1, official); allowed when
+            ``5a <= N'`` (anchors and their four neighbours fit in the budget).
+        object_layer: the object layer, 1-based as the official ``HIPRUNE_OBJECT_LAYER`` (encoder layer
+            ``object_layer - 1``), in 1..depth of the vision tower; default 9 on a 24-layer tower (LLaVA-1.5),
+            the same fraction of the depth on other towers (``max(1, round(9 * depth / 24))``).
+        wrap: ``"official"`` (default): buffer neighbours are flat indices clamped to [0, V-1], so ±1 wraps
+            across rows and edge neighbours become patch 0 or V-1; ``"grid"``: neighbours across a row edge or
+            outside the grid are dropped.
+        positions: ``"renumber"`` (default, official: contiguous positions) or ``"original"``.
+
+    Signals: ``received_attention`` at the object layer and at the feature layer (the deep layer, official
+    ``attentions[-2]`` = LLaVA's ``vision_feature_layer=-2``), from hooks on those two layers' self-attention
+    (q/k recomputed, float32; no ``output_attentions``). Needs the ``"default"`` feature strategy and one
+    image per sample on a square patch grid (LLaVA-1.5 layout); others raise.
+    """
+
+    name = "hiprune"
+    default_positions = "renumber"
+    needs_vision = ("received_attention",)
+
+    def __init__(
+        self,
+        tokens: int | None = None,
+        alpha: float = DEFAULT_ALPHA,
+        object_layer: int | None = None,
+        wrap: Wrap = "official",
+        positions: Positions | None = None,
+    ) -> None:
+        super().__init__(positions)
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"{self.name}: tokens={tokens!r} is not allowed; allowed: an integer >= 1 (and <= V)")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+            raise ValueError(f"{self.name}: alpha={alpha!r}; allowed: a number in [0, 1] (official 0.1)")
+        if object_layer is not None and (
+            isinstance(object_layer, bool) or not isinstance(object_layer, int) or object_layer < 1
+        ):
+            raise ValueError(
+                f"{self.name}: object_layer={object_layer!r}; allowed: None (9 of 24 layers, scaled to the tower) "
+                "or a 1-based layer in 1..depth of the vision tower"
+            )
+        if wrap not in WRAP_MODES:
+            raise ValueError(f"{self.name}: wrap={wrap!r}; allowed: {WRAP_MODES}")
+        self.tokens, self.alpha, self.object_layer, self.wrap = tokens, float(alpha), object_layer, wrap
+        self._layers: tuple[int, int] | None = None  # (object, deep) encoder layer indices, set by bind_model
+
+    def kept(self, num_visual: int) -> int:
+        """N' for ``num_visual`` patches per sample, validated against the model and ``alpha``."""
+        tokens = self.tokens if self.tokens is not None else max(1, num_visual // 3)
+        check_tokens(self.name, tokens, num_visual)
+        anchors = anchor_count(tokens, self.alpha)
+        if 5 * anchors > tokens:
+            raise ValueError(
+                f"{self.name}: alpha={self.alpha} gives {anchors} anchors, up to {5 * anchors} tokens with their "
+                f"buffers, more than tokens={tokens}; allowed: alpha with 5 * round(tokens * alpha / 5) <= tokens"
+            )
+        return tokens
+
+    def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        return [Stage(layer=0, keep=self.kept(num_visual))]
+
+    def bind_model(self, model) -> None:
+        from finepruner.engine.vision import feature_layer_index, received_attention_signal  # no import cycle
+
+        config = model.config
+        strategy = getattr(config, "vision_feature_select_strategy", None)
+        if strategy != "default":
+            raise ValueError(
+                f"{self.name}: vision_feature_select_strategy={strategy!r}; HiPrune needs 'default' (patch tokens "
+                "on the grid, [CLS] dropped)"
+            )
+        depth = int(config.vision_config.num_hidden_layers)
+        layer = self.object_layer if self.object_layer is not None else default_object_layer(depth)
+        if layer > depth:
+            raise ValueError(
+                f"{self.name}: object_layer={layer} but the vision tower has {depth} layers; allowed: object_layer "
+                f"in 1..{depth} (or None: {default_object_layer(depth)} on this tower)"
+            )
+        deep = feature_layer_index(depth, config.vision_feature_layer)
+        self._layers = (layer - 1, deep)
+        self.needs_vision = tuple(dict.fromkeys(received_attention_signal(i) for i in self._layers))
+
+    def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
+        vision = ctx.vision
+        if vision is None or self._layers is None:
+            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
+        vision.require(self.name, *self.needs_vision)
+        ids = ctx.visual_ids
+        num_visual = ids.shape[1]
+        if vision.patches_per_image != num_visual:
+            images = num_visual / vision.patches_per_image if vision.patches_per_image else float("nan")
+            raise ValueError(
+                f"{self.name}: a sample has {images:g} images; HiPrune selects per image on its patch grid and "
+                "needs one image per sample (LLaVA-1.5 layout)"
+            )
+        width = math.isqrt(num_visual)
+        if width * width != num_visual:
+            raise ValueError(f"{self.name}: {num_visual} patches per image do not form a square grid")
+        device = ids.device
+        obj, deep = (vision.received_attention[i].to(device).gather(1, ids) for i in self._layers)
+        return hiprune_select(obj, deep, stage.keep, self.alpha, width, self.wrap)
