@@ -27,7 +27,7 @@ METHOD_COLOURS = MappingProxyType({
     "visionzip": "#393b79",
     "prumerge": "#637939",
     "prumerge_plus": "#8c6d31",
-    "hiprune": "#843c39",
+    "hiprune": "#00766c",
 })
 #: Colours for other method names (tab20's light hues), picked by a stable hash of the name.
 _OTHER_COLOURS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
