@@ -86,6 +86,16 @@ class StageContext:
     def num_visual(self) -> int:
         return self.visual_ids.shape[1]
 
+    def require_vision(self, method: str, *names: str, projector: bool = False) -> VisionSignals:
+        """This prefill's vision signals, checked to hold ``names`` (and the projector, for methods that
+        project merged or pooled features); a missing one raises naming ``method``."""
+        if self.vision is None:
+            raise RuntimeError(f"{method}: no vision signals reached the selection (engine error)")
+        self.vision.require(method, *names)
+        if projector and self.vision.project is None:
+            raise RuntimeError(f"{method}: merged tokens need the model's projector (engine error)")
+        return self.vision
+
 
 @dataclass
 class Selection:
@@ -173,6 +183,14 @@ class PruningMethod:
             else:
                 described[key] = value
         return described
+
+
+def require_default_features(method: str, model: nn.Module, why: str) -> None:
+    """Methods that read the patch grid need LLaVA's ``vision_feature_select_strategy="default"`` (the
+    [CLS] row dropped from the projected features); raises ``ValueError`` saying ``why``."""
+    strategy = getattr(model.config, "vision_feature_select_strategy", None)
+    if strategy != "default":
+        raise ValueError(f"{method}: vision_feature_select_strategy={strategy!r}; {method} needs 'default' ({why})")
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

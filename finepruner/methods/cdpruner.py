@@ -202,10 +202,7 @@ class CDPruner(PruningMethod):
         return [Stage(layer=0, keep=keep)]
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        vision = ctx.vision
-        if vision is None:
-            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
-        vision.require(self.name, "projected_features", "post_layernorm_features")
+        vision = ctx.require_vision(self.name, "projected_features", "post_layernorm_features")
         texts = ctx.instructions
         if texts is None or self._clip is None:
             raise RuntimeError(f"{self.name}: no instruction texts or CLIP tower reached the selection (engine error)")

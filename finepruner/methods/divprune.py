@@ -119,10 +119,7 @@ class DivPrune(PruningMethod):
         return [Stage(layer=0, keep=self.keep_count(num_visual))]
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        if ctx.vision is None:
-            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
-        ctx.vision.require(self.name, "projected_features")
         ids = ctx.visual_ids
-        projected = ctx.vision.projected_features
+        projected = ctx.require_vision(self.name, "projected_features").projected_features
         projected = projected.gather(1, ids.to(projected.device)[..., None].expand(-1, -1, projected.shape[-1]))
         return divprune_select(projected, stage.keep).to(ids.device)

@@ -13,7 +13,14 @@ from typing import Literal
 
 import torch
 
-from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
+from finepruner.methods.base import (
+    Positions,
+    PruningMethod,
+    Stage,
+    StageContext,
+    check_tokens,
+    require_default_features,
+)
 
 #: Official ``HIPRUNE_ALPHA``, ``HIPRUNE_OBJECT_LAYER`` (1-based) and the tower depth it is set for (§4.1).
 DEFAULT_ALPHA = 0.1
@@ -151,13 +158,8 @@ class HiPrune(PruningMethod):
     def bind_model(self, model) -> None:
         from finepruner.engine.vision import feature_layer_index, received_attention_signal  # no import cycle
 
+        require_default_features(self.name, model, "patch tokens on the grid, [CLS] dropped")
         config = model.config
-        strategy = getattr(config, "vision_feature_select_strategy", None)
-        if strategy != "default":
-            raise ValueError(
-                f"{self.name}: vision_feature_select_strategy={strategy!r}; HiPrune needs 'default' (patch tokens "
-                "on the grid, [CLS] dropped)"
-            )
         depth = int(config.vision_config.num_hidden_layers)
         layer = self.object_layer if self.object_layer is not None else default_object_layer(depth)
         if layer > depth:
@@ -170,10 +172,9 @@ class HiPrune(PruningMethod):
         self.needs_vision = tuple(dict.fromkeys(received_attention_signal(i) for i in self._layers))
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        vision = ctx.vision
-        if vision is None or self._layers is None:
-            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
-        vision.require(self.name, *self.needs_vision)
+        if self._layers is None:
+            raise RuntimeError(f"{self.name}: the method was not bound to a model (engine error)")
+        vision = ctx.require_vision(self.name, *self.needs_vision)
         ids = ctx.visual_ids
         num_visual = ids.shape[1]
         if vision.patches_per_image != num_visual:

@@ -151,21 +151,15 @@ class Pool(PruningMethod):
         return [Stage(layer=0, keep=0, insert=h * w)]
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
-        vision = ctx.vision
-        if vision is None:
-            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
         ids = ctx.visual_ids
         batch, num_visual = ids.shape
         grid = self.grid(num_visual)
         if self.where == "pre_projector":
-            vision.require(self.name, "patch_features")
-            if vision.project is None:
-                raise RuntimeError(f"{self.name}: where='pre_projector' needs the model's projector (engine error)")
+            vision = ctx.require_vision(self.name, "patch_features", projector=True)
             features = vision.patch_features
             pooled = vision.project(pool_grid(features.gather(1, _expand(ids, features)), grid, self.reduce))
         else:
-            vision.require(self.name, "projected_features")
-            features = vision.projected_features
+            features = ctx.require_vision(self.name, "projected_features").projected_features
             pooled = pool_grid(features.gather(1, _expand(ids, features)), grid, self.reduce)
         origins = bin_origins(math.isqrt(num_visual), grid).to(ids.device).expand(batch, -1)
         keep = torch.empty(batch, 0, dtype=torch.long, device=ids.device)

@@ -200,12 +200,7 @@ class PruMerge(PruningMethod):
         return torch.cat([top, grid[~torch.isin(grid, top)]])
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
-        vision = ctx.vision
-        if vision is None:
-            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
-        vision.require(self.name, *self.needs_vision)
-        if vision.project is None:
-            raise RuntimeError(f"{self.name}: merged tokens need the model's projector (engine error)")
+        vision = ctx.require_vision(self.name, *self.needs_vision, projector=True)
         ids = ctx.visual_ids
         batch, num_visual = ids.shape
         if vision.patches_per_image != num_visual:

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from finepruner.methods.base import Positions, PruningMethod, Selection, Stage, StageContext
+from finepruner.methods.base import (
+    Positions,
+    PruningMethod,
+    Selection,
+    Stage,
+    StageContext,
+    require_default_features,
+)
 
 #: Published LLaVA-1.5 budgets (dominant, contextual), spec §1.3.
 PUBLISHED_SPLITS: dict[int, tuple[int, int]] = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
@@ -159,21 +166,10 @@ class VisionZip(PruningMethod):
         return [Stage(layer=0, keep=dominant, insert=contextual)]
 
     def bind_model(self, model) -> None:
-        config = model.config
-        strategy = getattr(config, "vision_feature_select_strategy", None)
-        if strategy != "default":
-            raise ValueError(
-                f"{self.name}: vision_feature_select_strategy={strategy!r}; VisionZip needs 'default' (patch "
-                "tokens only, the [CLS] row handled by the method)"
-            )
+        require_default_features(self.name, model, "patch tokens only, the [CLS] row handled by the method")
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
-        vision = ctx.vision
-        if vision is None:
-            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
-        vision.require(self.name, *self.needs_vision)
-        if vision.project is None:
-            raise RuntimeError(f"{self.name}: merged tokens need the model's projector (engine error)")
+        vision = ctx.require_vision(self.name, *self.needs_vision, projector=True)
         ids = ctx.visual_ids
         batch, num_visual = ids.shape
         if vision.cls_feature.shape[1] != 1:

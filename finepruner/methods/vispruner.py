@@ -115,11 +115,9 @@ class VisPruner(PruningMethod):
         return [Stage(layer=0, keep=keep)]
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        if ctx.vision is None:
-            raise RuntimeError(f"{self.name}: no vision signals reached the selection (engine error)")
-        ctx.vision.require(self.name, "cls_attention", "patch_features")
+        vision = ctx.require_vision(self.name, "cls_attention", "patch_features")
         ids = ctx.visual_ids
-        attention = ctx.vision.cls_attention.to(ids.device).gather(1, ids)
-        features = ctx.vision.patch_features.to(ids.device)
+        attention = vision.cls_attention.to(ids.device).gather(1, ids)
+        features = vision.patch_features.to(ids.device)
         features = features.gather(1, ids[..., None].expand(-1, -1, features.shape[-1]))
         return vispruner_select(attention, features, stage.keep, self.important_ratio)
