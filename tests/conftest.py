@@ -36,6 +36,16 @@ def assert_same_generation(pruned, reference, atol: float = 1e-5) -> None:
         assert (x[finite] - y[finite]).abs().max().item() <= atol
 
 
+def assert_row_equals_alone(alone, together, row: int, atol: float = 1e-4) -> None:
+    """Row ``row`` of a batched generate equals the same sample generated alone: the new tokens, and every
+    step's finite scores within ``atol``."""
+    new = len(alone.scores)
+    assert torch.equal(alone.sequences[0, -new:], together.sequences[row, -new:])
+    for step, scores in enumerate(alone.scores):
+        diff = (scores[0] - together.scores[step][row]).nan_to_num(0.0, 0.0, 0.0)
+        assert diff.abs().max().item() <= atol
+
+
 def noise_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
     """Deterministic random RGB images."""
     generator = torch.Generator().manual_seed(seed)

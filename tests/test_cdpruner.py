@@ -10,7 +10,7 @@ import torch
 import finepruner
 from finepruner.methods.cdpruner import dpp_greedy, instruction_from_prompt
 from finepruner.models.clip_text import build_tiny_clip_text, load_clip_text, save_tiny_clip_checkpoint
-from tests.conftest import GEN, NUM_VISUAL, PROMPTS, assert_same_generation, generate, single
+from tests.conftest import GEN, NUM_VISUAL, PROMPTS, assert_row_equals_alone, assert_same_generation, generate, single
 
 #: The instruction of each of conftest's PROMPTS, as the tiny tokenizer decodes it.
 INSTRUCTIONS = [
@@ -182,10 +182,7 @@ def test_padded_batch_equals_each_sample_alone_and_kv_lengths(tiny, batch, clip)
         for row in range(len(PROMPTS)):
             alone = generate(model, single(processor, row))
             assert torch.equal(handle.kept[0][0], kept[row])
-            assert torch.equal(alone.sequences[0, -new:], together.sequences[row, -new:])
-            for step, scores in enumerate(alone.scores):
-                diff = (scores[0] - together.scores[step][row]).nan_to_num(0.0, 0.0, 0.0)
-                assert diff.abs().max().item() <= 1e-4
+            assert_row_equals_alone(alone, together, row)
 
 
 def test_beams_repeat_instructions_and_signals(tiny, batch, clip):

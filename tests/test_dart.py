@@ -8,7 +8,16 @@ import torch
 import finepruner
 from finepruner.methods.dart import pick_counts
 from finepruner.models.tiny import build_tiny_llava
-from tests.conftest import GEN, IMAGE_TOKEN_ID, NUM_VISUAL, PROMPTS, assert_same_generation, generate, single
+from tests.conftest import (
+    GEN,
+    IMAGE_TOKEN_ID,
+    NUM_VISUAL,
+    PROMPTS,
+    assert_row_equals_alone,
+    assert_same_generation,
+    generate,
+    single,
+)
 
 
 def reference_dart(model, inputs, K: int, tokens: int, order: str = "ascending", exact: bool = False) -> list[int]:
@@ -129,10 +138,7 @@ def test_padded_batch_equals_each_sample_alone_and_kv_lengths(tiny, batch, posit
         for row in range(len(PROMPTS)):
             alone = generate(model, single(processor, row))
             assert torch.equal(handle.kept[0][0], kept[row])
-            assert torch.equal(alone.sequences[0, -new:], together.sequences[row, -new:])
-            for step, scores in enumerate(alone.scores):
-                diff = (scores[0] - together.scores[step][row]).nan_to_num(0.0, 0.0, 0.0)
-                assert diff.abs().max().item() <= 1e-4
+            assert_row_equals_alone(alone, together, row)
 
 
 @pytest.mark.parametrize(

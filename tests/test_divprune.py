@@ -7,7 +7,7 @@ import torch
 
 import finepruner
 from finepruner.methods.divprune import divprune_select
-from tests.conftest import GEN, NUM_VISUAL, PROMPTS, assert_same_generation, generate, single
+from tests.conftest import GEN, NUM_VISUAL, PROMPTS, assert_row_equals_alone, assert_same_generation, generate, single
 
 
 def projected(model, inputs) -> torch.Tensor:
@@ -96,10 +96,7 @@ def test_padded_batch_equals_each_sample_alone_and_kv_lengths(tiny, batch):
         for row in range(len(PROMPTS)):
             alone = generate(model, single(processor, row))
             assert torch.equal(handle.kept[0][0], kept[row])
-            assert torch.equal(alone.sequences[0, -new:], together.sequences[row, -new:])
-            for step, scores in enumerate(alone.scores):
-                diff = (scores[0] - together.scores[step][row]).nan_to_num(0.0, 0.0, 0.0)
-                assert diff.abs().max().item() <= 1e-4
+            assert_row_equals_alone(alone, together, row)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,16 @@ import torch
 
 import finepruner
 from finepruner.methods.pool import exact_grid, square_grid
-from tests.conftest import GEN, IMAGE_TOKEN_ID, NUM_VISUAL, PROMPTS, assert_same_generation, generate, single
+from tests.conftest import (
+    GEN,
+    IMAGE_TOKEN_ID,
+    NUM_VISUAL,
+    PROMPTS,
+    assert_row_equals_alone,
+    assert_same_generation,
+    generate,
+    single,
+)
 
 SIDE = 8
 
@@ -118,10 +127,7 @@ def test_padded_batch_equals_each_sample_alone_and_kv_lengths(tiny, batch, posit
         for row in range(len(PROMPTS)):
             alone = generate(model, single(processor, row))
             assert handle.stats.visual_tokens == [12] * 4
-            assert torch.equal(alone.sequences[0, -new:], together.sequences[row, -new:])
-            for step, scores in enumerate(alone.scores):
-                diff = (scores[0] - together.scores[step][row]).nan_to_num(0.0, 0.0, 0.0)
-                assert diff.abs().max().item() <= 1e-4
+            assert_row_equals_alone(alone, together, row)
 
 
 @pytest.mark.parametrize(

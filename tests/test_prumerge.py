@@ -12,7 +12,15 @@ import torch
 
 import finepruner
 from finepruner.methods.prumerge import complement
-from tests.conftest import GEN, IMAGE_TOKEN_ID, NUM_VISUAL, PROMPTS, generate, noise_images, single
+from tests.conftest import (
+    IMAGE_TOKEN_ID,
+    NUM_VISUAL,
+    PROMPTS,
+    assert_row_equals_alone,
+    generate,
+    noise_images,
+    single,
+)
 
 
 def last_layer(model, pixel_values):
@@ -145,7 +153,6 @@ def test_duplicates_of_the_fixed_plus_branch_are_kept(tiny):
 def test_padded_batch_equals_each_sample_alone(tiny, batch, name, params):
     """Adaptive counts differ per sample (per-image IQR): the shorter samples get padding slots."""
     model, processor = tiny
-    new = GEN["max_new_tokens"]
     with finepruner.apply(model, name, **params) as handle:
         together = generate(model, batch)
         slots = handle.stats.visual_tokens[0]
@@ -153,10 +160,7 @@ def test_padded_batch_equals_each_sample_alone(tiny, batch, name, params):
         for row in range(len(PROMPTS)):
             alone = generate(model, single(processor, row))
             counts.append(handle.stats.visual_tokens[0])
-            assert torch.equal(alone.sequences[0, -new:], together.sequences[row, -new:])
-            for step, scores in enumerate(alone.scores):
-                diff = (scores[0] - together.scores[step][row]).nan_to_num(0.0, 0.0, 0.0)
-                assert diff.abs().max().item() <= 1e-4
+            assert_row_equals_alone(alone, together, row)
     assert slots == max(counts)
     if not params:
         assert len(set(counts)) > 1  # the batch really mixes counts
@@ -245,15 +249,11 @@ def test_unpadded_batch_with_different_counts_equals_each_sample_alone(tiny):
     prompts = [PROMPTS[0], PROMPTS[0]]
     inputs = processor(images=images, text=prompts, return_tensors="pt")
     inputs.pop("attention_mask")
-    new = GEN["max_new_tokens"]
     with finepruner.apply(model, "prumerge_plus") as handle:
         together = generate(model, inputs)
         counts = []
         for row in range(2):
             alone = generate(model, processor(images=images[row:row + 1], text=prompts[:1], return_tensors="pt"))
             counts.append(handle.stats.visual_tokens[0])
-            assert torch.equal(alone.sequences[0, -new:], together.sequences[row, -new:])
-            for step, scores in enumerate(alone.scores):
-                diff = (scores[0] - together.scores[step][row]).nan_to_num(0.0, 0.0, 0.0)
-                assert diff.abs().max().item() <= 1e-4
+            assert_row_equals_alone(alone, together, row)
     assert counts[0] != counts[1]

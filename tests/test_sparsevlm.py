@@ -10,7 +10,7 @@ from finepruner.methods.base import PruningMethod, Selection, Stage
 from finepruner.methods.sparsevlm import SCHEDULES, average_visual_tokens, visual_counts
 from finepruner.methods.sparsevlm_recycling import density_noise
 from finepruner.models.tiny import build_tiny_llava
-from tests.conftest import PROMPTS, noise_images, single
+from tests.conftest import PROMPTS, assert_row_equals_alone, noise_images, single
 
 IMAGE = 4
 NUM_VISUAL = 64
@@ -232,11 +232,7 @@ def test_padded_batch_equals_each_sample_alone(tiny, tiny_eager, batch, attn, pa
                 assert torch.equal(ids[0], kept[stage][row])
                 if merged[stage] is not None:
                     assert torch.equal(handle.merged[stage][0], merged[stage][row])
-            new = GEN["max_new_tokens"]
-            assert torch.equal(alone.sequences[0, -new:], together.sequences[row, -new:])
-            for step, scores in enumerate(alone.scores):
-                diff = (scores[0] - together.scores[step][row]).nan_to_num(0.0, 0.0, 0.0)
-                assert diff.abs().max().item() <= 1e-4
+            assert_row_equals_alone(alone, together, row)
 
 
 def test_kv_cache_lengths_and_stats(tiny, batch):
