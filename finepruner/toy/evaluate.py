@@ -299,27 +299,28 @@ def main(argv: list[str] | None = None) -> int:
     from finepruner.toy.suite import write_suite
 
     torch.set_num_threads(args.threads)
-    root = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="finepruner-toy-"))
-    if not (root / "toy_suite.json").is_file():
-        write_suite(root, n=args.n, seed=args.seed)
-    model, processor = finepruner.load_model(args.model)
-    chance = load_suite_meta(root)["chance"]
-    print("chance: " + json.dumps({b: round(next(v for v in c.values() if isinstance(v, float)), 1)
-                                   for b, c in chance.items()}))
-    def show(row: dict[str, Any]) -> None:
-        label = f"{row['method']:10s} {row['tokens'] or 144:>4}"
-        if "error" in row:
-            print(f"{label} not run: {row['error']}", flush=True)
-            return
-        timing = f"same parameters as {row['same_as']}" if "same_as" in row else f"{row['seconds']:.0f} s"
-        print(label + " " + " ".join(f"{k}={v:.1f}" for k, v in row["row"].items()) + f" ({timing})", flush=True)
-        if row["method"] == "vanilla":
-            for b in BENCHMARKS:
-                print(f"    {b}: " + ", ".join(f"{t} {v:.1f}" for t, v in row["per_type"][b].items()))
+    with tempfile.TemporaryDirectory(prefix="finepruner-toy-") as tmp:  # used only without --data
+        root = Path(args.data) if args.data else Path(tmp)
+        if not (root / "toy_suite.json").is_file():
+            write_suite(root, n=args.n, seed=args.seed)
+        model, processor = finepruner.load_model(args.model)
+        chance = load_suite_meta(root)["chance"]
+        print("chance: " + json.dumps({b: round(next(v for v in c.values() if isinstance(v, float)), 1)
+                                       for b, c in chance.items()}))
+        def show(row: dict[str, Any]) -> None:
+            label = f"{row['method']:10s} {row['tokens'] or 144:>4}"
+            if "error" in row:
+                print(f"{label} not run: {row['error']}", flush=True)
+                return
+            timing = f"same parameters as {row['same_as']}" if "same_as" in row else f"{row['seconds']:.0f} s"
+            print(label + " " + " ".join(f"{k}={v:.1f}" for k, v in row["row"].items()) + f" ({timing})", flush=True)
+            if row["method"] == "vanilla":
+                for b in BENCHMARKS:
+                    print(f"    {b}: " + ", ".join(f"{t} {v:.1f}" for t, v in row["per_type"][b].items()))
 
-    budgets = tuple(int(b) for b in args.budgets.split(","))
-    runs = run_grid(model, processor, root, args.methods.split(","), budgets, args.model, on_row=show,
-                    random_seed=args.random_seed)
+        budgets = tuple(int(b) for b in args.budgets.split(","))
+        runs = run_grid(model, processor, root, args.methods.split(","), budgets, args.model, on_row=show,
+                        random_seed=args.random_seed)
     out: dict[str, Any] = {"n": args.n, "seed": args.seed, "random_seed": args.random_seed,
                            "runs": [json_row(r) for r in runs]}
     if args.json:
