@@ -46,6 +46,19 @@ def assert_row_equals_alone(alone, together, row: int, atol: float = 1e-4) -> No
         assert diff.abs().max().item() <= atol
 
 
+def logits_with_visual_tokens(model, inputs, projected: torch.Tensor) -> torch.Tensor:
+    """Last-token logits of sample 0 of ``inputs`` with its image span replaced by ``projected``
+    [n, D] (already through the projector; contiguous positions): the reference for methods that merge
+    or pool tokens before the language model."""
+    with torch.no_grad():
+        ids = inputs["input_ids"][0]
+        image = (ids == IMAGE_TOKEN_ID).nonzero()[:, 0]
+        embed = model.model.get_input_embeddings()
+        embeds = torch.cat([embed(ids[: image[0]]), projected, embed(ids[image[-1] + 1:])])[None]
+        hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+        return model.lm_head(hidden[:, -1])
+
+
 def noise_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
     """Deterministic random RGB images."""
     generator = torch.Generator().manual_seed(seed)

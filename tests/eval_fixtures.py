@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -367,3 +368,30 @@ FIXTURE_SIZES = {
     "mmbench_cn": 3,
     "mmvet": 2,
 }
+
+
+@pytest.fixture(scope="module", name="tiny")
+def saved_tiny(tmp_path_factory):
+    """(model, processor, checkpoint dir): the tiny LLaVA saved where ``finepruner eval --model`` loads it."""
+    from finepruner.models.tiny import build_tiny_llava
+
+    model, processor = build_tiny_llava(seed=0)
+    model.eval()
+    d = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    return model, processor, d
+
+
+@pytest.fixture(scope="module", name="playground")
+def playground_root(tmp_path_factory) -> Path:
+    """A ``playground/data/eval`` folder with every benchmark's fixture (``make_playground``)."""
+    return make_playground(tmp_path_factory.mktemp("pg") / "eval")
+
+
+def answer_texts(path: Path) -> list[tuple]:
+    """(question_id, prompt, text) of every answer in an answers file, in file order."""
+    from finepruner.eval.io import read_answers
+
+    return [(a["question_id"], a["prompt"], a["text"]) for a in read_answers(path)]
+

@@ -12,36 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from eval_fixtures import make_playground, make_pope
+from eval_fixtures import answer_texts, make_playground, make_pope, playground_root, saved_tiny  # noqa: F401 (the tiny and playground fixtures)
 
 import finepruner
 from finepruner.cli import main
 from finepruner.eval import EvalConfig, evaluate
 from finepruner.eval.io import AnswerWriter, read_answers, repair_torn_tail
 from finepruner.eval.runner import Generator
-from finepruner.models.tiny import build_tiny_llava
 from finepruner.toy.suite import write_suite
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model, processor = build_tiny_llava(seed=0)
-    model.eval()
-    d = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(d)
-    processor.save_pretrained(d)
-    return model, processor, d
-
-
-@pytest.fixture(scope="module")
-def playground(tmp_path_factory) -> Path:
-    return make_playground(tmp_path_factory.mktemp("pg") / "eval")
-
-
-def _texts(path: Path) -> list[tuple]:
-    return [(a["question_id"], a["prompt"], a["text"]) for a in read_answers(path)]
 
 
 def _config(root: Path, out: Path, **kw) -> EvalConfig:
@@ -76,7 +56,7 @@ def test_torn_last_line_is_cut_before_resuming(tiny, playground, tmp_path):
     assert len(whole) == 3
     answers.write_text("\n".join(whole[:2]) + "\n" + whole[2][: len(whole[2]) // 2])  # crash mid-write
     resumed = evaluate(_config(playground, tmp_path / "torn"), model=model, processor=processor)
-    assert _texts(answers) == _texts(tmp_path / "full" / "pope" / "answers.jsonl")
+    assert answer_texts(answers) == answer_texts(tmp_path / "full" / "pope" / "answers.jsonl")
     assert resumed["pope"]["headline"] == full["pope"]["headline"]
     assert resumed["pope"]["missing"] == 0 and resumed["pope"]["complete"] is True
 
@@ -106,7 +86,8 @@ def test_error_records_are_retried_on_resume(tiny, tmp_path):
     assert second["pope"]["errors"] == 0 and second["pope"]["complete"] is True
     timing = json.loads((tmp_path / "run" / "timing.json").read_text())["benchmarks"]["pope"]
     assert timing["generated"] == 1 and timing["already_done"] == 5
-    assert _texts(tmp_path / "run" / "pope" / "answers.jsonl") == _texts(tmp_path / "ref" / "pope" / "answers.jsonl")
+    run, ref = (tmp_path / name / "pope" / "answers.jsonl" for name in ("run", "ref"))
+    assert answer_texts(run) == answer_texts(ref)
 
 
 def test_incomplete_run_exits_non_zero(tiny, tmp_path, capsys):
@@ -145,7 +126,7 @@ def test_ctrl_c_leaves_whole_lines_and_says_how_to_resume(tiny, playground, tmp_
     assert answers.read_text().endswith("\n") and len(read_answers(answers)) == 2
     monkeypatch.setattr(Generator, "answer_batch", real)
     assert main(args) == 0
-    assert [a[0] for a in _texts(answers)] == [1, 2, 10000001, 10000002, 20000001, 20000002]
+    assert [a[0] for a in answer_texts(answers)] == [1, 2, 10000001, 10000002, 20000001, 20000002]
 
 
 def _answer_lines(path: Path) -> int:
@@ -187,8 +168,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     timing = json.loads((out / "timing.json").read_text())["benchmarks"]["pope"]
     assert timing["already_done"] >= seen  # everything on disk at the kill was kept
     for bench in benches:
-        got = _texts(out / bench / "answers.jsonl")
-        assert got == _texts(reference / bench / "answers.jsonl"), bench  # same answers, same order
+        got = answer_texts(out / bench / "answers.jsonl")
+        assert got == answer_texts(reference / bench / "answers.jsonl"), bench  # same answers, same order
         assert len({(q, p) for q, p, _ in got}) == len(got)
         m = json.loads((out / bench / "metrics.json").read_text())
         assert m["complete"] is True and m["headline"] == json.loads(

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from eval_fixtures import FIXTURE_SIZES, make_playground, make_pope
+from eval_fixtures import FIXTURE_SIZES, answer_texts, make_playground, make_pope, playground_root, saved_tiny  # noqa: F401 (the tiny and playground fixtures)
 from PIL import Image
 
 from finepruner.cli import main as eval_cli
@@ -17,28 +17,8 @@ from finepruner.eval import EvalConfig, evaluate
 from finepruner.eval.errors import DataError, EvalError
 from finepruner.eval.io import read_answers
 from finepruner.eval.prompting import build_prompt, expand2square
-from finepruner.models.tiny import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model, processor = build_tiny_llava(seed=0)
-    model.eval()
-    d = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(d)
-    processor.save_pretrained(d)
-    return model, processor, d
-
-
-@pytest.fixture(scope="module")
-def playground(tmp_path_factory) -> Path:
-    return make_playground(tmp_path_factory.mktemp("pg") / "eval")
-
-
-def _texts(path: Path) -> list[tuple]:
-    return [(a["question_id"], a["prompt"], a["text"]) for a in read_answers(path)]
 
 
 def test_prompt_and_padding() -> None:
@@ -85,7 +65,7 @@ def test_all_benchmarks_end_to_end(tiny, playground, tmp_path) -> None:
     mmb = read_answers(out / "mmbench" / "answers.jsonl")
     assert [a["question_id"] for a in mmb] == [0, 1000000, 1] and mmb[0]["option_char"] == ["A", "B", "C"]
     # a rerun resumes: nothing left to generate, same answers
-    before = _texts(out / "pope" / "answers.jsonl")
+    before = answer_texts(out / "pope" / "answers.jsonl")
     evaluate(
         EvalConfig(
             benches=["pope"],
@@ -100,7 +80,7 @@ def test_all_benchmarks_end_to_end(tiny, playground, tmp_path) -> None:
         processor=processor,
     )
     assert json.loads((out / "timing.json").read_text())["benchmarks"]["pope"]["generated"] == 0
-    assert _texts(out / "pope" / "answers.jsonl") == before
+    assert answer_texts(out / "pope" / "answers.jsonl") == before
 
 
 def test_resume_after_crash_equals_uninterrupted(tiny, playground, tmp_path) -> None:
@@ -127,7 +107,7 @@ def test_resume_after_crash_equals_uninterrupted(tiny, playground, tmp_path) -> 
         evaluate(cfg(tmp_path / "resumed"), model=model, processor=processor, on_batch=crash)
     assert len(read_answers(tmp_path / "resumed" / "pope" / "answers.jsonl")) == 3  # flushed per batch
     evaluate(cfg(tmp_path / "resumed"), model=model, processor=processor)
-    assert _texts(tmp_path / "resumed" / "pope" / "answers.jsonl") == _texts(
+    assert answer_texts(tmp_path / "resumed" / "pope" / "answers.jsonl") == answer_texts(
         tmp_path / "full" / "pope" / "answers.jsonl"
     )
     with pytest.raises(EvalError, match="model_id"):
@@ -343,7 +323,7 @@ def test_torchrun_two_processes_match_single(tiny, playground, tmp_path) -> None
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
     for bench in ("pope", "sqa"):
-        assert _texts(tmp_path / "two" / bench / "answers.jsonl") == _texts(
+        assert answer_texts(tmp_path / "two" / bench / "answers.jsonl") == answer_texts(
             tmp_path / "one" / bench / "answers.jsonl"
         )
         assert not list((tmp_path / "two" / bench).glob("answers.rank*.jsonl"))

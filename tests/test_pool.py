@@ -10,12 +10,12 @@ import finepruner
 from finepruner.methods.pool import exact_grid, square_grid
 from tests.conftest import (
     GEN,
-    IMAGE_TOKEN_ID,
     NUM_VISUAL,
     PROMPTS,
     assert_row_equals_alone,
     assert_same_generation,
     generate,
+    logits_with_visual_tokens,
     single,
 )
 
@@ -47,12 +47,7 @@ def reference_logits(model, inputs, h: int, w: int, where: str, reduce: str = "a
             pooled = projector(reference_pool(features.view(SIDE, SIDE, -1), h, w, reduce).float())
         else:
             pooled = reference_pool(projector(features).view(SIDE, SIDE, -1), h, w, reduce).float()
-        ids = inputs["input_ids"][0]
-        image = (ids == IMAGE_TOKEN_ID).nonzero()[:, 0]
-        embed = model.model.get_input_embeddings()
-        embeds = torch.cat([embed(ids[: image[0]]), pooled, embed(ids[image[-1] + 1:])])[None]
-        hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
-        return model.lm_head(hidden[:, -1])
+    return logits_with_visual_tokens(model, inputs, pooled)
 
 
 def test_grid_mappings_llava_shape():

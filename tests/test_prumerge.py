@@ -13,11 +13,11 @@ import torch
 import finepruner
 from finepruner.methods.prumerge import complement
 from tests.conftest import (
-    IMAGE_TOKEN_ID,
     NUM_VISUAL,
     PROMPTS,
     assert_row_equals_alone,
     generate,
+    logits_with_visual_tokens,
     noise_images,
     single,
 )
@@ -86,12 +86,7 @@ def reference_merge(features, attention, keys, index: list[int], normalize: bool
 def reference_logits(model, inputs, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         projected = model.model.multi_modal_projector(tokens.float())
-        ids = inputs["input_ids"][0]
-        image = (ids == IMAGE_TOKEN_ID).nonzero()[:, 0]
-        embed = model.model.get_input_embeddings()
-        embeds = torch.cat([embed(ids[: image[0]]), projected, embed(ids[image[-1] + 1:])])[None]
-        hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
-        return model.lm_head(hidden[:, -1])
+    return logits_with_visual_tokens(model, inputs, projected)
 
 
 def test_published_fixed_budgets():

@@ -10,12 +10,12 @@ import finepruner
 from finepruner.methods.visionzip import split_budget
 from tests.conftest import (
     GEN,
-    IMAGE_TOKEN_ID,
     NUM_VISUAL,
     PROMPTS,
     assert_row_equals_alone,
     assert_same_generation,
     generate,
+    logits_with_visual_tokens,
     single,
 )
 
@@ -65,12 +65,7 @@ def reference_logits(model, inputs, dominant: int, contextual: int, cls_token: b
     tokens = reference_tokens(model, inputs, dominant, contextual, cls_token)
     with torch.no_grad():
         projected = model.model.multi_modal_projector(tokens)
-        ids = inputs["input_ids"][0]
-        image = (ids == IMAGE_TOKEN_ID).nonzero()[:, 0]
-        embed = model.model.get_input_embeddings()
-        embeds = torch.cat([embed(ids[: image[0]]), projected, embed(ids[image[-1] + 1:])])[None]
-        hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
-        return model.lm_head(hidden[:, -1])
+    return logits_with_visual_tokens(model, inputs, projected)
 
 
 def test_published_splits():
