@@ -29,11 +29,38 @@ def bench_run(tmp_path_factory):
     return out
 
 
+def test_attention_scored_methods_come_from_the_registry():
+    """``--eager-scoring`` adds a ``score_impl=eager`` variant of the methods that declare
+    ``scores_attention``; each of them takes a ``score_impl`` parameter."""
+    assert set(runner.attention_scored()) == {"fastv", "pdrop", "finepruner"}
+    for name in runner.attention_scored():
+        assert "score_impl" in finepruner.methods.parameters(name)
+
+
+def test_method_params_complete_variants_with_the_methods_defaults():
+    """``runner.method_params``: extra, then the variant's own parameters, then ``defaults_for`` the shape
+    (``finepruner``: a quarter of the heads; SparseVLM off LLaVA-1.5: the scaled schedule)."""
+    from finepruner.methods.sparsevlm import sparsevlm_mapping
+
+    def params(method, given=None, **shape):
+        return runner.method_params(runner.Variant(method, method, given or {}), 32, None, **shape)
+
+    assert params("finepruner", {"tokens": 64}) == {"tokens": 64, "heads": 8}
+    assert params("fastv+finepruner", {"heads": 3}) == {"heads": 3}
+    assert params("fastv", {"tokens": 64}) == {"tokens": 64}
+    assert params(runner.PLAIN) == {}
+    assert params("sparsevlm", {"tokens": 64}) == {"tokens": 64}
+    assert params("sparsevlm", {"tokens": 16}, num_layers=6, num_visual=144) == sparsevlm_mapping(16, 6, 144)
+    variant = runner.Variant("cdpruner", "cdpruner", {"tokens": 8})
+    extra = runner.method_params(variant, 32, lambda m: {"clip_text": "tower"})
+    assert extra == {"clip_text": "tower", "tokens": 8}
+
+
 def test_every_method_and_field(bench_run):
     document = json.loads((bench_run / "bench.json").read_text())
     entries = {e["label"]: e for e in document["variants"]}
     expected = {"vanilla"} | {f"{m}@{b}" for m in finepruner.methods.available() if m != "vanilla" for b in BUDGETS}
-    expected |= {f"{m}:score_impl=eager@{b}" for m in runner.ATTENTION_SCORED for b in BUDGETS}
+    expected |= {f"{m}:score_impl=eager@{b}" for m in runner.attention_scored() for b in BUDGETS}
     assert expected <= set(entries)
     for label in expected:
         entry = entries[label]

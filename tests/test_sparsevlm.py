@@ -373,7 +373,7 @@ def test_registered_with_defaults():
 def test_budget_mapping_refuses_budgets_far_from_every_official_schedule():
     """Scaled shapes (the toy's 144 tokens) take the nearest official schedule only when it is near:
     4 and 8 of 144 (16 and 32 of 576) would otherwise both run the 64-token schedule under their labels."""
-    from finepruner.bench.runner import sparsevlm_mapping
+    from finepruner.methods.sparsevlm import sparsevlm_mapping
 
     mapped = sparsevlm_mapping(16, 6, 144)
     assert mapped["keeps"] == [round(k * 144 / 576) for k in SCHEDULES["1.5"][64]]
@@ -381,3 +381,21 @@ def test_budget_mapping_refuses_budgets_far_from_every_official_schedule():
     for tokens in (4, 8):
         with pytest.raises(ValueError, match=rf"tokens={tokens} of 144 .*allowed here: about 16, 24, 32, 48"):
             sparsevlm_mapping(tokens, 6, 144)
+
+
+def test_defaults_for_maps_a_budget_only_off_llava_15():
+    """``SparseVLM.defaults_for``: the mapping replaces ``tokens`` on other shapes; LLaVA-1.5, explicit
+    ``layers``/``keeps`` and version 1.0 keep the user's parameters; the given mapping is not modified."""
+    from finepruner.methods.base import ModelShape
+    from finepruner.methods.sparsevlm import SparseVLM, sparsevlm_mapping
+
+    toy, llava = ModelShape(6, 8, 144), ModelShape(32, 32, 576)
+    given = {"tokens": 16, "seed": 3}
+    assert SparseVLM.defaults_for(toy, given) == {"seed": 3, **sparsevlm_mapping(16, 6, 144)}
+    assert given == {"tokens": 16, "seed": 3}
+    for params in ({"tokens": 64}, {"tokens": 16, "keeps": [9, 4, 2]}, {"tokens": 16, "layers": [1, 2, 3]},
+                   {"tokens": 64, "version": "1.0"}, {}):
+        shape = llava if params == {"tokens": 64} else toy
+        assert SparseVLM.defaults_for(shape, params) == params
+    with pytest.raises(ValueError, match="tokens=4 of 144"):
+        SparseVLM.defaults_for(toy, {"tokens": 4})

@@ -211,8 +211,10 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.eager_scoring:
+        from finepruner import methods
+
         specs += [s + ("," if ":" in s else ":") + "score_impl=eager" for s in specs
-                  if s.split(":")[0] in runner.ATTENTION_SCORED and "score_impl" not in s]
+                  if methods.get(s.split(":")[0]).scores_attention and "score_impl" not in s]
     notes: list[str] = []
     clip_text = None
     if any(s.split(":")[0] == "cdpruner" for s in specs) and not args.clip_model:

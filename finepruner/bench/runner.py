@@ -46,6 +46,7 @@ import finepruner
 from finepruner import methods
 from finepruner.bench.flops import TFLOP, shape_dict
 from finepruner.engine.state import PruneStats
+from finepruner.methods.base import ModelShape
 from finepruner.methods.spec import parse_method_spec
 from finepruner.models.adapter import LlavaAdapter
 
@@ -55,8 +56,6 @@ DEFAULT_BUDGETS = (64, 128, 192)
 BUDGETS_BY_VISUAL: dict[int, tuple[int, ...]] = {576: DEFAULT_BUDGETS, 144: (16, 32, 64), 64: (8, 16, 32)}
 #: Label (and ``method``) of the reference run without any method applied: plain transformers.
 PLAIN = "plain"
-#: Methods scored with the engine's last-query attention (``score_impl`` applies).
-ATTENTION_SCORED = ("fastv", "pdrop", "finepruner")
 
 
 @dataclass
@@ -94,6 +93,12 @@ def build_variants(specs: Sequence[str], budgets: Sequence[int]) -> list[Variant
         for budget in budgets:
             variants.append(Variant(f"{spec}@{budget}", name, {**params, "tokens": budget}, budget))
     return variants
+
+
+def attention_scored() -> tuple[str, ...]:
+    """Registered methods scored with the engine's last-query attention, where ``score_impl`` applies
+    (``PruningMethod.scores_attention``)."""
+    return tuple(name for name in methods.available() if methods.get(name).scores_attention)
 
 
 def default_methods() -> list[str]:
@@ -288,56 +293,16 @@ def _summary(values: list[float | None]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "values": values}
 
 
-#: SparseVLM's official pruning layers and v1.5 schedules are for LLaVA-1.5 (32 layers, 576 tokens).
-SPARSEVLM_LAYERS = (2, 6, 15)
-
-
-#: How far (relative) the 576-equivalent of a budget may lie from SparseVLM's nearest official budget
-#: before ``sparsevlm_mapping`` refuses it instead of silently running that budget's schedule.
-SPARSEVLM_BUDGET_TOLERANCE = 0.25
-
-
-def sparsevlm_mapping(tokens: int, num_layers: int, num_visual: int) -> dict:
-    """SparseVLM parameters for a model other than LLaVA-1.5: the pruning layers scaled to the depth and
-    the official v1.5 schedule of the budget closest to ``tokens * 576 / V``, scaled by ``V / 576``
-    (the realised layer average is what ``PruneStats.average_visual_tokens`` reports). A budget further
-    than ``SPARSEVLM_BUDGET_TOLERANCE`` from every official one is a ValueError: snapping 4 and 8 of 144
-    tokens to the 64-of-576 schedule would run one configuration under three labels."""
-    from finepruner.methods.sparsevlm import SCHEDULES
-
-    layers: list[int] = []
-    for layer in SPARSEVLM_LAYERS:
-        value = min(num_layers - 2, max(round(layer * num_layers / 32), layers[-1] + 1 if layers else 0))
-        layers.append(value)
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"sparsevlm: {num_layers} decoder layers are too few for three pruning layers")
-    equivalent = tokens * 576 / num_visual
-    budget = min(SCHEDULES["1.5"], key=lambda n: abs(n - equivalent))
-    if abs(equivalent - budget) > SPARSEVLM_BUDGET_TOLERANCE * budget:
-        reachable = ", ".join(str(round(n * num_visual / 576)) for n in sorted(SCHEDULES["1.5"]))
-        raise ValueError(
-            f"sparsevlm: tokens={tokens} of {num_visual} visual tokens is {equivalent:g} of LLaVA-1.5's 576, "
-            f"and SparseVLM has official schedules only for 64/96/128/192 of 576; allowed here: about "
-            f"{reachable} tokens (within {SPARSEVLM_BUDGET_TOLERANCE:.0%}), or pass layers= and keeps= yourself"
-        )
-    keeps = [max(1, round(k * num_visual / 576)) for k in SCHEDULES["1.5"][budget]]
-    return {"layers": layers, "keeps": keeps}
-
-
 def method_params(variant: Variant, num_heads: int, extra: Callable[[str], dict] | None,
                   num_layers: int = 32, num_visual: int = 576) -> dict:
-    """The parameters a variant is applied with: defaults that make every method runnable, overridden
-    by the variant's own (``finepruner``: H = heads/4; CDPruner: a CLIP text tower; SparseVLM on shapes
-    other than LLaVA-1.5: ``sparsevlm_mapping``)."""
+    """The parameters a variant is applied with: ``extra``'s (CDPruner: a CLIP text tower), overridden by
+    the variant's own, completed by the method's ``defaults_for`` for this shape (``finepruner``: H = heads/4;
+    SparseVLM on shapes other than LLaVA-1.5: ``methods.sparsevlm.sparsevlm_mapping``)."""
     params = dict(extra(variant.method)) if extra is not None else {}
-    if variant.method == "finepruner":
-        params.setdefault("heads", max(1, num_heads // 4))
     params.update(variant.params)
-    if (variant.method == "sparsevlm" and (num_layers, num_visual) != (32, 576) and "keeps" not in params
-            and "layers" not in params and str(params.get("version", "1.5")) != "1.0" and "tokens" in params):
-        params.update(sparsevlm_mapping(params["tokens"], num_layers, num_visual))
-        params.pop("tokens")
-    return params
+    if variant.method == PLAIN:
+        return params
+    return methods.get(variant.method).defaults_for(ModelShape(num_layers, num_heads, num_visual), params)
 
 
 def run_bench(

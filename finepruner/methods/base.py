@@ -8,7 +8,7 @@ engine (``finepruner.engine.loop``) does that (``DESIGN.md``, "Contracts").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -24,6 +24,16 @@ if TYPE_CHECKING:
 
 Positions = Literal["original", "renumber"]
 POSITION_MODES: tuple[str, ...] = ("original", "renumber")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a method's plan and defaults depend on: decoder layers, attention heads per layer and
+    visual tokens per sample (e.g. read from a checkpoint's ``config.json``, no weights loaded)."""
+
+    num_layers: int
+    num_heads: int
+    num_visual: int
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,9 @@ class PruningMethod:
     #: Whether the method reads each sample's instruction text (``StageContext.instructions``); the engine
     #: then needs ``apply(..., processor=...)`` or explicit texts (``set_instructions``) at every prefill.
     needs_instructions: ClassVar[bool] = False
+    #: Whether the method's stages rank tokens by the engine's last-query attention and take a
+    #: ``score_impl`` option (``fastv``, ``pdrop``, ``finepruner``); ``finepruner bench --eager-scoring``.
+    scores_attention: ClassVar[bool] = False
     #: Explicit instruction texts for the next prefill (``set_instructions``), consumed by the engine.
     _explicit_instructions: list[str] | None = None
 
@@ -183,6 +196,13 @@ class PruningMethod:
             else:
                 described[key] = value
         return described
+
+    @classmethod
+    def defaults_for(cls, shape: ModelShape, params: Mapping) -> dict:
+        """``params`` completed with what makes the method runnable on a model of ``shape`` (values the
+        user gave win; e.g. ``finepruner``'s head count, SparseVLM's schedule off LLaVA-1.5). Used by
+        ``finepruner bench``, the toy grid and the demo; ``apply`` never calls it. Default: ``params``."""
+        return dict(params)
 
 
 def require_default_features(method: str, model: nn.Module, why: str) -> None:

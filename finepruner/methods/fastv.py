@@ -67,6 +67,7 @@ class FastV(PruningMethod):
 
     name = "fastv"
     default_positions = "original"
+    scores_attention = True
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from finepruner.methods.base import Positions, Stage, StageContext
+from finepruner.methods.base import ModelShape, Positions, Stage, StageContext
 from finepruner.methods.fastv import Budget, FastV, ScoreImpl
 from finepruner.methods.head_guided import HeadGuidance
 
@@ -75,3 +75,11 @@ class FinePrunerHead(FastV):
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
         return self.guidance.select_tokens(ctx, stage.keep)
+
+    @classmethod
+    def defaults_for(cls, shape: ModelShape, params: Mapping) -> dict:
+        """``heads`` defaults to a quarter of the model's heads per layer (at least 1), so that the default
+        ranking strategy (``sum``, which needs H) runs on any shape."""
+        completed = super().defaults_for(shape, params)
+        completed.setdefault("heads", max(1, shape.num_heads // 4))
+        return completed

@@ -83,6 +83,7 @@ class PDrop(PruningMethod):
 
     name = "pdrop"
     default_positions = "renumber"
+    scores_attention = True
 
     def __init__(
         self,

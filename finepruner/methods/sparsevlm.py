@@ -9,11 +9,12 @@ averages 14 selected heads, does not merge and keeps the original position ids.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from finepruner.methods.base import (
+    ModelShape,
     Positions,
     PruningMethod,
     Selection,
@@ -73,6 +74,40 @@ def average_visual_tokens(layers: Sequence[int], counts: Sequence[tuple[int, int
     bounds = [0, *(layer + shift for layer in layers), num_layers]
     values = [num_visual, *(keep + merged for keep, merged in counts)]
     return sum(v * (hi - lo) for v, lo, hi in zip(values, bounds[:-1], bounds[1:], strict=True)) / num_layers
+
+
+
+#: SparseVLM's official pruning layers and v1.5 schedules are for LLaVA-1.5 (32 layers, 576 tokens).
+SPARSEVLM_LAYERS = (2, 6, 15)
+
+#: How far (relative) the 576-equivalent of a budget may lie from SparseVLM's nearest official budget
+#: before ``sparsevlm_mapping`` refuses it instead of silently running that budget's schedule.
+SPARSEVLM_BUDGET_TOLERANCE = 0.25
+
+
+def sparsevlm_mapping(tokens: int, num_layers: int, num_visual: int) -> dict:
+    """SparseVLM parameters for a model other than LLaVA-1.5: the pruning layers scaled to the depth and
+    the official v1.5 schedule of the budget closest to ``tokens * 576 / V``, scaled by ``V / 576``
+    (the realised layer average is what ``PruneStats.average_visual_tokens`` reports). A budget further
+    than ``SPARSEVLM_BUDGET_TOLERANCE`` from every official one is a ValueError: snapping 4 and 8 of 144
+    tokens to the 64-of-576 schedule would run one configuration under three labels."""
+    layers: list[int] = []
+    for layer in SPARSEVLM_LAYERS:
+        value = min(num_layers - 2, max(round(layer * num_layers / 32), layers[-1] + 1 if layers else 0))
+        layers.append(value)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"sparsevlm: {num_layers} decoder layers are too few for three pruning layers")
+    equivalent = tokens * 576 / num_visual
+    budget = min(SCHEDULES["1.5"], key=lambda n: abs(n - equivalent))
+    if abs(equivalent - budget) > SPARSEVLM_BUDGET_TOLERANCE * budget:
+        reachable = ", ".join(str(round(n * num_visual / 576)) for n in sorted(SCHEDULES["1.5"]))
+        raise ValueError(
+            f"sparsevlm: tokens={tokens} of {num_visual} visual tokens is {equivalent:g} of LLaVA-1.5's 576, "
+            f"and SparseVLM has official schedules only for 64/96/128/192 of 576; allowed here: about "
+            f"{reachable} tokens (within {SPARSEVLM_BUDGET_TOLERANCE:.0%}), or pass layers= and keeps= yourself"
+        )
+    keeps = [max(1, round(k * num_visual / 576)) for k in SCHEDULES["1.5"][budget]]
+    return {"layers": layers, "keeps": keeps}
 
 
 class SparseVLM(PruningMethod):
@@ -291,3 +326,15 @@ class SparseVLM(PruningMethod):
         noise = torch.stack([density_noise(self.seed, key, stage_index, candidates) for key in ctx.row_keys])
         merged, centres, _ = cluster_and_merge(tokens, clusters, noise)
         return Selection(keep=local, insert=merged.to(hidden.dtype), insert_from=chosen.gather(1, centres))
+
+    @classmethod
+    def defaults_for(cls, shape: ModelShape, params: Mapping) -> dict:
+        """On a model other than LLaVA-1.5 (32 layers, 576 visual tokens), a budget ``tokens=N`` without
+        ``layers``/``keeps`` (and not version 1.0) becomes ``sparsevlm_mapping``'s ``layers`` and ``keeps``;
+        otherwise ``params`` unchanged. A budget no official schedule maps to raises ``ValueError``."""
+        completed = super().defaults_for(shape, params)
+        if ((shape.num_layers, shape.num_visual) != (32, 576) and "tokens" in completed
+                and "keeps" not in completed and "layers" not in completed
+                and str(completed.get("version", "1.5")) != "1.0"):
+            completed.update(sparsevlm_mapping(completed.pop("tokens"), shape.num_layers, shape.num_visual))
+        return completed

@@ -38,9 +38,12 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from finepruner.methods.base import ModelShape
 
 BLOCK_KEYS = ("method", "params", "benchmarks")
 TOP_KEYS = ("name", "description", "benchmarks", "defaults", "settings", "grid", "variants")
@@ -480,18 +483,20 @@ def cell_matches(cell: Cell, filters: list[tuple[str, list[str]]]) -> bool:
 
 
 # -- validating cells before anything runs ------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelShape:
-    """What a method's plan depends on, read from a checkpoint's ``config.json`` (no weights loaded)."""
+def __getattr__(name: str) -> Any:
+    """``ModelShape`` lives in ``finepruner.methods.base``; imported on first use so that importing this
+    module does not import torch."""
+    if name == "ModelShape":
+        from finepruner.methods.base import ModelShape
 
-    num_layers: int
-    num_heads: int
-    num_visual: int
+        return ModelShape
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def model_shape(model: str | Path) -> ModelShape:
     """The decoder depth, heads and visual tokens of checkpoint ``model`` (a directory or ``"toy"``),
     from its configuration only; raises :class:`SweepConfigError` naming the problem."""
+    from finepruner.methods.base import ModelShape
     from finepruner.models.loading import check_checkpoint, resolve_checkpoint
 
     try:

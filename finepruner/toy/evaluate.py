@@ -141,19 +141,16 @@ def summary_row(results: dict[str, Any]) -> dict[str, float]:
 def method_params(method: str, tokens: int | None, model, checkpoint: str = "toy",
                   random_seed: int = 0) -> dict[str, Any]:
     """Parameters that run ``method`` at ``tokens`` on the toy model (shared by this script and the demo):
-    the bench's defaults (``finepruner``: H = heads/4; SparseVLM: the v1.5 schedule scaled to the depth),
-    the toy CLIP text tower for CDPruner, ``random_seed`` for random."""
-    from finepruner.bench.runner import Variant
-    from finepruner.bench.runner import method_params as bench_params
+    the method's ``defaults_for`` the model's shape (``finepruner``: H = heads/4; SparseVLM: the v1.5
+    schedule scaled to the depth), the toy CLIP text tower for CDPruner, ``random_seed`` for random."""
+    from finepruner import methods
+    from finepruner.methods.base import ModelShape
 
     config = model.config
-    params = {} if tokens is None else {"tokens": tokens}
     vision = config.vision_config
-    params = bench_params(
-        Variant(method, method, params, tokens), int(config.text_config.num_attention_heads), None,
-        num_layers=int(config.text_config.num_hidden_layers),
-        num_visual=(int(vision.image_size) // int(vision.patch_size)) ** 2,
-    )
+    shape = ModelShape(int(config.text_config.num_hidden_layers), int(config.text_config.num_attention_heads),
+                       (int(vision.image_size) // int(vision.patch_size)) ** 2)
+    params = methods.get(method).defaults_for(shape, {} if tokens is None else {"tokens": tokens})
     if method == "cdpruner":
         from finepruner.toy.model import load_clip_text
 
