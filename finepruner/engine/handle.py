@@ -13,7 +13,7 @@ from finepruner.engine.loop import pruned_forward
 from finepruner.engine.state import PruneStats
 from finepruner.engine.vision import VisionCapture, VisionSignals
 from finepruner.methods import PruningMethod, Stage, create
-from finepruner.models.adapter import LlavaAdapter
+from finepruner.models.adapters import adapter_for
 from finepruner.models.instructions import as_tokenizer, decode_instructions, repeat_for_batch
 
 _HANDLE_ATTRIBUTE = "_finepruner_handle"
@@ -46,7 +46,7 @@ class Handle:
     def __init__(self, model: nn.Module, method: PruningMethod, processor=None) -> None:
         self.model = model
         self.method = method
-        self.adapter = LlavaAdapter(model)
+        self.adapter = adapter_for(model)
         self.kept: list[torch.Tensor] = []
         self.stats: PruneStats | None = None
         self.heads: list[list[torch.Tensor] | None] = []
@@ -54,7 +54,8 @@ class Handle:
         self.merged: list[torch.Tensor | None] = []
         self.instructions: list[str] | None = None
         self._plans: dict[int, list[Stage]] = {}
-        self._pending: tuple[torch.Tensor | None, list[int]] | None = None
+        # this call's (visual-token mask, per-sample keys, visual tokens per image or None)
+        self._pending: tuple[torch.Tensor | None, list[int], list[int] | None] | None = None
         self._hook = None
         self._vision: VisionCapture | None = None  # vision-side hooks for methods with ``needs_vision``
         # generate(use_cache=False) passes the same pre-encoded images (``mm_encoder_outputs``) to every
@@ -68,10 +69,25 @@ class Handle:
         self._tokenizer = as_tokenizer(processor, "processor")
         if self._tokenizer is None:
             self._tokenizer = method.bound_tokenizer()
-        # validate the parameters against the model now, before any expensive work
-        self.plan(self.adapter.num_visual_tokens)
-        method.check_model(self.adapter.num_heads, self.adapter.num_layers, self.adapter.num_visual_tokens)
+        # validate the parameters against the model now, before any expensive work (families whose images
+        # have variable counts: against the largest image; each image's own count is checked at its prefill)
+        self.plan(self.adapter.max_visual_tokens)
+        method.check_model(self.adapter.num_heads, self.adapter.num_layers, self.adapter.max_visual_tokens)
+        self._check_vision_signals()
         method.bind_model(model)
+
+    def _check_vision_signals(self) -> None:
+        """A ValueError when the method reads a vision-side signal this model family does not provide."""
+        supported = self.adapter.vision_signals_supported()
+        if supported is None or not self.method.needs_vision:
+            return
+        missing = sorted(set(self.method.needs_vision) - supported)
+        if missing:
+            raise ValueError(
+                f"{self.method.name} reads the vision signal(s) {', '.join(missing)}, which finepruner does not "
+                f"provide on {self.adapter.family} ({self.adapter.vision_unsupported_reason()}); available there: "
+                f"{', '.join(sorted(supported)) or 'none'}"
+            )
 
     # -- installation -------------------------------------------------------------------------
     def _install(self) -> None:
@@ -83,7 +99,7 @@ class Handle:
         lm.forward = functools.partial(pruned_forward, lm, self)
         setattr(lm, _HANDLE_ATTRIBUTE, self)
         self._hook = self.adapter.llava_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
-        if self.method.needs_vision:
+        if self.method.needs_vision and self.adapter.vision_signals_supported() is None:
             self._vision = VisionCapture(self.adapter, self.method.needs_vision)
 
     def remove(self) -> None:
@@ -120,16 +136,29 @@ class Handle:
         self.method.set_instructions(texts)
 
     def _capture_inputs(self, module, args, kwargs):
-        """Pre-hook on LlavaModel: remember the image-token mask and per-sample keys of this call (and, for
-        methods with ``needs_instructions``, each sample's instruction text)."""
+        """Pre-hook on the multimodal model: remember the image-token mask and per-sample keys of this call
+        (and, for methods with ``needs_instructions``, each sample's instruction text). On families with
+        per-image budgets the images are encoded here, as ``generate`` does before its prefill, so that each
+        image's token count is known (the call then receives ``mm_encoder_outputs`` instead of pixels)."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._prompt_ids = None
         self._instructions = None
         self._encoder_outputs = kwargs.get("mm_encoder_outputs")
         if kwargs.get("pixel_values") is None and kwargs.get("mm_encoder_outputs") is None:
             self._pending = None  # no image in this call (e.g. a decode step)
-            return
+            return None
         self._pending = None
+        counts = None
+        changed = None
+        if self.adapter.per_image_budget:
+            encoded = (self._encoder_outputs or {}).get("image")
+            if encoded is None and kwargs.get("pixel_values") is not None:
+                encoded = self.adapter.encode_images(module, kwargs)
+                changed = {**kwargs, "pixel_values": None,
+                           "mm_encoder_outputs": {**(self._encoder_outputs or {}), "image": encoded}}
+                self._encoder_outputs = changed["mm_encoder_outputs"]
+            if encoded is not None:
+                counts = [int(features.shape[0]) for features in encoded.pooler_output]
         image_mask = self.adapter.image_mask(input_ids, kwargs.get("inputs_embeds"))
         keys: list[int] = []
         prompts: list[list[int]] = []  # each sample's prompt tokens, padding removed (for needs_vision)
@@ -146,7 +175,8 @@ class Handle:
                 self._check_decodable(prompts)
             self._instructions = (explicit, prompts)  # decoded by _take_instructions, in the selection time
         self._prompt_ids = prompts or None
-        self._pending = (image_mask, keys)
+        self._pending = (image_mask, keys, counts)
+        return (args, changed) if changed is not None else None
 
     def _check_decodable(self, prompts: list[list[int]]) -> None:
         """A clear error, before the model runs, when this prefill's instructions cannot be decoded: no
@@ -164,15 +194,26 @@ class Handle:
                 "tokens to decode it from; call handle.set_instructions([...]) before the call"
             )
 
-    def _take_pending(self, shape: torch.Size) -> tuple[torch.Tensor | None, list[int]]:
-        """The image mask captured for this call (consumed), or (None, []) when the LM is called alone."""
+    def _take_pending(self, shape: torch.Size) -> tuple[torch.Tensor | None, list[int], list[int] | None]:
+        """The image mask, per-sample keys and per-image token counts (None on families with per-sample
+        budgets) captured for this call (consumed), or (None, [], None) when the LM is called alone."""
         pending, self._pending = self._pending, None
         if pending is None or pending[0] is None or tuple(pending[0].shape) != tuple(shape):
-            return None, []
-        image_mask, keys = pending
+            return None, [], None
+        image_mask, keys, counts = pending
         if not keys:
             keys = list(range(shape[0]))
-        return image_mask, keys
+        return image_mask, keys, counts
+
+    def _discard_vision(self) -> None:
+        """Drop the vision signals captured for this prefill (a prefill that does not use them)."""
+        if self._vision is not None:
+            self._vision.reset()
+
+    def _take_prompt_ids(self) -> list[list[int]] | None:
+        """This prefill's prompt ids per sample, padding removed (consumed)."""
+        prompt_ids, self._prompt_ids = self._prompt_ids, None
+        return prompt_ids
 
     def _take_vision(self, batch: int, num_visual: int) -> VisionSignals | None:
         """The vision signals captured while this prefill's images were encoded (consumed), or None when

@@ -32,6 +32,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from finepruner.engine.signals import StageSignals, eager_last_query_attention, last_query_attention
 from finepruner.engine.state import STATE_ATTRIBUTE, GenerationState, PruneStats, Segment
+from finepruner.engine.units import Choice, Group, Unit, make_groups, make_units, pack_rows, rebuild, row_visual_totals
+from finepruner.engine.vision import VisionSignals
 from finepruner.methods.base import Selection, StageContext
 
 if TYPE_CHECKING:
@@ -49,23 +51,6 @@ def _clock(hidden: torch.Tensor, handle) -> float:
     if hidden.is_cuda and getattr(handle, "synchronize_timing", False):
         torch.cuda.synchronize(hidden.device)
     return time.perf_counter()
-
-
-def _visual_count(image_mask: torch.Tensor) -> int:
-    """Visual tokens per sample of a prefill; every row must hold the same number."""
-    counts = image_mask.sum(dim=1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(
-            "every sample of a pruned batch must hold the same number of image tokens; got "
-            f"{counts.tolist()} (batch prompts with the same number of images, or run them separately)"
-        )
-    return int(counts[0])
-
-
-def _visual_positions(image_mask: torch.Tensor) -> torch.Tensor:
-    """[B, V] sequence positions of the visual tokens; every row must hold the same number."""
-    _visual_count(image_mask)
-    return image_mask.nonzero()[:, 1].view(image_mask.shape[0], -1)
 
 
 def pruned_forward(
@@ -93,16 +78,16 @@ def pruned_forward(
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     cache = cache if cache is not None else past_key_values
     batch, length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
-    image_mask, row_keys = handle._take_pending(torch.Size((batch, length)))
+    image_mask, row_keys, image_counts = handle._take_pending(torch.Size((batch, length)))
     state: GenerationState | None = getattr(cache, STATE_ATTRIBUTE, None) if cache is not None else None
     if state is not None and cache.get_seq_length() == 0:  # a reused, emptied cache: forget the old run
         state = None
         setattr(cache, STATE_ATTRIBUTE, None)
     has_image = image_mask is not None and bool(image_mask.any())
-    num_visual = _visual_count(image_mask) if has_image else 0
-    if state is None and not (has_image and handle.plan(num_visual)):
+    units = make_units(handle.adapter.image_spans(image_mask, image_counts), image_mask) if has_image else []
+    if state is None and not (has_image and any(handle.plan(unit.count) for unit in units)):
         if has_image:
-            _record_unpruned(lm, handle, batch, length, num_visual)
+            _record_unpruned(lm, handle, batch, length, units)
         flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions,
                  "return_dict": return_dict}
         return type(lm).forward(lm, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -139,7 +124,7 @@ def pruned_forward(
 
     if has_image:
         hidden, all_hidden = _prefill(lm, handle, inputs_embeds, attention_mask, position_ids, cache,
-                                      use_cache, image_mask, row_keys, output_hidden_states, kwargs)
+                                      use_cache, units, row_keys, output_hidden_states, kwargs)
     else:
         hidden, all_hidden = _decode(lm, state, inputs_embeds, attention_mask, position_ids, cache,
                                      use_cache, output_hidden_states, kwargs)
@@ -153,11 +138,12 @@ def pruned_forward(
     )
 
 
-def _record_unpruned(lm, handle: Handle, batch: int, length: int, num_visual: int) -> None:
+def _record_unpruned(lm, handle: Handle, batch: int, length: int, units: list[Unit]) -> None:
     """Statistics of a prefill with images whose plan has no stage (it runs the model's own forward):
     every decoder layer sees the whole prompt; signals captured for the prefill are consumed unused."""
-    handle._take_vision(batch, num_visual)
+    handle._discard_vision()
     handle._take_instructions(batch)
+    num_visual = max(row_visual_totals(units, batch))
     layers = int(lm.config.num_hidden_layers)
     stats = PruneStats(sequence_length=[length] * layers, visual_tokens=[num_visual] * layers, batch=batch,
                        config=handle.model.config)
@@ -214,18 +200,19 @@ def _decode(lm, state, hidden, attention_mask, position_ids, cache, use_cache, o
 class _Tokens:
     """The prompt as it currently stands during a prefill: every stage gathers these together.
 
-    ``visual_index`` [B, V]: positions of the current visual tokens in the sequence; ``visual_ids``
-    [B, V]: their ids (original 0..N-1, inserted tokens N, N+1, ...); ``source_index`` [B, L]: each
-    token's index in the unpruned prompt (-1 for inserted tokens); ``shift`` [B]: how much the
-    renumbered positions lag the logical ones (0 with original positions).
+    ``source_index`` [B, L]: each token's index in the unpruned prompt (-1 for inserted tokens and
+    re-padding slots); ``shift`` [B]: how much the renumbered positions lag the logical ones (0 with
+    original positions). The visual tokens themselves are tracked per budget unit (``engine.units.Unit``);
+    ``visual_index`` [B, V] (their positions) and ``visual_ids`` [B, V] (original ids 0..N-1, inserted
+    tokens N, N+1, ...) are set only inside the batched path (``_apply_whole_batch``).
     """
 
     hidden: torch.Tensor
     position_ids: torch.Tensor
     mask2d: torch.Tensor | None
     source_index: torch.Tensor
-    visual_index: torch.Tensor
-    visual_ids: torch.Tensor
+    visual_index: torch.Tensor | None
+    visual_ids: torch.Tensor | None
     shift: torch.Tensor
 
 
@@ -305,54 +292,112 @@ def _insert(tokens: _Tokens, insert: torch.Tensor, positions: torch.Tensor | Non
     )
 
 
-def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, image_mask, row_keys,
+@dataclass
+class _StageResult:
+    """What one stage did, for ``Handle``: kept and inserted ids per sample, heads per unit, attention."""
+
+    kept: torch.Tensor
+    merged: torch.Tensor | None
+    heads: list[torch.Tensor] | None
+    attention: torch.Tensor | None
+
+
+def _group_plans(handle: Handle, groups: list[Group]) -> list[list]:
+    """Each group's plan; all must prune at the same layers with the same signals (their keep counts may
+    differ), since every sample runs the same decoder layers."""
+    plans = [handle.plan(group.count) for group in groups]
+    layout = [(s.layer, s.score_layer, s.last_query) for s in plans[0]]
+    for group, plan in zip(groups[1:], plans[1:], strict=True):
+        if [(s.layer, s.score_layer, s.last_query) for s in plan] != layout:
+            raise ValueError(
+                f"{handle.method.name}: its stages for images of {groups[0].count} and {group.count} visual tokens "
+                "prune at different decoder layers; batch such images separately"
+            )
+    return plans
+
+
+def _rows(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` restricted to the batch rows ``rows`` (all rows when None)."""
+    if tensor is None or rows is None:
+        return tensor
+    return tensor.index_select(0, rows)
+
+
+def _group_vision(handle: Handle, groups: list[Group], batch: int, inputs_embeds: torch.Tensor,
+                  input_index: dict[int, torch.Tensor]) -> list[VisionSignals | None]:
+    """Each group's vision signals (methods with ``needs_vision``): the captured ones when the batch is one
+    group of whole samples on a family with per-sample budgets (LLaVA-1.5); on families with per-image
+    budgets, each image's projected features as the language model receives them (its visual rows of
+    ``inputs_embeds``, newline tokens included: ``ModelAdapter.vision_signals_supported``)."""
+    if not handle.method.needs_vision:
+        return [None] * len(groups)
+    if not handle.adapter.per_image_budget:
+        if len(groups) == 1 and groups[0].whole_batch:
+            return [handle._take_vision(batch, groups[0].count)]
+        handle._discard_vision()
+        totals = [sum(u.count for u in g.units) for g in groups]
+        raise ValueError(
+            f"{handle.method.name} reads vision-side signals, which need the same number of image tokens in every "
+            f"sample of a batch on {handle.adapter.family}; this batch mixes {sorted(set(totals))} (batch prompts "
+            "with the same number of images)"
+        )
+    handle._discard_vision()
+    prompts = handle._take_prompt_ids()
+    signals = []
+    for group in groups:
+        features = torch.stack([inputs_embeds[u.row, input_index[id(u)]] for u in group.units])
+        signals.append(VisionSignals(
+            projected_features=features, patches_per_image=group.count, image_token_id=handle.adapter.image_token_id,
+            prompt_ids=[prompts[u.row] for u in group.units] if prompts else None,
+        ))
+    return signals
+
+
+def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, units, row_keys,
              output_hidden_states, kwargs):
     """A prompt with images: run the layers and prune at every stage of the method's plan."""
     batch, length, width = hidden.shape
-    visual_index = _visual_positions(image_mask)
-    num_visual = visual_index.shape[1]
-    stages = handle.plan(num_visual)
-    stage_at = {stage.layer: (i, stage) for i, stage in enumerate(stages)}
+    device = hidden.device
+    groups = make_groups(units, batch)
+    plans = _group_plans(handle, groups)
+    stages = plans[0]
+    stage_at = {stage.layer: i for i, stage in enumerate(stages)}
     # score layers that run before their stage: their input is kept for the signals, and their keys are
     # reused (from the cache, after RoPE; without a cache, the k_proj output captured while they run)
     key_layers = {s.score_layer for s in stages if s.score_layer is not None and s.score_layer < s.layer}
     cached_keys = cache is not None and use_cache  # then the cache holds them (after RoPE): no hook
     renumber = handle.method.positions == "renumber"
-
-    visual_ids = torch.arange(num_visual, device=hidden.device).expand(batch, -1)
-    mask2d = attention_mask
-    inputs_embeds, input_visual_index = hidden, visual_index
-    source_index = torch.arange(length, device=hidden.device).expand(batch, -1)
-    next_id = num_visual  # visual id of the next inserted token
-    memo: dict = {}
-    saved_keys: dict[int, torch.Tensor] = {}
-    merged: list[torch.Tensor | None] = []
-    shift = torch.zeros(batch, dtype=torch.long, device=hidden.device)
-    segments = [Segment(0, attention_mask, length, shift)]
-    saved_inputs: dict[int, tuple] = {}
     score_impl = getattr(handle.method, "score_impl", "cheap")
+
+    tokens = _Tokens(hidden, position_ids, attention_mask, torch.arange(length, device=device).expand(batch, -1),
+                     None, None, torch.zeros(batch, dtype=torch.long, device=device))
+    prefill = _PrefillInput(inputs_embeds=hidden, mask2d=attention_mask,
+                            visual_index={id(u): u.index for u in units}, row_keys=row_keys)
+    row_counters = row_visual_totals(units, batch)  # ids of inserted tokens follow each sample's visual tokens
+    segments = [Segment(0, attention_mask, length, tokens.shift)]
+    saved_inputs: dict[int, tuple] = {}
+    saved_keys: dict[int, torch.Tensor] = {}
     stats = PruneStats(batch=batch, score_impl=score_impl, config=handle.model.config)
-    kept: list[torch.Tensor] = []
+    results: list[_StageResult] = []
     started = _clock(hidden, handle)
-    vision = handle._take_vision(batch, num_visual)  # vision-side signals (methods with needs_vision)
+    vision = _group_vision(handle, groups, batch, hidden, prefill.visual_index)
     instructions = handle._take_instructions(batch)  # instruction texts (methods with needs_instructions)
     stats.selection_seconds += _clock(hidden, handle) - started
-    heads: list[list[torch.Tensor] | None] = []
-    attentions: list[torch.Tensor | None] = []
     all_hidden = [] if output_hidden_states else None
     embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
-    mask = _causal_mask(lm, hidden, mask2d, cache, 0)
+    mask = _causal_mask(lm, hidden, attention_mask, cache, 0)
 
     for index, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         if index in stage_at:
-            stage_index, stage = stage_at[index]
-            started = _clock(hidden, handle)
-            attention = score_input = keys = rotated = None
+            stage_index = stage_at[index]
+            stage = stages[stage_index]
+            started = _clock(tokens.hidden, handle)
+            score_input = keys = rotated = rows = None
             if stage.score_layer is not None:
-                score_input = saved_inputs.pop(stage.score_layer, None) or (hidden, embeddings, mask2d)
+                score_input = saved_inputs.pop(stage.score_layer, None) or (tokens.hidden, embeddings, tokens.mask2d)
                 keys = saved_keys.pop(stage.score_layer, None)
                 if cached_keys and stage.score_layer < index:
-                    rotated = _cached_keys(cache, stage.score_layer, hidden.shape[1])
+                    rotated = _cached_keys(cache, stage.score_layer, tokens.hidden.shape[1])
             reuse = score_impl == "cheap"  # "recompute": project the score layer's keys again (float32 RoPE)
             if stage.score_layer is not None and stage.last_query:
                 source, source_embeddings, source_mask = score_input
@@ -365,45 +410,24 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
                                                 rotated_keys=rotated if reuse else None)
                 stats.score_lengths.append(source.shape[1])
                 stats.score_keys_reused.append(reuse and (keys is not None or rotated is not None))
-                attention = rows.gather(2, visual_index[:, None, :].expand(-1, rows.shape[1], -1))
-            signals = StageSignals(
-                lm=lm, hidden=hidden, position_ids=position_ids, mask2d=mask2d, visual_index=visual_index,
-                source_index=source_index, inputs_embeds=inputs_embeds, input_mask2d=attention_mask,
-                input_visual_index=input_visual_index, score_layer=stage.score_layer, score_input=score_input,
-                score_keys=keys, score_rotated_keys=rotated, memo=memo,
-            )
-            context = StageContext(attention=attention, visual_ids=visual_ids, row_keys=row_keys, vision=vision,
-                                   signals=signals, instructions=instructions)
-            local, insert, insert_from, insert_valid = _unpack_selection(
-                handle.method.select(stage_index, stage, context), stage, stage_index, batch, width, handle.method.name
-            )
-            stats.selection_seconds += _clock(hidden, handle) - started
-            tokens = _Tokens(hidden, position_ids, mask2d, source_index, visual_index, visual_ids, shift)
-            if insert is not None and not renumber:  # merged tokens take their centre's position
-                insert_positions = position_ids.gather(1, visual_index.gather(1, insert_from))
-            tokens = _keep(tokens, local, renumber)
-            kept.append(tokens.visual_ids)
-            if insert is None:
-                merged.append(None)
-            else:
-                anchor = None if local.shape[1] else visual_index[:, :1]  # nothing kept: where the span began
-                tokens = _insert(tokens, insert, None if renumber else insert_positions, next_id, anchor,
-                                 insert_valid)
-                next_id += insert.shape[1]
-                merged.append(tokens.visual_ids[:, -insert.shape[1]:])
-            hidden, position_ids, mask2d = tokens.hidden, tokens.position_ids, tokens.mask2d
-            source_index, visual_index, visual_ids, shift = (
-                tokens.source_index, tokens.visual_index, tokens.visual_ids, tokens.shift
-            )
-            heads.append(context.heads)
-            attentions.append(attention)
-            segments.append(Segment(index, mask2d, hidden.shape[1], shift))
-            embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
-            mask = _causal_mask(lm, hidden, mask2d, cache, index)
+            stage_signals = _StageInputs(lm=lm, tokens=tokens, prefill=prefill, score_layer=stage.score_layer,
+                                         score_input=score_input, keys=keys, rotated=rotated, rows=rows)
+            choices = [
+                _select_group(handle, group, plan[stage_index], stage_index, stage_signals, vision[g],
+                              instructions, width)
+                for g, (group, plan) in enumerate(zip(groups, plans, strict=True))
+            ]
+            stats.selection_seconds += _clock(tokens.hidden, handle) - started
+            tokens, result = _apply_choices(tokens, groups, choices, renumber, row_counters, rows, batch)
+            results.append(result)
+            segments.append(Segment(index, tokens.mask2d, tokens.hidden.shape[1], tokens.shift))
+            embeddings = lm.rotary_emb(tokens.hidden, position_ids=tokens.position_ids)
+            mask = _causal_mask(lm, tokens.hidden, tokens.mask2d, cache, index)
+        hidden = tokens.hidden
         if index in key_layers:
-            saved_inputs[index] = (hidden, embeddings, mask2d)
+            saved_inputs[index] = (hidden, embeddings, tokens.mask2d)
         stats.sequence_length.append(hidden.shape[1])
-        stats.visual_tokens.append(visual_ids.shape[1])
+        stats.visual_tokens.append(max(row_visual_totals(units, batch)))
         if all_hidden is not None:
             all_hidden.append(hidden)
         capture = None
@@ -417,13 +441,164 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
         finally:
             if capture is not None:
                 capture.remove()
+        tokens.hidden = hidden
 
     if cache is not None:
         if 0 in stage_at:  # the stage before layer 0 replaces the unpruned first segment
             segments = segments[1:]
         setattr(cache, STATE_ATTRIBUTE, GenerationState(prompt_length=length, segments=segments, seen=length))
-    handle._record(kept=kept, stats=stats, heads=heads, attention=attentions, merged=merged)
+    handle._record(kept=[r.kept for r in results], stats=stats, heads=[r.heads for r in results],
+                   attention=[r.attention for r in results], merged=[r.merged for r in results])
     return hidden, all_hidden
+
+
+@dataclass
+class _PrefillInput:
+    """The prefill's input as layer 0 received it: embeddings, padding mask, each unit's visual positions
+    (keyed by ``id(unit)``) and the per-sample seeding keys."""
+
+    inputs_embeds: torch.Tensor
+    mask2d: torch.Tensor | None
+    visual_index: dict[int, torch.Tensor]
+    row_keys: list[int]
+
+
+@dataclass
+class _StageInputs:
+    """The signals a stage computed once for the whole batch, before each group selects."""
+
+    lm: object
+    tokens: _Tokens
+    prefill: _PrefillInput
+    score_layer: int | None
+    score_input: tuple | None
+    keys: torch.Tensor | None
+    rotated: torch.Tensor | None
+    rows: torch.Tensor | None  # [B, heads, L] last-query attention
+
+
+def _unit_key(row_keys: list[int], unit: Unit) -> int:
+    """A unit's seeding key: its sample's key (first image), combined with the image index after it."""
+    return row_keys[unit.row] if unit.image == 0 else hash((row_keys[unit.row], unit.image))
+
+
+def _select_group(handle: Handle, group: Group, stage, stage_index: int, inputs: _StageInputs,
+                  vision: VisionSignals | None, instructions: list[str] | None, width: int):
+    """Run the method's ``select`` for one group (its units as the batch); returns the checked
+    ``(keep, insert, insert_from, insert_valid)``."""
+    tokens = inputs.tokens
+    device = tokens.hidden.device
+    rows = None if group.whole_batch else torch.tensor(group.rows, device=device)
+    visual_index = torch.stack([unit.index for unit in group.units])
+    attention = None
+    if inputs.rows is not None:
+        source = _rows(inputs.rows, rows)
+        attention = source.gather(2, visual_index[:, None, :].expand(-1, source.shape[1], -1))
+    score_input = None
+    if inputs.score_input is not None:
+        score_hidden, (cos, sin), score_mask = inputs.score_input
+        score_input = (_rows(score_hidden, rows), (_rows(cos, rows), _rows(sin, rows)), _rows(score_mask, rows))
+    signals = StageSignals(
+        lm=inputs.lm, hidden=_rows(tokens.hidden, rows), position_ids=_rows(tokens.position_ids, rows),
+        mask2d=_rows(tokens.mask2d, rows), visual_index=visual_index, source_index=_rows(tokens.source_index, rows),
+        inputs_embeds=_rows(inputs.prefill.inputs_embeds, rows), input_mask2d=_rows(inputs.prefill.mask2d, rows),
+        input_visual_index=torch.stack([inputs.prefill.visual_index[id(u)] for u in group.units]),
+        score_layer=inputs.score_layer, score_input=score_input, score_keys=_rows(inputs.keys, rows),
+        score_rotated_keys=_rows(inputs.rotated, rows), memo=group.memo,
+    )
+    context = StageContext(
+        attention=attention, visual_ids=torch.stack([unit.ids for unit in group.units]),
+        row_keys=[_unit_key(inputs.prefill.row_keys, unit) for unit in group.units], vision=vision,
+        signals=signals, instructions=None if instructions is None else [instructions[u.row] for u in group.units],
+    )
+    choice = handle.method.select(stage_index, stage, context)
+    return (*_unpack_selection(choice, stage, stage_index, len(group.units), width, handle.method.name),
+            context.heads)
+
+
+def _apply_choices(tokens: _Tokens, groups: list[Group], choices: list, renumber: bool, row_counters: list[int],
+                   rows_attention: torch.Tensor | None, batch: int) -> tuple[_Tokens, _StageResult]:
+    """Apply every group's selection to the sequence; the units are updated to their new tokens."""
+    if len(groups) == 1 and groups[0].whole_batch:
+        return _apply_whole_batch(tokens, groups[0], choices[0], renumber, row_counters, rows_attention)
+    units: list[Unit] = []
+    unit_choices: list[Choice] = []
+    heads: dict[int, torch.Tensor] = {}
+    any_heads = False
+    for group, (local, insert, insert_from, valid, group_heads) in zip(groups, choices, strict=True):
+        any_heads |= group_heads is not None
+        for u, unit in enumerate(group.units):
+            units.append(unit)
+            unit_choices.append(Choice(
+                keep=local[u], insert=None if insert is None else insert[u],
+                insert_from=None if insert_from is None else insert_from[u],
+                valid=None if valid is None else valid[u],
+            ))
+            if group_heads is not None:
+                heads[id(unit)] = group_heads[u]
+    order = sorted(range(len(units)), key=lambda i: (units[i].row, units[i].image))
+    units = [units[i] for i in order]
+    unit_choices = [unit_choices[i] for i in order]
+    attention = None
+    if rows_attention is not None:  # per sample, over its current visual tokens in sequence order
+        per_row: list[torch.Tensor | None] = [None] * batch
+        for row in range(batch):
+            index = [u.index for u in units if u.row == row]
+            if index:
+                per_row[row] = rows_attention[row][:, torch.cat(index)].transpose(0, 1)
+        attention = pack_rows(per_row, 0.0, batch).transpose(1, 2)
+    built = rebuild(tokens.hidden, tokens.position_ids, tokens.mask2d, tokens.source_index, tokens.shift, units,
+                    unit_choices, renumber, row_counters)
+    kept_rows: list[torch.Tensor | None] = [None] * batch
+    merged_rows: list[torch.Tensor | None] = [None] * batch
+    for unit, kept, inserted in zip(units, built.kept_row_ids, built.inserted_row_ids, strict=True):
+        kept_rows[unit.row] = kept if kept_rows[unit.row] is None else torch.cat([kept_rows[unit.row], kept])
+        if inserted is not None:
+            merged_rows[unit.row] = inserted if merged_rows[unit.row] is None else torch.cat(
+                [merged_rows[unit.row], inserted])
+    device = tokens.hidden.device
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    kept = pack_rows([k if k is not None else empty for k in kept_rows], -1, batch)
+    merged = None
+    if any(m is not None for m in merged_rows):
+        merged = pack_rows([m if m is not None else empty for m in merged_rows], -1, batch)
+    result = _StageResult(kept=kept, merged=merged, attention=attention,
+                          heads=[heads[id(u)] for u in units] if any_heads else None)
+    new_tokens = _Tokens(built.hidden, built.position_ids, built.mask2d, built.source_index, None, None, built.shift)
+    return new_tokens, result
+
+
+def _apply_whole_batch(tokens: _Tokens, group: Group, choice, renumber: bool, row_counters: list[int],
+                       rows_attention: torch.Tensor | None) -> tuple[_Tokens, _StageResult]:
+    """One group of whole samples in batch order (every LLaVA-1.5 batch): batched gathers, every row keeps
+    the same count, nothing is re-padded."""
+    local, insert, insert_from, insert_valid, heads = choice
+    visual_index = torch.stack([unit.index for unit in group.units])
+    visual_ids = torch.stack([unit.ids for unit in group.units])
+    attention = None
+    if rows_attention is not None:
+        attention = rows_attention.gather(2, visual_index[:, None, :].expand(-1, rows_attention.shape[1], -1))
+    current = _Tokens(tokens.hidden, tokens.position_ids, tokens.mask2d, tokens.source_index, visual_index,
+                      visual_ids, tokens.shift)
+    if insert is not None and not renumber:  # merged tokens take their centre's position
+        insert_positions = tokens.position_ids.gather(1, visual_index.gather(1, insert_from))
+    current = _keep(current, local, renumber)
+    kept = current.visual_ids
+    merged = None
+    if insert is not None:
+        anchor = None if local.shape[1] else visual_index[:, :1]  # nothing kept: where the span began
+        first_id = group.units[0].next_id
+        current = _insert(current, insert, None if renumber else insert_positions, first_id, anchor, insert_valid)
+        merged = current.visual_ids[:, -insert.shape[1]:]
+        for row in range(len(row_counters)):
+            row_counters[row] += insert.shape[1]
+    for row, unit in enumerate(group.units):
+        unit.index, unit.ids = current.visual_index[row], current.visual_ids[row]
+        unit.row_ids = unit.ids + unit.offset * (unit.ids < unit.count)
+        unit.next_id += 0 if insert is None else insert.shape[1]
+    result = _StageResult(kept=kept, merged=merged, heads=heads, attention=attention)
+    return _Tokens(current.hidden, current.position_ids, current.mask2d, current.source_index, None, None,
+                   current.shift), result
 
 
 def _cached_keys(cache: DynamicCache | None, layer: int, length: int) -> torch.Tensor | None:

@@ -1,0 +1,265 @@
+"""The model-adapter seam: everything that differs between model families, behind one registry.
+
+An adapter is a read-only view of one loaded model (``spec/models.md``): where its language model and
+decoder layers are, which token marks the visual tokens, how many visual tokens each image has and how
+a budget is counted (per image or per sample), where the vision-side signals come from, which prompt
+template it uses, and which transformers class loads it. Nothing outside ``finepruner.models.adapters``
+branches on a model class or ``model_type``: the engine, methods, evaluation and bench ask the adapter
+(``adapter_for(model)``), and a new family is one module that registers a subclass (``docs/models.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image's visual tokens in one sample.
+
+    Attributes:
+        row: the sample (batch row).
+        image: the image's index within the sample (0, 1, ...).
+        offset: index of the image's first token among the sample's visual tokens.
+        count: the image's visual tokens (newline tokens included on LLaVA-NeXT/OneVision).
+    """
+
+    row: int
+    image: int
+    offset: int
+    count: int
+
+
+class ModelAdapter:
+    """Base class of the family adapters: the parts and shapes of a vision-language model.
+
+    Subclasses set the class attributes and override what differs; the defaults fit the llava-hf
+    layout (``model.model.{language_model, vision_tower, multi_modal_projector}``).
+    """
+
+    #: ``config.model_type`` values this adapter handles (the first is the family's name).
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: transformers class that loads a checkpoint of the family (an attribute name of ``transformers``).
+    model_class: ClassVar[str] = ""
+    #: configuration class of the family (an attribute name of ``transformers``).
+    config_class: ClassVar[str] = ""
+    #: ``tokens=N`` / ``ratio=R`` count per image (True) or per sample, all images together (False).
+    per_image_budget: ClassVar[bool] = True
+    #: a short description of the family for listings and errors.
+    description: ClassVar[str] = ""
+    #: optional Python packages the family's processor needs: (import name, pip extra).
+    processor_requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "language_model") or not hasattr(inner, "vision_tower"):
+            raise TypeError(
+                f"{type(model).__name__} does not have the layout of the {self.family} family "
+                "(expected .model.language_model and .model.vision_tower)"
+            )
+
+    # -- identity -------------------------------------------------------------------------------------
+    @classmethod
+    def family_name(cls) -> str:
+        """The family's name: its first ``model_type``."""
+        return cls.model_types[0]
+
+    @property
+    def family(self) -> str:
+        return self.family_name()
+
+    # -- parts ----------------------------------------------------------------------------------------
+    @property
+    def llava_model(self) -> nn.Module:
+        """The inner multimodal model (vision tower + projector + language model, no LM head); the
+        handle's input hook sits on it."""
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder-only language model whose layers the engine runs."""
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        lm = self.language_model
+        return lm.layers[: lm.config.num_hidden_layers]
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def vision_config(self):
+        return self.model.config.vision_config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    # -- visual tokens --------------------------------------------------------------------------------
+    @property
+    def patches_per_crop(self) -> int:
+        """Visual tokens of one vision-tower crop after feature selection (576 for CLIP-L/336 without
+        [CLS]; 729 for SigLIP-so400m/384)."""
+        vision = self.vision_config
+        grid = int(vision.image_size) // int(vision.patch_size)
+        extra = 1 if self.model.config.vision_feature_select_strategy == "full" and self.has_cls else 0
+        return grid * grid + extra
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether the vision tower prepends a [CLS] token (CLIP) or not (SigLIP)."""
+        return True
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens of one image when the family has a fixed count (LLaVA-1.5: 576), else the count
+        of the smallest layout (one base crop); the budget check is per image at each prefill."""
+        return self.patches_per_crop
+
+    @property
+    def max_visual_tokens(self) -> int:
+        """An upper bound of one image's visual tokens (used to validate budgets before a prefill)."""
+        return self.num_visual_tokens
+
+    def image_mask(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Boolean [batch, length] mask of the visual-token positions (as the model's
+        ``get_placeholder_mask``)."""
+        if input_ids is not None:
+            return input_ids == self.image_token_id
+        if inputs_embeds is None:
+            return None
+        embedding = self.llava_model.get_input_embeddings()
+        image_embed = embedding(torch.tensor(self.image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == image_embed.to(inputs_embeds.dtype)).all(-1)
+
+    def encode_images(self, module: nn.Module, kwargs: dict[str, Any]) -> Any:
+        """The image encoder output the model would compute for ``kwargs`` (its ``get_image_features``
+        with the call's feature settings), as ``generate`` places it in ``mm_encoder_outputs["image"]``."""
+        options = {name: kwargs[name] for name in self.encoder_kwargs if kwargs.get(name) is not None}
+        return module.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True, **options)
+
+    #: keyword arguments of the model's forward that its ``get_image_features`` also takes.
+    encoder_kwargs: ClassVar[tuple[str, ...]] = (
+        "image_sizes", "vision_feature_layer", "vision_feature_select_strategy",
+    )
+
+    def image_spans(self, image_mask: torch.Tensor, counts: Sequence[int] | None) -> list[list[ImageSpan]]:
+        """Each sample's images: the visual tokens of row b are split into consecutive images of
+        ``counts`` in the order the model scatters image features (row-major). ``counts=None`` (families
+        with one budget per sample) gives one span per sample holding all its visual tokens."""
+        per_row = image_mask.sum(dim=1).tolist()
+        if counts is None:
+            return [[ImageSpan(row, 0, 0, int(n))] if n else [] for row, n in enumerate(per_row)]
+        spans: list[list[ImageSpan]] = []
+        queue = [int(c) for c in counts]
+        position = 0
+        for row, total in enumerate(per_row):
+            row_spans: list[ImageSpan] = []
+            offset = 0
+            while offset < total:
+                if position >= len(queue):
+                    raise ValueError(
+                        f"the prompts hold {sum(per_row)} image tokens but the images give {sum(queue)} "
+                        f"visual tokens ({queue}); each <image> must be expanded to its image's token count"
+                    )
+                count = queue[position]
+                if offset + count > total:
+                    raise ValueError(
+                        f"sample {row} holds {total} image tokens, which do not split into whole images of "
+                        f"{queue} tokens (in order); each <image> must be expanded to its image's token count"
+                    )
+                row_spans.append(ImageSpan(row, len(row_spans), offset, count))
+                offset += count
+                position += 1
+            spans.append(row_spans)
+        if position != len(queue):
+            raise ValueError(
+                f"{len(queue)} images were encoded but the prompts' image tokens hold only {position} of them"
+            )
+        return spans
+
+    # -- vision-side signals -----------------------------------------------------------------------------
+    def vision_signals_supported(self) -> frozenset[str] | None:
+        """Names of ``engine.vision.VISION_SIGNALS`` this family's capture provides (None: all of them)."""
+        return None
+
+    def vision_unsupported_reason(self) -> str:
+        return ""
+
+    # -- prompts --------------------------------------------------------------------------------------
+    def build_prompt(self, text: str, has_image: bool, processor: Any) -> str:
+        """The evaluation prompt of one question: the processor's chat template with one user turn."""
+        content: list[dict[str, str]] = [{"type": "image"}] if has_image else []
+        content.append({"type": "text", "text": text})
+        conversation = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    # -- description ----------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.family, "layers": self.num_layers, "heads": self.num_heads,
+                "per_image_budget": self.per_image_budget}
+
+
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: register an adapter under each of its ``model_types`` (a taken one raises)."""
+    if not cls.model_types:
+        raise ValueError(f"{cls.__name__} declares no model_types")
+    for model_type in cls.model_types:
+        if model_type in _REGISTRY and _REGISTRY[model_type] is not cls:
+            raise ValueError(f"model_type {model_type!r} is already handled by {_REGISTRY[model_type].__name__}")
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def registered() -> Mapping[str, type[ModelAdapter]]:
+    """model_type -> adapter class of every registered family."""
+    return dict(_REGISTRY)
+
+
+def adapter_class(model_type: str | None) -> type[ModelAdapter]:
+    """The adapter class of ``model_type``; an unsupported one raises a ValueError listing the families."""
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; finepruner supports: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[model_type]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of a loaded model, chosen by ``model.config.model_type``."""
+    config = getattr(model, "config", None)
+    return adapter_class(getattr(config, "model_type", None))(model)
