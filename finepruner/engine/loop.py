@@ -124,7 +124,7 @@ def pruned_forward(
 
     if has_image:
         hidden, all_hidden = _prefill(lm, handle, inputs_embeds, attention_mask, position_ids, cache,
-                                      use_cache, units, row_keys, output_hidden_states, kwargs)
+                                      use_cache, units, image_mask, row_keys, output_hidden_states, kwargs)
     else:
         hidden, all_hidden = _decode(lm, state, inputs_embeds, attention_mask, position_ids, cache,
                                      use_cache, output_hidden_states, kwargs)
@@ -353,7 +353,7 @@ def _group_vision(handle: Handle, groups: list[Group], batch: int, inputs_embeds
     return signals
 
 
-def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, units, row_keys,
+def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, units, image_mask, row_keys,
              output_hidden_states, kwargs):
     """A prompt with images: run the layers and prune at every stage of the method's plan."""
     batch, length, width = hidden.shape
@@ -371,7 +371,7 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
 
     tokens = _Tokens(hidden, position_ids, attention_mask, torch.arange(length, device=device).expand(batch, -1),
                      None, None, torch.zeros(batch, dtype=torch.long, device=device))
-    prefill = _PrefillInput(inputs_embeds=hidden, mask2d=attention_mask,
+    prefill = _PrefillInput(inputs_embeds=hidden, mask2d=attention_mask, image_mask=image_mask,
                             visual_index={id(u): u.index for u in units}, row_keys=row_keys)
     row_counters = row_visual_totals(units, batch)  # ids of inserted tokens follow each sample's visual tokens
     segments = [Segment(0, attention_mask, length, tokens.shift)]
@@ -454,11 +454,12 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
 
 @dataclass
 class _PrefillInput:
-    """The prefill's input as layer 0 received it: embeddings, padding mask, each unit's visual positions
-    (keyed by ``id(unit)``) and the per-sample seeding keys."""
+    """The prefill's input as layer 0 received it: embeddings, padding mask, the [B, L] mask of all visual
+    tokens, each unit's visual positions (keyed by ``id(unit)``) and the per-sample seeding keys."""
 
     inputs_embeds: torch.Tensor
     mask2d: torch.Tensor | None
+    image_mask: torch.Tensor
     visual_index: dict[int, torch.Tensor]
     row_keys: list[int]
 
@@ -503,6 +504,7 @@ def _select_group(handle: Handle, group: Group, stage, stage_index: int, inputs:
         mask2d=_rows(tokens.mask2d, rows), visual_index=visual_index, source_index=_rows(tokens.source_index, rows),
         inputs_embeds=_rows(inputs.prefill.inputs_embeds, rows), input_mask2d=_rows(inputs.prefill.mask2d, rows),
         input_visual_index=torch.stack([inputs.prefill.visual_index[id(u)] for u in group.units]),
+        input_image_mask=_rows(inputs.prefill.image_mask, rows),
         score_layer=inputs.score_layer, score_input=score_input, score_keys=_rows(inputs.keys, rows),
         score_rotated_keys=_rows(inputs.rotated, rows), memo=group.memo,
     )

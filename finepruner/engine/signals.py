@@ -187,7 +187,10 @@ class StageSignals:
             earlier stage inserted.
         inputs_embeds: [B, L0, D] the prefill input of layer 0 (after the image features were placed).
         input_mask2d: [B, L0] its padding mask, or None.
-        input_visual_index: [B, N] positions of the visual tokens in the prefill input.
+        input_visual_index: [B, N] positions of the visual tokens in the prefill input (of this selection's
+            budget unit: one image of the sample on families with per-image budgets).
+        input_image_mask: [B, L0] bool, every visual token of the sample in the prefill input (all its
+            images), or None.
         score_layer: the stage's ``score_layer`` (None: none declared).
         score_input: ``(hidden, (cos, sin), mask2d)`` the input of ``score_layer``; it holds the same
             tokens as ``hidden`` (no stage lies between ``score_layer`` and the stage).
@@ -207,6 +210,7 @@ class StageSignals:
     input_mask2d: torch.Tensor | None
     input_visual_index: torch.Tensor
     score_layer: int | None = None
+    input_image_mask: torch.Tensor | None = None
     score_input: tuple | None = None
     score_keys: torch.Tensor | None = None
     score_rotated_keys: torch.Tensor | None = None

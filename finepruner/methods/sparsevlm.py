@@ -228,7 +228,8 @@ class SparseVLM(PruningMethod):
         """``(rater positions [B, R] in the prefill input, valid [B, R])``, once per prompt (§2.2 step 1);
         rows with fewer raters are padded (``valid`` False).
 
-        Text = every real token after the last visual token; weight of a text token = mean over visual
+        Text = every real token after the last visual token (of the selection's image; other images' visual
+        tokens are not text, ``spec/models.md`` §5.2); weight of a text token = mean over visual
         tokens of softmax over text of the raw dot products of the input embeddings; raters = weight
         above the sample's mean weight.
         """
@@ -244,6 +245,8 @@ class SparseVLM(PruningMethod):
         text = text.clamp(max=length - 1)
         if signals.input_mask2d is not None:
             valid &= signals.input_mask2d.gather(1, text).bool()
+        if signals.input_image_mask is not None:
+            valid &= ~signals.input_image_mask.gather(1, text)
         width = embeds.shape[-1]
         vis = embeds.gather(1, visual[..., None].expand(-1, -1, width)).float()
         txt = embeds.gather(1, text[..., None].expand(-1, -1, width)).float()
