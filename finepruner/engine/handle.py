@@ -71,9 +71,9 @@ class Handle:
             self._tokenizer = method.bound_tokenizer()
         # validate the parameters against the model now, before any expensive work (families whose images
         # have variable counts: against the largest image; each image's own count is checked at its prefill)
+        self._check_vision_signals()
         self.plan(self.adapter.max_visual_tokens)
         method.check_model(self.adapter.num_heads, self.adapter.num_layers, self.adapter.max_visual_tokens)
-        self._check_vision_signals()
         method.bind_model(model)
 
     def _check_vision_signals(self) -> None:
