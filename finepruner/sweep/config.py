@@ -496,20 +496,17 @@ def __getattr__(name: str) -> Any:
 def model_shape(model: str | Path) -> ModelShape:
     """The decoder depth, heads and visual tokens of checkpoint ``model`` (a directory or ``"toy"``),
     from its configuration only; raises :class:`SweepConfigError` naming the problem."""
-    from finepruner.methods.base import ModelShape
     from finepruner.models.loading import check_checkpoint, resolve_checkpoint
 
     try:
         directory = resolve_checkpoint(str(model))
         check_checkpoint(directory)
-        from transformers import LlavaConfig
+        from transformers import AutoConfig
 
-        config = LlavaConfig.from_pretrained(str(directory))
-        vision = config.vision_config
-        grid = int(vision.image_size) // int(vision.patch_size)
-        extra = 1 if config.vision_feature_select_strategy == "full" else 0
-        return ModelShape(int(config.text_config.num_hidden_layers), int(config.text_config.num_attention_heads),
-                          grid * grid + extra)
+        from finepruner.models.adapters import adapter_class
+
+        config = AutoConfig.from_pretrained(str(directory))
+        return adapter_class(config.model_type).shape_of(config)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # a broken config.json
         raise SweepConfigError(f"--model {model}: {err}") from None
 

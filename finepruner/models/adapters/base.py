@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from finepruner.methods.base import ModelShape
+
 
 @dataclass(frozen=True)
 class ImageSpan:
@@ -124,30 +126,47 @@ class ModelAdapter:
         return int(self.text_config.num_attention_heads)
 
     # -- visual tokens --------------------------------------------------------------------------------
-    @property
-    def patches_per_crop(self) -> int:
-        """Visual tokens of one vision-tower crop after feature selection (576 for CLIP-L/336 without
-        [CLS]; 729 for SigLIP-so400m/384)."""
-        vision = self.vision_config
-        grid = int(vision.image_size) // int(vision.patch_size)
-        extra = 1 if self.model.config.vision_feature_select_strategy == "full" and self.has_cls else 0
-        return grid * grid + extra
-
-    @property
-    def has_cls(self) -> bool:
+    # The counts depend on the configuration only (classmethods), so that sweeps can validate budgets
+    # from a checkpoint's config.json before any weight is loaded (``shape_of``).
+    @classmethod
+    def has_cls(cls, config) -> bool:
         """Whether the vision tower prepends a [CLS] token (CLIP) or not (SigLIP)."""
         return True
 
+    @classmethod
+    def crop_tokens(cls, config) -> int:
+        """Visual tokens of one vision-tower crop after feature selection (576 for CLIP-L/336 without
+        [CLS]; 729 for SigLIP-so400m/384)."""
+        vision = config.vision_config
+        grid = int(vision.image_size) // int(vision.patch_size)
+        extra = 1 if config.vision_feature_select_strategy == "full" and cls.has_cls(config) else 0
+        return grid * grid + extra
+
+    @classmethod
+    def max_tokens(cls, config) -> int:
+        """An upper bound of one image's visual tokens (budgets are validated against it before a prefill;
+        each image's own count is checked at its prefill)."""
+        return cls.crop_tokens(config)
+
+    @classmethod
+    def shape_of(cls, config) -> ModelShape:
+        """Decoder depth, query heads and the largest image's visual tokens, from the configuration."""
+        text = config.text_config
+        return ModelShape(int(text.num_hidden_layers), int(text.num_attention_heads), cls.max_tokens(config))
+
+    @property
+    def patches_per_crop(self) -> int:
+        return self.crop_tokens(self.config)
+
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens of one image when the family has a fixed count (LLaVA-1.5: 576), else the count
-        of the smallest layout (one base crop); the budget check is per image at each prefill."""
-        return self.patches_per_crop
+        """Visual tokens of one image when the family has a fixed count (LLaVA-1.5: 576), else of one
+        base crop."""
+        return self.crop_tokens(self.config)
 
     @property
     def max_visual_tokens(self) -> int:
-        """An upper bound of one image's visual tokens (used to validate budgets before a prefill)."""
-        return self.num_visual_tokens
+        return self.max_tokens(self.config)
 
     def image_mask(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None

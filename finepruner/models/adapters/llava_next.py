@@ -33,10 +33,10 @@ class LlavaNextAdapter(ModelAdapter):
         return ("the vision tower's signals are per crop and are not yet mapped through anyres packing, "
                 "unpadding and newline tokens")
 
-    @property
-    def max_visual_tokens(self) -> int:
+    @classmethod
+    def max_tokens(cls, config) -> int:
         """Base crop plus the largest pinpoint grid with one newline per row (no unpadding)."""
-        crop = int(self.vision_config.image_size)
-        side = crop // int(self.vision_config.patch_size)
-        best = max(((h // crop) * side) * ((w // crop) * side + 1) for h, w in self.config.image_grid_pinpoints)
-        return self.patches_per_crop + best
+        crop = int(config.vision_config.image_size)
+        side = crop // int(config.vision_config.patch_size)
+        best = max(((h // crop) * side) * ((w // crop) * side + 1) for h, w in config.image_grid_pinpoints)
+        return cls.crop_tokens(config) + best

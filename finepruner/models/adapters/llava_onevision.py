@@ -29,8 +29,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         "batch_num_images",
     )
 
-    @property
-    def has_cls(self) -> bool:
+    @classmethod
+    def has_cls(cls, config) -> bool:
         return False
 
     def vision_signals_supported(self) -> frozenset[str]:
@@ -42,11 +42,11 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return ("the vision tower's signals are per crop and are not yet mapped through anyres packing, "
                 "unpadding and newline tokens")
 
-    @property
-    def max_visual_tokens(self) -> int:
+    @classmethod
+    def max_tokens(cls, config) -> int:
         """Base crop plus at most 9 crops' worth of grid (anyres_max_9 shrinks larger grids) with one
         newline per row, bounded by the largest pinpoint grid."""
-        crop = int(self.vision_config.image_size)
-        side = crop // int(self.vision_config.patch_size)
-        best = max(((h // crop) * side) * ((w // crop) * side + 1) for h, w in self.config.image_grid_pinpoints)
-        return self.patches_per_crop + min(best, 9 * side * side + 3 * side + 1)
+        crop = int(config.vision_config.image_size)
+        side = crop // int(config.vision_config.patch_size)
+        best = max(((h // crop) * side) * ((w // crop) * side + 1) for h, w in config.image_grid_pinpoints)
+        return cls.crop_tokens(config) + min(best, 9 * side * side + 3 * side + 1)
