@@ -1,19 +1,27 @@
-"""Loading local llava-hf checkpoints (LLaVA-1.5 7B/13B layout) with clear errors.
+"""Loading local llava-hf checkpoints of every registered model family, with clear errors.
 
-Nothing is ever downloaded: ``path`` must be a local directory, or the name of a checkpoint that
-ships inside the package (``"toy"``).
+The family comes from ``config.json``'s ``model_type`` (``finepruner.models.adapters``: LLaVA-1.5
+``llava``, LLaVA-NeXT ``llava_next``, LLaVA-OneVision ``llava_onevision``); its adapter names the
+transformers model and configuration classes and the optional packages its processor needs. Nothing
+is ever downloaded: ``path`` must be a local directory, or the name of a checkpoint that ships inside
+the package (``"toy"``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+import transformers
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import AutoProcessor
+
+from finepruner.models.adapters import ModelAdapter, adapter_class, registered
 
 #: Checkpoints shipped with the package: name -> "module:function" returning the directory.
 BUILTIN_CHECKPOINTS: dict[str, str] = {"toy": "finepruner.toy.model:checkpoint_dir"}
@@ -23,6 +31,61 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class MissingPackageError(ImportError, ValueError):
+    """An optional package that a model family's processor needs is not installed (e.g. torchvision
+    for LLaVA-OneVision). Also a ``ValueError``, so every command reports it as a usage error."""
+
+
+def supported_families() -> str:
+    """``"llava = LLaVA-1.5 (llava-hf/llava-1.5-*-hf), llava_next = ..."``: every registered family (its
+    ``model_type`` and the first part of its description), for error messages."""
+    families = dict.fromkeys(registered().values())
+    return ", ".join(f"{cls.family_name()} = {cls.description.split(':')[0]}" if cls.description
+                     else cls.family_name() for cls in families)
+
+
+def family_of(directory: Path) -> type[ModelAdapter]:
+    """The adapter class of the checkpoint in ``directory``, by its ``config.json``'s ``model_type``;
+    raises ``FileNotFoundError``/``ValueError`` for a missing, malformed or unsupported config."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"checkpoint {directory} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
+    model_type = config.get("model_type")
+    try:
+        return adapter_class(model_type)
+    except ValueError:
+        raise ValueError(
+            f"{config_file}: model_type is {model_type!r}, which finepruner does not support; supported "
+            f"model families (model_type): {supported_families()}"
+        ) from None
+
+
+def _package_available(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def check_requirements(family: type[ModelAdapter], directory: Path | None = None) -> None:
+    """Raise :class:`MissingPackageError` naming the pip extra when an optional package that the
+    family's processor needs (``ModelAdapter.processor_requires``) is not installed."""
+    missing = [(name, extra) for name, extra in family.processor_requires if not _package_available(name)]
+    if not missing:
+        return
+    names = ", ".join(name for name, _ in missing)
+    extras = ",".join(dict.fromkeys(extra for _, extra in missing))
+    where = f"checkpoint {directory}: " if directory is not None else ""
+    raise MissingPackageError(
+        f"{where}the {family.family_name()} processor needs {names}, which is not installed: "
+        f"pip install finepruner[{extras}] (CPU machines: keep torch==2.13.0 and install the CPU torchvision "
+        "build, docs/benchmarks.md, 'Model families')"
+    )
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -107,28 +170,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return directory
 
 
-def check_checkpoint(directory: Path) -> None:
-    """Raise ``FileNotFoundError``/``ValueError`` naming the first missing or malformed file."""
+def check_checkpoint(directory: Path, requirements: bool = True) -> type[ModelAdapter]:
+    """Raise ``FileNotFoundError``/``ValueError`` naming the first missing or malformed file; returns the
+    checkpoint's family (its adapter class).
+
+    The configuration is validated with the family's configuration class; ``requirements`` also checks
+    the optional packages the family's processor needs (:func:`check_requirements`).
+    """
+    family = family_of(directory)
     config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"checkpoint {directory} has no config.json")
+    config_class = getattr(transformers, family.config_class)
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
-    model_type = config.get("model_type")
-    if model_type != "llava":
-        raise ValueError(
-            f"{config_file}: model_type is {model_type!r}; finepruner expects a llava-hf checkpoint "
-            "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)"
-        )
-    try:
-        LlavaConfig.from_pretrained(directory)
+        config_class.from_pretrained(directory)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as err:
         detail = " ".join(str(err).split())  # one line (transformers' validation messages span several)
-        raise ValueError(f"{config_file} is not a valid llava configuration: {detail}") from err
+        raise ValueError(
+            f"{config_file} is not a valid {family.family_name()} configuration: {detail}"
+        ) from err
     for group, names in (
         ("weights", _WEIGHT_FILES),
         ("tokenizer", _TOKENIZER_FILES),
@@ -152,6 +210,9 @@ def check_checkpoint(directory: Path) -> None:
         weights += [directory / s for s in sorted(shards) if s.endswith(".safetensors")]
     for weight_file in dict.fromkeys(weights):
         check_safetensors(weight_file)
+    if requirements:
+        check_requirements(family, directory)
+    return family
 
 
 def load_model(
@@ -159,10 +220,14 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load a local llava-hf checkpoint and its processor (tokenizer padding on the left).
+) -> tuple[Any, Any]:
+    """Load a local checkpoint of any registered family and its processor (tokenizer padding on the left).
 
-    ``dtype`` defaults to the checkpoint's own dtype; ``device`` to CPU. The model is in eval mode.
+    The family is the ``model_type`` of ``config.json``; its adapter names the transformers class that
+    loads the weights (e.g. ``LlavaNextForConditionalGeneration``). A missing optional package of the
+    family's processor (torchvision for LLaVA-OneVision) raises :class:`MissingPackageError` before any
+    weight is read. ``dtype`` defaults to the checkpoint's own dtype; ``device`` to CPU. The model is in
+    eval mode.
     """
     if attn_implementation not in _ATTN_IMPLEMENTATIONS:
         raise ValueError(
@@ -171,9 +236,10 @@ def load_model(
     dtype = parse_dtype(dtype)
     check_device(device)
     directory = resolve_checkpoint(path)
-    check_checkpoint(directory)
+    family = check_checkpoint(directory)
+    model_class = getattr(transformers, family.model_class)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = model_class.from_pretrained(
             directory, dtype=dtype if dtype is not None else "auto", attn_implementation=attn_implementation
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, StrictDataclassError) as err:
