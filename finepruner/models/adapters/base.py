@@ -56,6 +56,11 @@ class ModelAdapter:
     description: ClassVar[str] = ""
     #: optional Python packages the family's processor needs: (import name, pip extra).
     processor_requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: evaluation image preprocessing by default (``eval.prompting.IMAGE_ASPECT_RATIOS``): ``"original"``
+    #: hands the image to the processor as it is (anyres families tile it themselves); LLaVA-1.5: ``"pad"``.
+    default_image_aspect_ratio: ClassVar[str] = "original"
+    #: the evaluation prompt protocol of :meth:`build_prompt` (recorded in eval runs' config.json).
+    conversation: ClassVar[str] = "chat_template"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -18,9 +18,12 @@ class LlavaAdapter(ModelAdapter):
     config_class: ClassVar[str] = "LlavaConfig"
     per_image_budget: ClassVar[bool] = False
     description: ClassVar[str] = "LLaVA-1.5 (llava-hf/llava-1.5-*-hf): CLIP [CLS], 576 tokens per image"
+    default_image_aspect_ratio: ClassVar[str] = "pad"  # LLaVA-1.5's expand2square (eval_protocol.md §1)
+    conversation: ClassVar[str] = "vicuna_v1"
 
     def build_prompt(self, text: str, has_image: bool, processor: Any) -> str:
-        """LLaVA's ``vicuna_v1`` conversation as a plain string (``finepruner.eval.prompting``)."""
+        """LLaVA's ``vicuna_v1`` conversation as a plain string (``finepruner.eval.prompting``), with the
+        processor's image token."""
         from finepruner.eval.prompting import build_prompt
 
-        return build_prompt(text, has_image)
+        return build_prompt(text, has_image, getattr(processor, "image_token", None) or "<image>")
