@@ -24,10 +24,9 @@ from tqdm import tqdm
 import finepruner
 from finepruner.eval import benchmarks
 from finepruner.eval.errors import EvalError
-from finepruner.eval.prompting import build_prompt
 from finepruner.eval.runner import Generator
 from finepruner.heads import HeadSet, HeadStatsAccumulator, strategies, strategy_info
-from finepruner.models.adapter import LlavaAdapter
+from finepruner.models.adapters import adapter_for
 
 
 @torch.inference_mode()
@@ -45,7 +44,7 @@ def calibrate(
 ) -> HeadSet:
     """Per-head statistics of ``strategy`` at decoder layer ``K-1`` over ``samples`` (eval ``Sample``s);
     ``weights=True`` adds the HAWK-style weights (``HeadSet.with_weights``), ``data`` says what data it saw."""
-    adapter = LlavaAdapter(model)
+    adapter = adapter_for(model)
     if not 1 <= K <= adapter.num_layers - 1:
         raise ValueError(f"K={K} is out of range; allowed: 1..{adapter.num_layers - 1}")
     samples = [s for s in samples if s.has_image]
@@ -55,20 +54,15 @@ def calibrate(
         adapter.num_heads, strategy, num_visual=adapter.num_visual_tokens, num_layers=adapter.num_layers,
         layer=K - 1, **options,
     )
-    generator = Generator(model, processor)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    generator = Generator(model, processor)  # the family's prompt and image preprocessing (eval's)
     # Keeping every token through FastV's path records the attention rows without changing the model.
     with finepruner.apply(model, "fastv", tokens=adapter.num_visual_tokens, K=K, processor=processor) as handle:
         bar = tqdm(range(0, len(samples), batch_size), desc="calibrate", unit="batch", disable=not progress)
         for start in bar:
             batch = samples[start : start + batch_size]
             images = [generator.prepare_image(s) for s in batch]
-            texts = [build_prompt(s.text, True, generator.image_token) for s in batch]
-            inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            model(**inputs, use_cache=False)
+            texts = [generator.build_prompt(s.text, True) for s in batch]
+            model(**generator.model_inputs(texts, images), use_cache=False)
             accumulator.update(handle.attention[0])
     head_set = accumulator.result()
     if data is not None:

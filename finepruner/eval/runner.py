@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from finepruner.eval.io import (
     validate_answers,
     write_json,
 )
-from finepruner.eval.prompting import IMAGE_ASPECT_RATIOS, build_prompt, expand2square, image_background
+from finepruner.eval.prompting import IMAGE_ASPECT_RATIOS, expand2square, image_background
 
 NO_METHOD = (None, "", "none", "vanilla")
 
@@ -57,7 +57,9 @@ class EvalConfig:
     batch_size: int = 1
     limit: int | None = None
     max_new_tokens: int | None = None
-    image_aspect_ratio: str = "pad"
+    #: ``"pad"`` (LLaVA-1.5's expand2square) or ``"original"``; None: the model family's default
+    #: (``ModelAdapter.default_image_aspect_ratio``: pad on LLaVA-1.5, original on NeXT and OneVision).
+    image_aspect_ratio: str | None = None
     files: dict[str, dict[str, str]] = field(default_factory=dict)
     dtype: str | None = None
     device: str | None = None
@@ -99,7 +101,7 @@ class EvalConfig:
                 f"--file names benchmark(s) {', '.join(unknown)} that are not in --bench "
                 f"({', '.join(self.benches)})"
             )
-        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        if self.image_aspect_ratio is not None and self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise EvalError(
                 f"--image-aspect-ratio must be one of {', '.join(IMAGE_ASPECT_RATIOS)}, got {self.image_aspect_ratio!r}"
             )
@@ -170,9 +172,22 @@ def answer_record(sample: Sample, text: str, model_id: str, error: str | None = 
 
 
 class Generator:
-    """Greedy batched generation with left padding for one (possibly pruned) LLaVA model."""
+    """Greedy batched generation with left padding for one (possibly pruned) model of any registered
+    family: the prompt is the family's (``ModelAdapter.build_prompt``: LLaVA-1.5's ``vicuna_v1`` string,
+    otherwise the processor's chat template) and every tensor the processor returns is passed to the
+    model (``image_sizes`` of the anyres families included).
 
-    def __init__(self, model: Any, processor: Any, image_aspect_ratio: str = "pad") -> None:
+    ``image_aspect_ratio`` None takes the family's default (``ModelAdapter.default_image_aspect_ratio``):
+    ``"pad"`` (expand2square with the mean colour) on LLaVA-1.5, ``"original"`` on LLaVA-NeXT/OneVision,
+    whose processors tile the image themselves (anyres).
+    """
+
+    def __init__(self, model: Any, processor: Any, image_aspect_ratio: str | None = None) -> None:
+        from finepruner.models.adapters import adapter_for
+
+        self.adapter = adapter_for(model)
+        if image_aspect_ratio is None:
+            image_aspect_ratio = self.adapter.default_image_aspect_ratio
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(
                 f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}"
@@ -195,18 +210,28 @@ class Generator:
             image = expand2square(image, self.background)
         return image
 
-    @torch.inference_mode()
-    def generate(self, texts: list[str], images: list[Any] | None, max_new_tokens: int) -> list[str]:
-        """Answers for ``texts`` (USER messages), all with images or all without."""
-        prompts = [build_prompt(t, images is not None, self.image_token) for t in texts]
+    def build_prompt(self, text: str, has_image: bool) -> str:
+        """The prompt of one question (USER message): the family's (``ModelAdapter.build_prompt``)."""
+        return self.adapter.build_prompt(text, has_image, self.processor)
+
+    def model_inputs(self, prompts: list[str], images: list[Any] | None) -> dict[str, Any]:
+        """The processor's output for ``prompts`` (and ``images``), every tensor on the model's device and
+        ``pixel_values`` in its dtype (``image_sizes`` and the other keys as the processor returns them)."""
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
         if images is not None:
             kwargs["images"] = images
         inputs = self.processor(**kwargs)
         param = next(self.model.parameters())
-        inputs = {k: v.to(param.device) for k, v in inputs.items()}
+        inputs = {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+        return inputs
+
+    @torch.inference_mode()
+    def generate(self, texts: list[str], images: list[Any] | None, max_new_tokens: int) -> list[str]:
+        """Answers for ``texts`` (USER messages), all with images or all without."""
+        prompts = [self.build_prompt(t, images is not None) for t in texts]
+        inputs = self.model_inputs(prompts, images)
         out = self.model.generate(
             **inputs,
             do_sample=False,
@@ -457,7 +482,13 @@ def evaluate(
             raise EvalError("no model: pass --model PATH")
         from finepruner.models.loading import check_checkpoint, resolve_checkpoint
 
-        check_checkpoint(resolve_checkpoint(config.model))
+        family = check_checkpoint(resolve_checkpoint(config.model))
+    else:
+        from finepruner.models.adapters import adapter_for
+
+        family = type(adapter_for(model))
+    if config.image_aspect_ratio is None:  # the family's protocol, recorded (and compared on resume) as such
+        config = replace(config, image_aspect_ratio=family.default_image_aspect_ratio)
     method = build_method(config.method, config.method_params)
     run_dir = Path(config.out)
     ctx = init_distributed()
@@ -477,7 +508,7 @@ def evaluate(
         load_seconds = time.perf_counter() - t0
         handle = _apply_method(model, method, processor)
         if ctx.is_main:
-            write_json(run_dir / "config.json", _config_record(config, benches, ctx))
+            write_json(run_dir / "config.json", _config_record(config, benches, ctx, family))
         generator = Generator(model, processor, config.image_aspect_ratio)
         generator.handle = handle
         from finepruner.eval.judge import judge_from_settings
@@ -542,7 +573,7 @@ def evaluate(
         ctx.close()
 
 
-def _config_record(config: EvalConfig, benches: list[Benchmark], ctx: DistContext) -> dict[str, Any]:
+def _config_record(config: EvalConfig, benches: list[Benchmark], ctx: DistContext, family: Any) -> dict[str, Any]:
     import transformers
 
     import finepruner
@@ -558,7 +589,8 @@ def _config_record(config: EvalConfig, benches: list[Benchmark], ctx: DistContex
         }
         for b in benches
     }
-    record["decoding"] = {"do_sample": False, "num_beams": 1, "conversation": "vicuna_v1"}
+    record["family"] = family.family_name()
+    record["decoding"] = {"do_sample": False, "num_beams": 1, "conversation": family.conversation}
     record["world_size"] = ctx.world_size
     record["versions"] = {
         "finepruner": finepruner.__version__,

@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -21,7 +21,8 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoProcessor
 
-from finepruner.models.adapters import ModelAdapter, adapter_class, registered
+if TYPE_CHECKING:
+    from finepruner.models.adapters import ModelAdapter
 
 #: Checkpoints shipped with the package: name -> "module:function" returning the directory.
 BUILTIN_CHECKPOINTS: dict[str, str] = {"toy": "finepruner.toy.model:checkpoint_dir"}
@@ -41,6 +42,8 @@ class MissingPackageError(ImportError, ValueError):
 def supported_families() -> str:
     """``"llava = LLaVA-1.5 (llava-hf/llava-1.5-*-hf), llava_next = ..."``: every registered family (its
     ``model_type`` and the first part of its description), for error messages."""
+    from finepruner.models.adapters import registered
+
     families = dict.fromkeys(registered().values())
     return ", ".join(f"{cls.family_name()} = {cls.description.split(':')[0]}" if cls.description
                      else cls.family_name() for cls in families)
@@ -59,6 +62,8 @@ def family_of(directory: Path) -> type[ModelAdapter]:
     if not isinstance(config, dict):
         raise ValueError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
     model_type = config.get("model_type")
+    from finepruner.models.adapters import adapter_class  # lazily: the adapters import finepruner.methods
+
     try:
         return adapter_class(model_type)
     except ValueError:
