@@ -61,7 +61,8 @@ class Handle:
         # generate(use_cache=False) passes the same pre-encoded images (``mm_encoder_outputs``) to every
         # step, which re-prunes the whole prompt: the signals taken at the first step serve the later ones
         self._encoder_outputs = None  # this call's mm_encoder_outputs
-        self._vision_taken: tuple[weakref.ref, VisionSignals] | None = None  # (their source, the signals)
+        # (their source, the signals: one VisionSignals, or one per image on families that pack crops)
+        self._vision_taken: tuple[weakref.ref, VisionSignals | list[VisionSignals] | None] | None = None
         self._prompt_ids: list[list[int]] | None = None
         # this prefill's (explicit texts or None, prompt ids) for methods with ``needs_instructions``
         self._instructions: tuple[list[str] | None, list[list[int]]] | None = None
@@ -99,7 +100,10 @@ class Handle:
         lm.forward = functools.partial(pruned_forward, lm, self)
         setattr(lm, _HANDLE_ATTRIBUTE, self)
         self._hook = self.adapter.llava_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
-        if self.method.needs_vision and self.adapter.vision_signals_supported() is None:
+        needs = set(self.method.needs_vision)
+        supported = self.adapter.vision_signals_supported()
+        # families with per-image budgets give projected features from the language model's input itself
+        if needs and (supported is None or needs - {"projected_features"}):
             self._vision = VisionCapture(self.adapter, self.method.needs_vision)
 
     def remove(self) -> None:
@@ -227,6 +231,19 @@ class Handle:
         signals = self._vision.take(batch, num_visual, prompt_ids)
         self._vision_taken = (weakref.ref(source), signals) if source is not None else None
         return signals
+
+    def _take_image_vision(self) -> list[VisionSignals] | None:
+        """Families that pack crops: the signals of this prefill's encoded images, one ``VisionSignals`` per
+        image in encoding order (``VisionCapture.take_images``, consumed); None without a capture (the method
+        reads only projected features) or when no image was encoded under the handle."""
+        if self._vision is None:
+            return None
+        source = _encoded_images(self._encoder_outputs)
+        if source is not None and self._vision_taken is not None and self._vision_taken[0]() is source:
+            return self._vision_taken[1]  # the same encoded images again (a no-cache generate step)
+        images = self._vision.take_images()
+        self._vision_taken = (weakref.ref(source), images) if source is not None else None
+        return images
 
     def _take_instructions(self, batch: int) -> list[str] | None:
         """This prefill's instruction texts for a batch of ``batch`` rows (consumed), or None when the

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from finepruner.engine.signals import StageSignals, eager_last_query_attention, last_query_attention
 from finepruner.engine.state import STATE_ATTRIBUTE, GenerationState, PruneStats, Segment
 from finepruner.engine.units import Choice, Group, Unit, make_groups, make_units, pack_rows, rebuild, row_visual_totals
-from finepruner.engine.vision import VisionSignals
+from finepruner.engine.vision import VisionSignals, stack_images
 from finepruner.methods.base import Selection, StageContext
 
 if TYPE_CHECKING:
@@ -327,8 +327,10 @@ def _group_vision(handle: Handle, groups: list[Group], batch: int, inputs_embeds
                   input_index: dict[int, torch.Tensor]) -> list[VisionSignals | None]:
     """Each group's vision signals (methods with ``needs_vision``): the captured ones when the batch is one
     group of whole samples on a family with per-sample budgets (LLaVA-1.5); on families with per-image
-    budgets, each image's projected features as the language model receives them (its visual rows of
-    ``inputs_embeds``, newline tokens included: ``ModelAdapter.vision_signals_supported``)."""
+    budgets, per unit (image): its projected features as the language model receives them (its visual rows
+    of ``inputs_embeds``, newline tokens included) and, on families that pack crops, the tower signals of
+    its crops in its token order (``VisionCapture.take_images``: ``newline_mask``, ``crop_index``, the
+    signals of ``ModelAdapter.vision_signals_supported``), stacked over the group's units."""
     if not handle.method.needs_vision:
         return [None] * len(groups)
     if not handle.adapter.per_image_budget:
@@ -341,16 +343,81 @@ def _group_vision(handle: Handle, groups: list[Group], batch: int, inputs_embeds
             f"sample of a batch on {handle.adapter.family}; this batch mixes {sorted(set(totals))} (batch prompts "
             "with the same number of images)"
         )
-    handle._discard_vision()
     prompts = handle._take_prompt_ids()
+    images = handle._take_image_vision() if handle.adapter.packs_crops else None
+    handle._discard_vision()
+    image_of = _encoded_image_of(groups, batch, len(images)) if images is not None else {}
+    embed = _text_embedder(handle)
     signals = []
     for group in groups:
-        features = torch.stack([inputs_embeds[u.row, input_index[id(u)]] for u in group.units])
-        signals.append(VisionSignals(
-            projected_features=features, patches_per_image=group.count, image_token_id=handle.adapter.image_token_id,
-            prompt_ids=[prompts[u.row] for u in group.units] if prompts else None,
-        ))
+        if images is None:
+            group_signals = VisionSignals()
+        else:
+            group_signals = stack_images([_unit_image(images, image_of, unit) for unit in group.units])
+        group_signals.projected_features = torch.stack([inputs_embeds[u.row, input_index[id(u)]] for u in group.units])
+        group_signals.patches_per_image = group.count
+        group_signals.image_token_id = handle.adapter.image_token_id
+        group_signals.prompt_ids = [prompts[u.row] for u in group.units] if prompts else None
+        group_signals.embed_texts = embed
+        signals.append(group_signals)
     return signals
+
+
+def _encoded_image_of(groups: list[Group], batch: int, encoded: int) -> dict[int, int]:
+    """Each unit's index (by ``id``) among the encoded images: row-major order, or, when ``generate`` repeats
+    every sample k times (beams, several returned sequences), the image of the sample's first copy."""
+    units = sorted((u for g in groups for u in g.units), key=lambda u: (u.row, u.image))
+    if len(units) == encoded:
+        return {id(u): i for i, u in enumerate(units)}
+    per_row = [0] * batch
+    for unit in units:
+        per_row[unit.row] += 1
+    for repeat in range(2, batch + 1):
+        if batch % repeat:
+            continue
+        blocks = [per_row[start:start + repeat] for start in range(0, batch, repeat)]
+        if all(len(set(b)) == 1 for b in blocks) and sum(b[0] for b in blocks) == encoded:
+            offsets = [0]
+            for block in blocks:
+                offsets.append(offsets[-1] + block[0])
+            return {id(u): offsets[u.row // repeat] + u.image for u in units}
+    raise RuntimeError(
+        f"{encoded} images were encoded for {len(units)} images in the prompts' <image> tokens; the vision signals "
+        "cannot be matched to the images"
+    )
+
+
+def _unit_image(images: list[VisionSignals], image_of: dict[int, int], unit: Unit) -> VisionSignals:
+    """The captured signals of one unit's image, checked against its token count."""
+    image = images[image_of[id(unit)]]
+    if image.patches_per_image != unit.count:
+        raise RuntimeError(
+            f"the encoded image's layout has {image.patches_per_image} tokens but its <image> span in sample "
+            f"{unit.row} has {unit.count}; the vision signals do not match the prompt"
+        )
+    return image
+
+
+def _text_embedder(handle: Handle):
+    """``VisionSignals.embed_texts``: texts -> their token embeddings in the language model's input space,
+    tokenized (no special tokens) with the processor bound at ``apply``."""
+    tokenizer = handle._tokenizer
+    embeddings = handle.adapter.llava_model.get_input_embeddings()
+
+    def embed(texts: list[str]) -> list[torch.Tensor]:
+        if tokenizer is None:
+            raise RuntimeError(
+                f"{handle.method.name} embeds the instruction text with the language model's tokenizer: pass "
+                "processor= to finepruner.apply"
+            )
+        out = []
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                out.append(embeddings(torch.tensor(ids, dtype=torch.long, device=embeddings.weight.device)))
+        return out
+
+    return embed
 
 
 def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, units, image_mask, row_keys,

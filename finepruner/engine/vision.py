@@ -29,13 +29,27 @@ method is applied, during the vision tower run LLaVA does anyway (no extra tower
 Per-image rows are mapped to batch samples in the order in which LLaVA scatters image features into
 the ``<image>`` positions (row-major): a sample with several images gets their tokens concatenated.
 All signals are indexed by the *original* visual-token ids (0..V-1) of each sample.
+
+Families that pack several crops into one image (``ModelAdapter.packs_crops``: LLaVA-NeXT, OneVision) run
+the tower once on all crops of a call's images; the hooks record per crop while the model's
+``get_image_features`` runs (the capture wraps it to read the call's ``image_sizes``/``batch_num_images``;
+towers run for videos are ignored), and ``VisionCapture.take_images`` maps every per-crop signal to each
+image's token order with the adapter's ``image_layouts`` (``spec/models.md`` §1.1-§1.2: base crop, then the
+unpadded tile grid in global raster order, a newline after each row; OneVision's anyres_max shrink mixes up
+to 4 patches per token with the model's bilinear weights, applied to the signal as well: to the [CLS] or
+received attention (a weighted mean of the map) and to features alike). Newline tokens have no patch
+behind them: ``VisionSignals.newline_mask`` marks them and their signal values are 0. A tower without
+[CLS] (SigLIP) gives as ``cls_attention`` the attention each patch *receives* in the feature layer, mean
+over heads and over all queries (``spec/models.md`` §4, the VisPruner#1 rule). Budget units there are
+images: ``engine.loop._group_vision`` stacks each group's images (``stack_images``).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -106,6 +120,18 @@ class VisionSignals:
         patches_per_image: patch tokens per encoded image (V for one image per sample).
         project: runs the model's ``multi_modal_projector`` on new pre-projector tokens (e.g. ``pool``'s
             pooled features) without the capture recording them.
+        newline_mask: [B, V] bool on families that pack crops (LLaVA-NeXT, OneVision): the ``image_newline``
+            tokens (all their signal values are 0); None on LLaVA-1.5 (no newline tokens).
+        crop_index: [B, V] long on those families: each token's crop (0 base crop, 1.. tiles in the model's
+            order; on OneVision's shrunk grids the crop of the patch with the largest bilinear weight), -1 at
+            newline tokens.
+        embed_texts: on those families, maps texts to their token embeddings in the language model's input
+            space (one [M, D] tensor per text: the texts tokenized without special tokens by the processor
+            bound at ``apply``, through the model's input embeddings); CDPruner's relevance without a CLIP
+            text tower.
+
+    Without a [CLS] token (SigLIP, OneVision) ``cls_attention`` is the attention each patch receives in the
+    feature layer, averaged over heads and all queries (``spec/models.md`` §4).
     """
 
     cls_attention: torch.Tensor | None = None
@@ -123,6 +149,9 @@ class VisionSignals:
     prompt_ids: list[list[int]] | None = None
     image_token_id: int | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    newline_mask: torch.Tensor | None = None
+    crop_index: torch.Tensor | None = None
+    embed_texts: Callable[[list[str]], list[torch.Tensor]] | None = None
 
     def require(self, method: str, *names: str) -> None:
         """Raise a clear error when a needed signal was not captured (e.g. no ``pixel_values``)."""
@@ -139,6 +168,28 @@ class VisionSignals:
             layer = self.feature_layer if name == "received_attention" else int(name[len(RECEIVED_PREFIX):])
             return self.received_attention is not None and layer in self.received_attention
         return getattr(self, name) is not None
+
+
+#: VisionSignals tensors with one row per token of an image (stacked by ``stack_images``).
+_PER_TOKEN = ("cls_attention", "patch_features", "projected_features", "post_layernorm_features",
+              "cls_attention_sum", "feature_keys", "last_layer_attention", "last_layer_keys", "newline_mask",
+              "crop_index")
+
+
+def stack_images(images: list[VisionSignals]) -> VisionSignals:
+    """One group's signals from its images' (``VisionCapture.take_images``: unbatched [V, ...] tensors of
+    equal V): every per-token tensor stacked to [u, V, ...]; the rest taken from the first image."""
+    first = images[0]
+    stacked = {f.name: getattr(first, f.name) for f in fields(VisionSignals)}
+    for name in _PER_TOKEN:
+        values = [getattr(image, name) for image in images]
+        stacked[name] = None if any(v is None for v in values) else torch.stack(values)
+    if first.received_attention is not None:
+        stacked["received_attention"] = {
+            layer: torch.stack([image.received_attention[layer] for image in images])
+            for layer in first.received_attention
+        }
+    return VisionSignals(**stacked)
 
 
 def feature_layer_index(num_layers: int, vision_feature_layer) -> int:
@@ -228,7 +279,12 @@ def received_attention(attention: nn.Module, hidden: torch.Tensor, drop_cls: boo
 
 
 class VisionCapture:
-    """Forward hooks on a LLaVA model's vision side that record the signals named in ``needs``."""
+    """Forward hooks on a LLaVA model's vision side that record the signals named in ``needs``.
+
+    On families that pack crops (``ModelAdapter.packs_crops``) the model's ``get_image_features`` is
+    wrapped too (an instance attribute, removed by ``remove``): the hooks record only while it runs, and
+    its arguments give the images' layouts (``take_images``).
+    """
 
     def __init__(self, adapter, needs: tuple[str, ...]) -> None:
         unknown = sorted(n for n in set(needs) - set(VISION_SIGNALS) if not n.startswith(RECEIVED_PREFIX))
@@ -249,6 +305,11 @@ class VisionCapture:
         self._quiet = False  # True while ``project`` runs: those projector calls are not LLaVA's encoding
         config = adapter.model.config
         self._drop_cls = config.vision_feature_select_strategy == "default"
+        self._has_cls = adapter.has_cls(config)  # without it, cls_attention is the received attention
+        self._packs = bool(adapter.packs_crops)
+        self._encoding = False  # packs_crops: inside the model's get_image_features
+        self._encoding_args: dict | None = None  # packs_crops: the arguments of the last image encoding
+        self._unwrap: Callable[[], None] | None = None
         tower = adapter.vision_tower
         num_tower_layers = len(tower.encoder.layers)
         feature = config.vision_feature_layer
@@ -281,12 +342,56 @@ class VisionCapture:
         if {"patch_features", "projected_features", "post_layernorm_features"} & set(needs):
             projector = adapter.llava_model.multi_modal_projector
             self._hooks.append(projector.register_forward_hook(self._on_projector))
+        if self._packs:
+            self._wrap_encoder()
+
+    def _wrap_encoder(self) -> None:
+        """Wrap the multimodal model's ``get_image_features`` (``generate`` and the model's forward both call
+        it) so that the hooks record its crops and its arguments are kept for the layouts."""
+        model = self.adapter.llava_model
+        if "get_image_features" in vars(model):
+            raise RuntimeError("the model's get_image_features is already replaced by other code")
+        original = model.get_image_features
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            try:
+                arguments = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                arguments = kwargs
+            self.reset()  # a new image encoding: forget signals that no prefill consumed
+            self._encoding_args = {name: arguments.get(name) for name in
+                                   ("image_sizes", "batch_num_images", "vision_aspect_ratio")}
+            self._encoding = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._encoding = False
+
+        model.get_image_features = get_image_features
+
+        def unwrap() -> None:
+            if vars(model).get("get_image_features") is get_image_features:
+                del model.get_image_features
+
+        self._unwrap = unwrap
+
+    def _recording(self) -> bool:
+        """Whether a hook call belongs to an image encoding (always on families that do not pack crops)."""
+        return self._encoding or not self._packs
 
     def _on_tower(self, module, args) -> None:
-        self.reset()  # a new image encoding: forget signals that no prefill consumed
+        if not self._packs:
+            self.reset()  # a new image encoding: forget signals that no prefill consumed
 
     def _on_attention(self, module, args, kwargs, output) -> None:
+        if not self._recording():
+            return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not self._has_cls:  # SigLIP: the attention each patch receives stands in for [CLS] (models.md §4)
+            self._cls.append(received_attention(module, hidden, drop_cls=False))
+            return
         if not {"cls_attention_sum", "feature_keys"} & set(self.needs):
             self._cls.append(cls_attention(module, hidden, self._drop_cls))
             return
@@ -298,21 +403,27 @@ class VisionCapture:
                 self._attention[name].append(signals[name])
 
     def _on_last_attention(self, module, args, kwargs, output) -> None:
+        if not self._recording():
+            return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         signals = merged_head_signals(module, hidden, self._drop_cls)
         for name in _LAST_LAYER_SIGNALS & set(self.needs):
             self._attention[name].append(signals[name])
 
     def _on_received(self, layer: int, module, args, kwargs, output) -> None:
+        if not self._recording():
+            return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         self._received[layer].append(received_attention(module, hidden, self._drop_cls))
 
     def _on_feature_layer(self, module, args, output) -> None:
+        if not self._recording():
+            return
         hidden = output[0] if isinstance(output, tuple) else output
         self._cls_feature.append(hidden[:, 0].detach())
 
     def _on_projector(self, module, args, output) -> None:
-        if self._quiet:
+        if self._quiet or not self._recording():
             return
         if "patch_features" in self.needs or "post_layernorm_features" in self.needs:
             self._features.append(args[0].detach())
@@ -333,6 +444,7 @@ class VisionCapture:
         self._attention = {name: [] for name in self._attention}
         self._cls_feature = []
         self._received = {layer: [] for layer in self._received}
+        self._encoding_args = None
 
     def _patches_per_image(self) -> int:
         """Patch tokens per image of the captured encodings (from the captured per-image signals)."""
@@ -347,7 +459,62 @@ class VisionCapture:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap = None
         self.reset()
+
+    @torch.no_grad()
+    def take_images(self) -> list[VisionSignals] | None:
+        """Families that pack crops: the signals of the last image encoding, one ``VisionSignals`` per
+        encoded image in encoding order, with unbatched [V, ...] tensors in the image's token order
+        (``ModelAdapter.image_layouts``; newline tokens marked and 0), consumed. None when no image was
+        encoded since the last take (e.g. images encoded before the method was applied)."""
+        encoding = self._encoding_args
+        if encoding is None:
+            self.reset()
+            return None
+        per_crop: dict[str, torch.Tensor] = {}
+        if self._cls:
+            per_crop["cls_attention"] = torch.cat(self._cls)
+        features = torch.cat(self._features) if self._features else None
+        if features is not None and "patch_features" in self.needs:
+            per_crop["patch_features"] = features
+        if features is not None and "post_layernorm_features" in self.needs:
+            per_crop["post_layernorm_features"] = self.adapter.vision_tower.post_layernorm(features)
+        for name, chunks in self._attention.items():
+            if chunks:
+                per_crop[name] = torch.cat(chunks)
+        received = {layer: torch.cat(chunks) for layer, chunks in self._received.items() if chunks}
+        tensors = [*per_crop.values(), *received.values()]
+        patches = int(tensors[0].shape[1]) if tensors else self.adapter.patches_per_crop
+        layouts = self.adapter.image_layouts(encoding, patches)
+        crops = sum(layout.num_crops for layout in layouts)
+        if any(t.shape[0] != crops for t in tensors):
+            self.reset()
+            raise RuntimeError(
+                f"captured {sorted({int(t.shape[0]) for t in tensors})} crops of vision signals for images of "
+                f"{crops} crops in all; the vision tower ran on crops that do not match the encoded images"
+            )
+        device = tensors[0].device if tensors else torch.device("cpu")
+        images = []
+        start = 0
+        for layout in layouts:
+            part = slice(start, start + layout.num_crops)
+            start += layout.num_crops
+            values = {name: layout.pack(tensor[part]) for name, tensor in per_crop.items()}
+            images.append(VisionSignals(
+                **values,
+                received_attention={layer: layout.pack(t[part]) for layer, t in received.items()} or None,
+                feature_layer=self._feature_index,
+                patches_per_image=layout.count,
+                image_token_id=self.adapter.image_token_id,
+                project=self.project,
+                newline_mask=layout.newline.to(device),
+                crop_index=layout.crop.to(device),
+            ))
+        self.reset()
+        return images
 
     @torch.no_grad()
     def take(self, batch: int, num_visual: int, prompt_ids: list[list[int]] | None) -> VisionSignals:

@@ -21,6 +21,65 @@ from finepruner.methods.base import ModelShape
 
 
 @dataclass(frozen=True)
+class PackedLayout:
+    """Where each of one image's visual tokens (as the language model receives them) comes from in the
+    vision tower's crops: the family's packing (``spec/models.md`` §1.1-§1.2) applied to an index grid.
+
+    Attributes:
+        num_crops: crops of the image in the vision batch (base crop first).
+        patches: patch tokens per crop after feature selection (the projector's rows per crop).
+        source: [V, K] long: flat crop-patch indices (``crop * patches + patch``) each token mixes; unused
+            slots and newline tokens hold 0 (with weight 0).
+        weight: [V, K] float32 mixing weights (OneVision's bilinear downsampling: up to 4 patches per token),
+            or None when every token is one patch (K = 1, a plain copy).
+        newline: [V] bool: the ``image_newline`` tokens (no crop patch behind them).
+        crop: [V] long: each token's crop (0 base, 1.. tiles in the model's order; the crop of the largest
+            weight when a token mixes patches), -1 at newline tokens.
+    """
+
+    num_crops: int
+    patches: int
+    source: torch.Tensor
+    weight: torch.Tensor | None
+    newline: torch.Tensor
+    crop: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        """The image's visual tokens V (newline tokens included)."""
+        return int(self.newline.shape[0])
+
+    @classmethod
+    def from_sources(cls, packed: torch.Tensor, num_crops: int, patches: int) -> PackedLayout:
+        """A copy layout from the packing of an index grid: ``packed`` [V] holds each token's flat crop-patch
+        index, -1 at newline tokens."""
+        packed = packed.long()
+        newline = packed < 0
+        source = packed.clamp(min=0)
+        crop = torch.where(newline, torch.full_like(packed, -1), source // patches)
+        return cls(num_crops, patches, source[:, None], None, newline, crop)
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-crop values [num_crops, patches, ...] -> [V, ...] in the image's token order: copied (mixed
+        with ``weight``, in float32, where the family interpolates), 0 at newline tokens."""
+        if tuple(values.shape[:2]) != (self.num_crops, self.patches):
+            raise RuntimeError(
+                f"per-crop signal of shape {tuple(values.shape)} for an image of {self.num_crops} crops x "
+                f"{self.patches} patches"
+            )
+        flat = values.reshape(self.num_crops * self.patches, *values.shape[2:])
+        source = self.source.to(flat.device)
+        newline = self.newline.to(flat.device).view(-1, *[1] * (flat.dim() - 1))
+        if self.weight is None:
+            out = flat[source[:, 0]]
+        else:
+            weight = self.weight.to(flat.device).view(*source.shape, *[1] * (flat.dim() - 1))
+            mixed = (flat[source].to(torch.promote_types(flat.dtype, torch.float32)) * weight).sum(dim=1)
+            out = mixed.to(flat.dtype)
+        return out.masked_fill(newline, 0)
+
+
+@dataclass(frozen=True)
 class ImageSpan:
     """One image's visual tokens in one sample.
 
@@ -56,6 +115,8 @@ class ModelAdapter:
     description: ClassVar[str] = ""
     #: optional Python packages the family's processor needs: (import name, pip extra).
     processor_requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: whether an image is several vision-tower crops packed into one token sequence (``image_layouts``).
+    packs_crops: ClassVar[bool] = False
     #: evaluation image preprocessing by default (``eval.prompting.IMAGE_ASPECT_RATIOS``): ``"original"``
     #: hands the image to the processor as it is (anyres families tile it themselves); LLaVA-1.5: ``"pad"``.
     default_image_aspect_ratio: ClassVar[str] = "original"
@@ -239,6 +300,13 @@ class ModelAdapter:
 
     def vision_unsupported_reason(self) -> str:
         return ""
+
+    def image_layouts(self, encoding: Mapping[str, Any], patches: int) -> list[PackedLayout] | None:
+        """Each encoded image's ``PackedLayout``, in encoding order, for one ``get_image_features`` call whose
+        arguments are ``encoding`` (``image_sizes``, ``batch_num_images``, ``vision_aspect_ratio``, ...) and
+        whose vision batch has ``patches`` patch tokens per crop. None (the default): an image is one crop
+        whose patches are its tokens in raster order (LLaVA-1.5)."""
+        return None
 
     # -- prompts --------------------------------------------------------------------------------------
     def build_prompt(self, text: str, has_image: bool, processor: Any) -> str:

@@ -8,9 +8,16 @@ per image (aspect ratio), hence per sample; budgets are per image. CLIP tower wi
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from finepruner.models.adapters.base import ModelAdapter, register_adapter
+import torch
+
+from finepruner.models.adapters.base import ModelAdapter, PackedLayout, register_adapter
+
+#: Vision-side signals mapped per image through the packing (``engine.vision``); the methods that read
+#: other tower signals select on one square patch grid per image and stay LLaVA-1.5 only.
+PACKED_SIGNALS = frozenset({"projected_features", "cls_attention", "patch_features", "post_layernorm_features"})
 
 
 @register_adapter
@@ -24,14 +31,44 @@ class LlavaNextAdapter(ModelAdapter):
     description: ClassVar[str] = ("LLaVA-NeXT (llava-hf/llava-v1.6-*-hf): CLIP [CLS], anyres crops, unpadded, "
                                   "image_newline; budgets per image")
 
+    packs_crops: ClassVar[bool] = True
+
     def vision_signals_supported(self) -> frozenset[str]:
         """Each image's projected features (its rows of the language model's input, newline tokens
-        included); the tower-side signals are per crop and are not mapped through the packing yet."""
-        return frozenset({"projected_features"})
+        included) and the CLIP signals of its crops mapped to its token order (``image_layouts``): the
+        [CLS] attention of the feature layer per crop, the pre-projector features and their
+        ``post_layernorm``; newline tokens are marked (``VisionSignals.newline_mask``)."""
+        return PACKED_SIGNALS
 
     def vision_unsupported_reason(self) -> str:
-        return ("the vision tower's signals are per crop and are not yet mapped through anyres packing, "
-                "unpadding and newline tokens")
+        return ("only the [CLS] attention, pre-projector and projected features are mapped through anyres "
+                "packing, unpadding and newline tokens; the other signals' methods select on one square patch "
+                "grid per image")
+
+    def crops_per_image(self, encoding: Mapping[str, Any]) -> list[int]:
+        """Vision-tower crops of each image of one ``get_image_features`` call (base + tiles), as the model
+        splits its vision batch."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [
+            image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                                      patch_size=self.vision_config.image_size)
+            for size in torch.as_tensor(encoding["image_sizes"])
+        ]
+
+    def image_layouts(self, encoding: Mapping[str, Any], patches: int) -> list[PackedLayout]:
+        """Each image's token order, from the model's own ``pack_image_features`` applied to the crop-patch
+        index grid (base crop in raster order, then the unpadded tile grid in global raster order with a
+        newline, marked -1, at each row end; a one-crop image gets one trailing newline)."""
+        sizes = torch.as_tensor(encoding["image_sizes"])
+        layouts = []
+        for image, crops in enumerate(self.crops_per_image(encoding)):
+            grid = torch.arange(crops * patches).view(crops, patches, 1)
+            strategy = self.config.vision_feature_select_strategy
+            packed, _ = self.llava_model.pack_image_features([grid], sizes[image:image + 1], strategy,
+                                                             image_newline=torch.tensor([-1]))
+            layouts.append(PackedLayout.from_sources(packed[0][:, 0], crops, patches))
+        return layouts
 
     @classmethod
     def max_tokens(cls, config) -> int:

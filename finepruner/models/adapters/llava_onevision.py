@@ -8,9 +8,16 @@ newline per row); as soon as a sample has two images every image is base-only pl
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from finepruner.models.adapters.base import ModelAdapter, register_adapter
+import torch
+
+from finepruner.models.adapters.base import ModelAdapter, PackedLayout, register_adapter
+from finepruner.models.adapters.llava_next import PACKED_SIGNALS
+
+#: ``vision_aspect_ratio`` that never downsamples (the index pass: the unpadded grid before the shrink).
+_NO_SHRINK = "anyres_max_1000000000"
 
 
 @register_adapter
@@ -33,14 +40,94 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def has_cls(cls, config) -> bool:
         return False
 
+    packs_crops: ClassVar[bool] = True
+
     def vision_signals_supported(self) -> frozenset[str]:
         """Each image's projected features (its rows of the language model's input, newline tokens
-        included); the tower-side signals are per crop and are not mapped through the packing yet."""
-        return frozenset({"projected_features"})
+        included) and the SigLIP signals of its crops mapped to its token order (``image_layouts``): as
+        ``cls_attention`` the attention each patch receives in the feature layer (mean over heads and
+        queries; SigLIP has no [CLS], ``spec/models.md`` §4), the pre-projector features and their
+        ``post_layernorm``; newline tokens are marked (``VisionSignals.newline_mask``)."""
+        return PACKED_SIGNALS
 
     def vision_unsupported_reason(self) -> str:
-        return ("the vision tower's signals are per crop and are not yet mapped through anyres packing, "
-                "unpadding and newline tokens")
+        return ("SigLIP has no [CLS] token, and only the received attention, pre-projector and projected "
+                "features are mapped through anyres packing, unpadding, the anyres_max downsampling and newline "
+                "tokens; the other signals' methods select on one square patch grid per image")
+
+    def crops_per_image(self, encoding: Mapping[str, Any]) -> list[int]:
+        """Vision-tower crops of each image of one ``get_image_features`` call, as the model splits its vision
+        batch: base + tiles, or the base crop alone for every image of a multi-image sample
+        (``batch_num_images``)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        sizes = torch.as_tensor(encoding["image_sizes"])
+        counts = encoding.get("batch_num_images")
+        patching = ([True] * len(sizes) if counts is None
+                    else [int(n) == 1 for n in torch.as_tensor(counts).tolist() for _ in range(int(n))])
+        return [
+            image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                                      patch_size=self.vision_config.image_size) if patch else 1
+            for size, patch in zip(sizes, patching, strict=True)
+        ]
+
+    def image_layouts(self, encoding: Mapping[str, Any], patches: int) -> list[PackedLayout]:
+        """Each image's token order from the model's own ``pack_image_features``: the crop-patch index grid
+        packed without the anyres_max shrink gives the unpadded grid (newlines marked -1); when the real
+        packing shrinks it (bilinear, ``spec/models.md`` §1.2), one-hot row and column channels packed with
+        the real ``vision_aspect_ratio`` give each token's bilinear row and column weights, hence its (up
+        to 4) source patches and their weights (bilinear interpolation is separable)."""
+        sizes = torch.as_tensor(encoding["image_sizes"])
+        aspect = encoding.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        pack = self.llava_model.pack_image_features
+        layouts = []
+        for image, crops in enumerate(self.crops_per_image(encoding)):
+            size = sizes[image:image + 1]
+            grid = torch.arange(crops * patches).view(crops, patches, 1)
+            full = pack([grid], size, image_newline=torch.tensor([-1]), vision_aspect_ratio=_NO_SHRINK)[0][0][:, 0]
+            layout = PackedLayout.from_sources(full, crops, patches)
+            if crops > 1:
+                layout = self._shrunk(layout, full, size, aspect) or layout
+            layouts.append(layout)
+        return layouts
+
+    def _shrunk(self, layout: PackedLayout, full: torch.Tensor, size: torch.Tensor,
+                aspect: str) -> PackedLayout | None:
+        """The bilinear layout of an image whose unpadded grid the real packing downsamples (None when it
+        does not: the copy layout stands)."""
+        crops, patches = layout.num_crops, layout.patches
+        tiles = full[patches:]
+        rows = int((tiles < 0).sum())
+        grid = tiles[tiles >= 0].view(rows, -1)  # [R, C] flat crop-patch index of each unpadded grid cell
+        cols = grid.shape[1]
+        channels = torch.zeros(crops * patches, rows + cols + 1, dtype=torch.float64)
+        cells = grid.reshape(-1)
+        channels[cells, torch.arange(rows).repeat_interleave(cols)] = 1.0
+        channels[cells, rows + torch.arange(cols).repeat(rows)] = 1.0
+        marker = torch.zeros(rows + cols + 1, dtype=torch.float64)
+        marker[-1] = 1.0
+        packed = self.llava_model.pack_image_features([channels.view(crops, patches, -1)], size,
+                                                      image_newline=marker, vision_aspect_ratio=aspect)[0][0]
+        if packed.shape[0] == full.shape[0]:
+            return None
+        rest = packed[patches:]
+        newline = torch.cat([torch.zeros(patches, dtype=torch.bool), rest[:, -1] > 0.5])
+        tokens = rest[rest[:, -1] <= 0.5]
+        row_w, row_i = tokens[:, :rows].topk(min(2, rows), dim=1)
+        col_w, col_i = tokens[:, rows:rows + cols].topk(min(2, cols), dim=1)
+        sources = grid[row_i[:, :, None], col_i[:, None, :]].flatten(1)
+        weights = (row_w[:, :, None] * col_w[:, None, :]).flatten(1)
+        width = sources.shape[1]
+        count = packed.shape[0]
+        source = torch.zeros(count, width, dtype=torch.long)
+        weight = torch.zeros(count, width, dtype=torch.float32)
+        source[:patches, 0] = torch.arange(patches)
+        weight[:patches, 0] = 1.0
+        mixed = torch.nonzero(~newline)[patches:, 0]
+        source[mixed], weight[mixed] = sources, weights.float()
+        main = source.gather(1, weight.argmax(dim=1, keepdim=True))[:, 0]
+        crop = torch.where(newline, torch.full_like(main, -1), main // patches)
+        return PackedLayout(crops, patches, source, weight, newline, crop)
 
     @classmethod
     def max_tokens(cls, config) -> int:
