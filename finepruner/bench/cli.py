@@ -3,6 +3,7 @@
 Example (the CPU figures of ``docs/performance.md``)::
 
     finepruner bench --model medium --budgets 64 128 192 --rounds 7 --json bench.json --markdown bench.md
+    finepruner bench --model next-medium --methods vanilla,fastv --tokens 320 --rounds 1 --decode-steps 1
 
 Every argument is checked before the model is built (``check_args``); a bad one ends the command with
 ``finepruner bench: error: ...`` and exit code 2 (``docs/errors.md``, "finepruner bench").
@@ -28,9 +29,9 @@ from finepruner.bench.shapes import (
     clip_text_for,
     load_bench_model,
     synthetic_inputs,
+    synthetic_visual_tokens,
     toy_available,
 )
-from finepruner.models.adapter import LlavaAdapter
 
 #: Attention implementations the bench accepts (the model's ``attn_implementation``).
 ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -62,12 +63,15 @@ def register(subparsers) -> None:
                              "directory (default: medium)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="method specs 'name' or 'name:key=value,...' (e.g. finepruner:strategy=dynamic, "
-                             "fastv:score_impl=eager); default: every registered method. Plain transformers and "
-                             "vanilla always run.")
+                             "fastv:score_impl=eager), space- or comma-separated (vanilla,fastv); default: every "
+                             "registered method. Plain transformers and vanilla always run.")
     parser.add_argument("--budgets", nargs="+", type=_integer(1, "visual tokens"), default=None,
-                        help="visual-token budgets N, passed as tokens=N (default by visual tokens per image: "
-                             "64 128 192 for 576, 16 32 64 for the toy model's 144, 8 16 32 for the tiny shape's "
-                             "64; otherwise 1/9, 2/9 and 1/3 of them)")
+                        help="visual-token budgets N, passed as tokens=N (per image on LLaVA-NeXT; default by "
+                             "visual tokens per image: 64 128 192 for 576, 320 640 960 for NeXT's 2928, 16 32 64 "
+                             "for the toy model's 144, 8 16 32 for the tiny shape's 64; otherwise 1/9, 2/9 and "
+                             "1/3 of them)")
+    parser.add_argument("--tokens", dest="budgets", nargs="+", type=_integer(1, "visual tokens"),
+                        help="the same as --budgets")
     parser.add_argument("--eager-scoring", action="store_true",
                         help="also run the attention-scored methods with score_impl=eager")
     parser.add_argument("--batch", type=_integer(1, "samples per prefill"), default=1)
@@ -130,6 +134,34 @@ def _check_output(path: str | None, option: str, suffix: str | None = None) -> N
         raise ValueError(f"{option} {path!r}: not writable")
 
 
+def split_method_list(texts: list[str]) -> list[str]:
+    """``--methods`` values as method specs: each value may list several specs separated by commas
+    (``vanilla,fastv``); a comma-separated item of the form ``key=value`` continues the previous spec's
+    parameters (``fastv:K=3,score_impl=eager,pdrop`` is ``fastv:K=3,score_impl=eager`` and ``pdrop``).
+    Commas inside ``[...]``/``{...}`` (list values) do not split."""
+    specs: list[str] = []
+    for text in texts:
+        items, depth, current = [], 0, ""
+        for ch in text:
+            depth += (ch in "[{") - (ch in "]}")
+            if ch == "," and depth == 0:
+                items.append(current)
+                current = ""
+            else:
+                current += ch
+        items.append(current)
+        start = len(specs)
+        for item in (i.strip() for i in items):
+            if not item:
+                continue
+            equals, colon = item.find("="), item.find(":")
+            if len(specs) > start and equals > 0 and (colon < 0 or equals < colon):
+                specs[-1] += "," + item  # key=value of the previous spec
+            else:
+                specs.append(item)
+    return specs
+
+
 def _check_specs(specs: list[str]) -> None:
     from finepruner import methods
 
@@ -170,7 +202,7 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, lis
     _check_model(args.model)
     if args.budgets is not None and len(set(args.budgets)) != len(args.budgets):
         raise ValueError(f"--budgets {' '.join(map(str, args.budgets))}: each budget once")
-    specs = list(args.methods) if args.methods else runner.default_methods()
+    specs = split_method_list(args.methods) if args.methods else runner.default_methods()
     _check_specs(specs)
     if args.clip_model is not None and not Path(args.clip_model).expanduser().is_dir():
         raise ValueError(f"--clip-model {args.clip_model!r} is not a directory (a local CLIP checkpoint)")
@@ -201,7 +233,8 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, OSError, ImportError) as err:  # e.g. an attention implementation this machine lacks
         print(f"finepruner bench: error: --model {args.model!r} could not be built: {err}", file=sys.stderr)
         return 2
-    num_visual = LlavaAdapter(model).num_visual_tokens
+    inputs = synthetic_inputs(model, args.batch, args.system_tokens, args.text_tokens, str(device), dtype, args.seed)
+    num_visual = synthetic_visual_tokens(model, inputs)  # one image per sample (NeXT: base + tiles + newlines)
     budgets = list(args.budgets) if args.budgets else list(runner.default_budgets(num_visual))
     length = args.system_tokens + num_visual + args.text_tokens
     limit = getattr(model.config.text_config, "max_position_embeddings", None)
@@ -233,7 +266,6 @@ def main(args: argparse.Namespace) -> int:
         return {}
 
     variants = runner.build_variants(specs, budgets)
-    inputs = synthetic_inputs(model, args.batch, args.system_tokens, args.text_tokens, str(device), dtype, args.seed)
     log(f"bench: {description}, {len(variants)} variants (budgets {' '.join(map(str, budgets))}), batch "
         f"{args.batch}, prompt length {inputs['input_ids'].shape[1]}, {dtype}, {device}, "
         f"{args.warmup}+{args.rounds} rounds")
@@ -246,6 +278,7 @@ def main(args: argparse.Namespace) -> int:
         "description": description,
         "batch": args.batch,
         "budgets": budgets,
+        "visual_tokens_per_sample": num_visual,
         "prompt_length": int(inputs["input_ids"].shape[1]),
         "system_tokens": args.system_tokens,
         "text_tokens": args.text_tokens,

@@ -23,12 +23,18 @@ Conventions (``docs/performance.md``, "FLOPs"):
   square, a two-matrix MLP (SwiGLU's gate not counted) and no LM head. ``gate=True`` gives SparseVLM's
   ``4nd² + 2n²d + 3ndm``. For LLaVA-1.5-7B with 90 text tokens this is 3.47 T (vanilla), 1.44/1.11/0.78 T
   with 192/128/64 visual tokens before the LLM, 2.04 T for FastV K=2 R=50% (tested).
-* **Vision tower** (``vision_flops``): CLIP ViT on ``patches + 1`` tokens (the [CLS] token), every
+* **Vision tower** (``vision_flops``): one ViT run per **crop** on ``patches + 1`` tokens for CLIP (the
+  [CLS] token) or ``patches`` for SigLIP (no [CLS]; the family's adapter says which, ``has_cls``), every
   encoder layer that runs. LLaVA-1.5 reads ``hidden_states[-2]`` (``vision_feature_layer=-2``), so the
   last layer's output is unused, but transformers 5.24 still runs it: ``layers_run`` is what we count,
   ``layers_used`` is reported beside it. Plus the patch-embedding convolution. The projector
-  (``projector_flops``) is LLaVA's two-layer MLP on the selected patch features. Both are reported
-  apart from the language model: they are identical for every in-LLM method and for the pre-LLM ones.
+  (``projector_flops``) is LLaVA's two-layer MLP on every crop's selected patch features. Both are
+  reported apart from the language model: they are identical for every in-LLM method and for the
+  pre-LLM ones. LLaVA-1.5 encodes one crop per image; LLaVA-NeXT and OneVision one base crop plus the
+  tiles of the image's anyres grid (OneVision multi-image samples: the base crop only), so
+  ``prefill_report`` takes the number of crops actually encoded (``crops``; ``spec/models.md`` §1.1-1.2).
+  The newline tokens of the anyres families are a learned vector (no FLOPs) and OneVision's bilinear
+  downsampling of large grids is not counted.
 * **Decode step** (``decode_step_flops``): one new token per sample; each layer attends to its own KV
   length plus the new token (pruned layers hold fewer keys), plus the LM head.
 """
@@ -83,7 +89,7 @@ class DecoderShape:
 
 @dataclass(frozen=True)
 class VisionShape:
-    """Shape of LLaVA's CLIP vision tower and projector."""
+    """Shape of the vision tower (CLIP with [CLS], SigLIP without) and the projector, per crop."""
 
     hidden: int
     intermediate: int
@@ -93,6 +99,9 @@ class VisionShape:
     channels: int
     projector_out: int  # the language model's hidden size
     feature_layer: int = -2
+    cls_token: bool = True  # CLIP prepends [CLS]; SigLIP does not
+    select_strategy: str = "default"  # "default" drops [CLS] before the projector, "full" keeps it
+    projector_in: int | None = None  # the projector's input width (default ``hidden``: one feature layer)
 
     @property
     def patches(self) -> int:
@@ -100,8 +109,14 @@ class VisionShape:
 
     @property
     def tokens(self) -> int:
-        """Tokens through the encoder: patches + [CLS]."""
-        return self.patches + 1
+        """Tokens through the encoder per crop: patches, + [CLS] on CLIP."""
+        return self.patches + (1 if self.cls_token else 0)
+
+    @property
+    def projected(self) -> int:
+        """Features per crop through the projector (the crop's visual tokens): the patches, + [CLS] with
+        ``vision_feature_select_strategy="full"`` on a tower that has one."""
+        return self.patches + (1 if self.cls_token and self.select_strategy == "full" else 0)
 
     @property
     def layers_used(self) -> int:
@@ -111,9 +126,12 @@ class VisionShape:
 
     @classmethod
     def from_config(cls, config: Any) -> VisionShape:
-        """From a ``LlavaConfig``."""
+        """From a multimodal configuration of any registered family (``LlavaConfig``,
+        ``LlavaNextConfig``, ``LlavaOnevisionConfig``); whether the tower has a [CLS] token is the
+        family adapter's ``has_cls`` (CLIP when the family is unknown)."""
         vision, text = config.vision_config, config.text_config
         layer = config.vision_feature_layer
+        layers_read = len(layer) if isinstance(layer, list | tuple) else 1
         return cls(
             hidden=int(vision.hidden_size),
             intermediate=int(vision.intermediate_size),
@@ -123,7 +141,21 @@ class VisionShape:
             channels=int(getattr(vision, "num_channels", 3)),
             projector_out=int(text.hidden_size),
             feature_layer=int(layer) if isinstance(layer, int) else -2,
+            cls_token=_has_cls(config),
+            select_strategy=str(getattr(config, "vision_feature_select_strategy", "default")),
+            projector_in=int(vision.hidden_size) * layers_read,
         )
+
+
+def _has_cls(config: Any) -> bool:
+    """The family adapter's answer (``ModelAdapter.has_cls``); True (CLIP) for an unregistered family."""
+    from finepruner.models.adapters import adapter_class
+
+    try:
+        family = adapter_class(getattr(config, "model_type", None))
+    except ValueError:
+        return True
+    return bool(family.has_cls(config))
 
 
 # -- language model -----------------------------------------------------------------------------------
@@ -212,8 +244,9 @@ def kv_cache_bytes(shape: DecoderShape, kv_lengths: Sequence[int], batch: int = 
 
 # -- vision side --------------------------------------------------------------------------------------
 def vision_flops(shape: VisionShape, images: int = 1) -> dict:
-    """CLIP ViT FLOPs for ``images`` images: patch embedding + every encoder layer that runs
-    (``layers_run``; ``per_layer`` lets you subtract the unused last layer)."""
+    """ViT FLOPs (CLIP or SigLIP: MHA, two-matrix MLP) for ``images`` crops (one per image on LLaVA-1.5):
+    patch embedding + every encoder layer that runs (``layers_run``; ``per_layer`` lets you subtract the
+    unused last layer)."""
     t, d, m = shape.tokens, shape.hidden, shape.intermediate
     per_layer = 2 * (4 * t * d * d + 2 * t * t * d + 2 * t * d * m)  # MHA, two-matrix (non-gated) MLP
     embed = 2 * shape.patches * shape.channels * shape.patch * shape.patch * d
@@ -223,9 +256,11 @@ def vision_flops(shape: VisionShape, images: int = 1) -> dict:
 
 
 def projector_flops(shape: VisionShape, images: int = 1) -> int:
-    """LLaVA's projector (Linear(Dv, D), GELU, Linear(D, D)) on the patch features."""
+    """LLaVA's projector (Linear(Dv, D), GELU, Linear(D, D)) on the selected features of ``images``
+    crops."""
     d = shape.projector_out
-    return images * 2 * shape.patches * (shape.hidden * d + d * d)
+    width = shape.projector_in if shape.projector_in is not None else shape.hidden
+    return images * 2 * shape.projected * (width * d + d * d)
 
 
 # -- one prefill, as PruneStats sees it ---------------------------------------------------------------
@@ -237,11 +272,15 @@ def prefill_report(
     score_lengths: Sequence[int] = (),
     score_impl: str = "cheap",
     score_keys_reused: Sequence[bool] = (),
+    crops: int | None = None,
 ) -> dict:
     """Everything about one prefill's FLOPs, JSON-serialisable (``PruneStats.flops``).
 
-    ``config`` is the ``LlavaConfig`` (or a bare text config: the vision fields are then None).
-    ``images`` is inferred from the visual tokens entering layer 0 (patches per image).
+    ``config`` is the model's multimodal configuration (or a bare text config: the vision fields are
+    then None). ``crops``: vision-tower crops encoded in this prefill over the whole batch (LLaVA-NeXT /
+    OneVision: base + tiles of every image, base only for OneVision multi-image samples); None infers
+    them from the visual tokens entering layer 0 (one crop per ``projected`` tokens, as LLaVA-1.5's one
+    crop per image), exact on LLaVA-1.5 only.
     """
     decoder = DecoderShape.from_config(config)
     lm = prefill_flops(decoder, sequence_length, batch, score_lengths, score_impl,
@@ -261,21 +300,21 @@ def prefill_report(
         "projector": None,
         "total": lm["total"],
     }
-    if getattr(config, "vision_config", None) is not None and visual_tokens:
+    if getattr(config, "vision_config", None) is not None and (visual_tokens or crops):
         vision = VisionShape.from_config(config)
-        per_image = vision.patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full"
-                                      else 0)
-        images = batch * max(1, round(visual_tokens[0] / per_image))
-        tower = vision_flops(vision, images)
-        projector = projector_flops(vision, images)
+        if crops is None:
+            crops = batch * max(1, round(visual_tokens[0] / vision.projected))
+        tower = vision_flops(vision, crops)
+        projector = projector_flops(vision, crops)
         report.update(vision_tower=tower["total"], vision_layers_run=tower["layers_run"],
-                      vision_layers_used=tower["layers_used"], projector=projector,
+                      vision_layers_used=tower["layers_used"], vision_crops=crops, projector=projector,
                       total=lm["total"] + tower["total"] + projector)
     return report
 
 
 def shape_dict(config: Any) -> dict:
-    """The decoder and vision shapes of a ``LlavaConfig`` as plain dicts (recorded with bench results)."""
+    """The decoder and vision shapes of a model's configuration as plain dicts (recorded with bench
+    results)."""
     out = {"decoder": asdict(DecoderShape.from_config(config))}
     if getattr(config, "vision_config", None) is not None:
         out["vision"] = asdict(VisionShape.from_config(config))

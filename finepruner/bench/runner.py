@@ -45,15 +45,18 @@ import torch
 import finepruner
 from finepruner import methods
 from finepruner.bench.flops import TFLOP, shape_dict
+from finepruner.bench.shapes import synthetic_crops, synthetic_visual_tokens
 from finepruner.engine.state import PruneStats
 from finepruner.methods.base import ModelShape
 from finepruner.methods.spec import parse_method_spec
-from finepruner.models.adapter import LlavaAdapter
+from finepruner.models.adapters import adapter_for
 
 DEFAULT_BUDGETS = (64, 128, 192)
-#: Default budgets by visual tokens per image (LLaVA-1.5's 576; the toy model's 144; the tiny shape's 64);
-#: other counts get ``default_budgets``' proportional choice.
-BUDGETS_BY_VISUAL: dict[int, tuple[int, ...]] = {576: DEFAULT_BUDGETS, 144: (16, 32, 64), 64: (8, 16, 32)}
+#: Default budgets by visual tokens per image (LLaVA-1.5's 576; the toy model's 144; the tiny shape's 64;
+#: LLaVA-NeXT's 2,928 of a 672-px square, ``next-medium``/``llava-next-7b``: 320/640/960, the papers'
+#: 5 x 64/128/192 of 2,880); other counts get ``default_budgets``' proportional choice.
+BUDGETS_BY_VISUAL: dict[int, tuple[int, ...]] = {576: DEFAULT_BUDGETS, 144: (16, 32, 64), 64: (8, 16, 32),
+                                                 2928: (320, 640, 960)}
 #: Label (and ``method``) of the reference run without any method applied: plain transformers.
 PLAIN = "plain"
 
@@ -211,11 +214,12 @@ def _elapsed(start: float | None, end: float | None, per: int = 1) -> float | No
 def unpruned_stats(model, inputs: dict) -> PruneStats:
     """The ``PruneStats`` of a prefill in which every decoder layer sees the whole prompt (what vanilla
     records; used for the plain-transformers run, which has no handle)."""
-    adapter = LlavaAdapter(model)
+    adapter = adapter_for(model)
     batch, length = inputs["input_ids"].shape
     layers = adapter.num_layers
-    return PruneStats(sequence_length=[length] * layers, visual_tokens=[adapter.num_visual_tokens] * layers,
-                      batch=batch, config=model.config)
+    visual = synthetic_visual_tokens(model, inputs)
+    return PruneStats(sequence_length=[length] * layers, visual_tokens=[visual] * layers, batch=batch,
+                      config=model.config, crops=synthetic_crops(inputs))
 
 
 def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_steps: int, memory: _Memory,
@@ -223,12 +227,12 @@ def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_step
     """Apply ``variant`` (nothing for ``PLAIN``), time one prefill and ``decode_steps`` decode steps, remove it."""
     device = inputs["input_ids"].device
     batch = inputs["input_ids"].shape[0]
-    llava = LlavaAdapter(model)
+    adapter = adapter_for(model)
     vision_marks: list[float] = []
     capture_total = [0.0]
     hooks = [
-        llava.vision_tower.register_forward_pre_hook(lambda *a: vision_marks.append(_now(device))),
-        llava.llava_model.multi_modal_projector.register_forward_hook(lambda *a: vision_marks.append(_now(device))),
+        adapter.vision_tower.register_forward_pre_hook(lambda *a: vision_marks.append(_now(device))),
+        adapter.projector.register_forward_hook(lambda *a: vision_marks.append(_now(device))),
     ]
     handle = None
     try:
@@ -258,6 +262,8 @@ def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_step
             del cache, token, mask
         peak = memory.stop()
         stats = handle.stats if handle is not None else unpruned_stats(model, inputs)
+        if stats.crops is None:  # the synthetic inputs' crops (all images alike, none padded)
+            stats.crops = synthetic_crops(inputs)
     finally:
         if handle is not None:
             handle.remove()
@@ -326,13 +332,13 @@ def run_bench(
     if not isinstance(decode_steps, int) or decode_steps < 0:
         raise ValueError(f"decode_steps={decode_steps!r}: allowed: 0 (no decode) or more")
     device = inputs["input_ids"].device
-    adapter = LlavaAdapter(model)
+    adapter = adapter_for(model)
+    num_visual = synthetic_visual_tokens(model, inputs)  # per sample (one image): 2,928 on next-medium
     memory = _Memory(device)
     runnable: list[tuple[Variant, dict]] = []
     results: dict[str, dict] = {}
     for variant in variants:
-        params = method_params(variant, adapter.num_heads, extra_params, adapter.num_layers,
-                               adapter.num_visual_tokens)
+        params = method_params(variant, adapter.num_heads, extra_params, adapter.num_layers, num_visual)
         entry = {"label": variant.label, "method": variant.method, "budget": variant.budget,
                  "params": {k: v for k, v in params.items() if _jsonable(v)}}
         try:

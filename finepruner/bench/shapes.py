@@ -1,10 +1,15 @@
 """Models for ``finepruner bench``: named shapes built with random weights (no download), the toy
-checkpoint, a tiny test shape, or a local checkpoint; and synthetic LLaVA-1.5-style inputs.
+checkpoint, a tiny test shape, or a local checkpoint; and synthetic inputs built as the processor would.
 
 Named shapes (``SHAPES``): ``llava-1.5-7b`` and ``llava-1.5-13b`` (CLIP ViT-L/14-336 + Vicuna), and
 ``medium``, a CPU-sized model with LLaVA-1.5's 576-token grid (image 336, patch 14), a small CLIP tower
 and the decoder of ``spec/transformers_notes.md`` §6 (hidden 1024, 8 layers, 16 heads, MLP 2816, vocab
-32064). ``tiny`` is ``build_tiny_llava()``'s default (64 visual tokens), for tests.
+32064). LLaVA-NeXT (``spec/models.md`` §1.1): ``llava-next-7b`` (CLIP ViT-L/14-336 + Vicuna-7B, the
+llava-hf pinpoints) and ``next-medium`` (``medium``'s decoder and CLIP tower, 336-px crops of 14-px
+patches, ``image_grid_pinpoints=[[672, 672]]``); their synthetic image is a square 672-px image: base
+576 + 2 x 2 tiles 2,304 + 48 newlines = 2,928 visual tokens, 5 crops through the tower (the closest HF
+layout to the papers' 2,880, which drop unpadding and newlines). ``tiny`` is ``build_tiny_llava()``'s
+default (64 visual tokens), for tests.
 """
 
 from __future__ import annotations
@@ -13,16 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+import transformers
+from transformers import CLIPVisionConfig, LlamaConfig
+from transformers.image_processing_utils import select_best_resolution
 
-from finepruner.models.adapter import LlavaAdapter
+from finepruner.models.adapters import adapter_class, adapter_for
 
 IMAGE_TOKEN_ID = 32000  # llava-hf's <image> id (vocab 32064)
+#: llava-hf's LLaVA-NeXT anyres resolutions, (height, width) (``LlavaNextConfig``'s default, §1.1).
+NEXT_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
 @dataclass(frozen=True)
 class Shape:
-    """A LLaVA-1.5 layout: CLIP vision tower, two-layer projector, Llama decoder."""
+    """A LLaVA layout: CLIP vision tower, two-layer projector, Llama decoder; ``model_type`` names the
+    family (its adapter gives the transformers classes), ``pinpoints`` the anyres resolutions of the
+    families that tile images (none: one crop per image, LLaVA-1.5) and ``image`` the synthetic image
+    (height, width) the bench feeds them."""
 
     text_hidden: int
     text_layers: int
@@ -38,22 +50,31 @@ class Shape:
     text_kv_heads: int | None = None
     # a CLIP text tower of comparable size for CDPruner (hidden, layers, heads, projection)
     clip_text: tuple[int, int, int, int] = (768, 12, 12, 768)
+    model_type: str = "llava"
+    pinpoints: tuple[tuple[int, int], ...] = ()
+    image: tuple[int, int] | None = None
 
 
 _CLIP_L = {"vision_hidden": 1024, "vision_layers": 24, "vision_heads": 16, "vision_intermediate": 4096}
+_VICUNA_7B = {"text_hidden": 4096, "text_layers": 32, "text_heads": 32, "text_intermediate": 11008}
+_MEDIUM = {"text_hidden": 1024, "text_layers": 8, "text_heads": 16, "text_intermediate": 2816, "vision_hidden": 256,
+           "vision_layers": 4, "vision_heads": 4, "vision_intermediate": 1024, "clip_text": (256, 4, 4, 256)}
 
 SHAPES: dict[str, Shape] = {
-    "llava-1.5-7b": Shape(text_hidden=4096, text_layers=32, text_heads=32, text_intermediate=11008, **_CLIP_L),
+    "llava-1.5-7b": Shape(**_VICUNA_7B, **_CLIP_L),
     "llava-1.5-13b": Shape(text_hidden=5120, text_layers=40, text_heads=40, text_intermediate=13824, **_CLIP_L),
-    "medium": Shape(text_hidden=1024, text_layers=8, text_heads=16, text_intermediate=2816, vision_hidden=256,
-                    vision_layers=4, vision_heads=4, vision_intermediate=1024, clip_text=(256, 4, 4, 256)),
+    "medium": Shape(**_MEDIUM),
+    "llava-next-7b": Shape(**_VICUNA_7B, **_CLIP_L, model_type="llava_next", pinpoints=NEXT_PINPOINTS,
+                           image=(672, 672)),
+    "next-medium": Shape(**_MEDIUM, model_type="llava_next", pinpoints=((672, 672),), image=(672, 672)),
 }
 #: Every model name ``finepruner bench --model`` accepts besides a local checkpoint directory.
 MODEL_NAMES: tuple[str, ...] = (*SHAPES, "toy", "tiny")
 
 
-def shape_config(shape: Shape) -> LlavaConfig:
-    """The ``LlavaConfig`` of a named shape (LLaVA-1.5 feature settings: layer -2, [CLS] dropped)."""
+def shape_config(shape: Shape):
+    """The configuration of a named shape, of its family's class (``LlavaConfig``, ``LlavaNextConfig``),
+    with LLaVA's feature settings (layer -2, [CLS] dropped) and the shape's anyres pinpoints."""
     vision = CLIPVisionConfig(
         hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
         num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
@@ -66,22 +87,26 @@ def shape_config(shape: Shape) -> LlavaConfig:
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     grid = shape.image_size // shape.patch
-    return LlavaConfig(
+    config_class = getattr(transformers, adapter_class(shape.model_type).config_class)
+    anyres = {"image_grid_pinpoints": [list(p) for p in shape.pinpoints]} if shape.pinpoints else {}
+    return config_class(
         vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID, image_seq_length=grid * grid,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu", **anyres,
     )
 
 
 def build_shape(name: str, dtype: torch.dtype, device: str, attn: str = "sdpa", seed: int = 0):
     """A random-weight model of a named shape, built directly on ``device`` in ``dtype``."""
-    config = shape_config(SHAPES[name])
+    shape = SHAPES[name]
+    config = shape_config(shape)
     config._attn_implementation = attn
+    model_class = getattr(transformers, adapter_class(shape.model_type).model_class)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
     model.set_attn_implementation(attn)
@@ -138,11 +163,59 @@ def clip_text_for(model, shape_name: str | None):
 INSTRUCTION = "what color is the circle on the left of the image ?"
 
 
+def synthetic_image_size(config) -> tuple[int, int] | None:
+    """(height, width) of the bench's synthetic image for a model whose configuration tiles images
+    (``image_grid_pinpoints``): the named shape's ``image`` where the pinpoints are a named shape's,
+    else the largest pinpoint (672 x 672 for llava-hf NeXT); None for one-crop models (LLaVA-1.5)."""
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if not pinpoints:
+        return None
+    points = [(int(h), int(w)) for h, w in pinpoints]
+    for shape in SHAPES.values():
+        if shape.image is not None and list(shape.pinpoints) == points:
+            return shape.image
+    return max(points, key=lambda p: (p[0] * p[1], -abs(p[0] - p[1])))
+
+
+def anyres_crops(config, height: int, width: int) -> int:
+    """Vision-tower crops of one ``height`` x ``width`` image under ``config.image_grid_pinpoints``: the
+    base crop + the tiles of the best resolution (``select_best_resolution``, as the image processor)."""
+    crop = int(config.vision_config.image_size)
+    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+    return 1 + (best_h // crop) * (best_w // crop)
+
+
+def synthetic_crops(inputs: dict) -> int:
+    """Crops through the vision tower for the synthetic ``inputs`` of :func:`synthetic_inputs` (whole
+    batch; no image of them is padded): images x crops per image."""
+    pixels = inputs["pixel_values"]
+    return int(pixels.shape[0] * (pixels.shape[1] if pixels.dim() == 5 else 1))
+
+
+def synthetic_visual_tokens(model, inputs: dict) -> int:
+    """Visual tokens of each sample of the synthetic ``inputs`` (every sample has the same image)."""
+    mask = adapter_for(model).image_mask(inputs["input_ids"], None)
+    return int(mask.sum(dim=1).max())
+
+
+def _image_tokens(model, pixels: torch.Tensor, sizes: torch.Tensor) -> int:
+    """One image's visual tokens as the model itself packs them (anyres unpadding and newlines)."""
+    adapter = adapter_for(model)
+    with torch.inference_mode():
+        features = adapter.encode_images(adapter.llava_model, {"pixel_values": pixels, "image_sizes": sizes})
+    return len(features.pooler_output[0])
+
+
 def synthetic_inputs(model, batch: int, system_tokens: int, text_tokens: int, device: str, dtype: torch.dtype,
                      seed: int = 0) -> dict:
-    """LLaVA-1.5's prompt layout with random ids: ``system_tokens`` (incl. BOS) + the image tokens of one
-    image + ``text_tokens``; every sample the same length (no padding); random pixel values."""
-    adapter = LlavaAdapter(model)
+    """LLaVA's prompt layout with random ids: ``system_tokens`` (incl. BOS) + the image tokens of one
+    image + ``text_tokens``; every sample the same length (no padding); random pixel values.
+
+    Models that tile images (LLaVA-NeXT's ``image_grid_pinpoints``) get what their processor would give
+    for one :func:`synthetic_image_size` image per sample: ``pixel_values`` [batch, crops, 3, H, W] (base +
+    tiles), ``image_sizes`` [batch, 2] and the image's exact token count in ``input_ids`` (the model's
+    own packing: 2,928 for a 672-px square on 336-px crops)."""
+    adapter = adapter_for(model)
     config = model.config
     vocab = int(config.text_config.vocab_size)
     image_id = adapter.image_token_id
@@ -154,14 +227,26 @@ def synthetic_inputs(model, batch: int, system_tokens: int, text_tokens: int, de
         return torch.where(ids == image_id, torch.full_like(ids, low), ids)
 
     bos = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
-    image = torch.full((batch, adapter.num_visual_tokens), image_id)
+    vision = config.vision_config
+    channels, side = int(getattr(vision, "num_channels", 3)), int(vision.image_size)
+    size = synthetic_image_size(config)
+    extra: dict[str, torch.Tensor] = {}
+    if size is None:
+        pixels = torch.randn(batch, channels, side, side, generator=generator)
+        count = adapter.num_visual_tokens
+    else:
+        crops = anyres_crops(config, *size)
+        pixels = torch.randn(batch, crops, channels, side, side, generator=generator)
+        sizes = torch.tensor([list(size)] * batch)
+        param = next(model.parameters())
+        count = _image_tokens(model, pixels[:1].to(device=param.device, dtype=param.dtype), sizes[:1])
+        extra["image_sizes"] = sizes.to(device)
+    image = torch.full((batch, count), image_id)
     ids = torch.cat([torch.full((batch, 1), int(bos)), random_ids(system_tokens - 1), image,
                      random_ids(text_tokens)], dim=1)
-    vision = config.vision_config
-    pixels = torch.randn(batch, int(getattr(vision, "num_channels", 3)), int(vision.image_size),
-                         int(vision.image_size), generator=generator)
     return {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
         "pixel_values": pixels.to(device=device, dtype=dtype),
+        **extra,
     }

@@ -64,7 +64,11 @@ class PruneStats:
             it on the pruned tokens (PDrop scores with the next layer), and with ``score_impl="recompute"``
             or ``"eager"``.
         score_impl: ``"cheap"`` or ``"recompute"`` (one query row) or ``"eager"`` (materialised attention).
-        config: the model's ``LlavaConfig`` (for ``flops``); not serialised.
+        crops: vision-tower crops encoded in the prefill over the whole batch (LLaVA-NeXT/OneVision: base +
+            anyres tiles of every image, padded crops of ``pixel_values`` excluded; OneVision multi-image
+            samples: one per image); None: inferred from ``visual_tokens[0]`` (one crop per image's 576
+            tokens, exact on LLaVA-1.5). Used by ``flops`` for the vision tower and projector.
+        config: the model's multimodal configuration (for ``flops``); not serialised.
     """
 
     sequence_length: list[int] = field(default_factory=list)
@@ -74,6 +78,7 @@ class PruneStats:
     score_lengths: list[int] = field(default_factory=list)
     score_keys_reused: list[bool] = field(default_factory=list)
     score_impl: str = "cheap"
+    crops: int | None = None
     config: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -90,7 +95,7 @@ class PruneStats:
         from finepruner.bench.flops import prefill_report  # pure Python, imported lazily
 
         return prefill_report(self.config, self.sequence_length, self.visual_tokens, self.batch,
-                              self.score_lengths, self.score_impl, self.score_keys_reused)
+                              self.score_lengths, self.score_impl, self.score_keys_reused, crops=self.crops)
 
     def as_dict(self) -> dict:
         flops = self.flops
