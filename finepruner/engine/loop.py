@@ -188,8 +188,9 @@ def _decode(lm, state, hidden, attention_mask, position_ids, cache, use_cache, o
             new = tail
             if new is None:
                 new = torch.ones(batch, expected - state.prompt_length, dtype=prompt.dtype, device=hidden.device)
-            mask2d = torch.cat([prompt.to(new.dtype), new], dim=1)
-        segments[segment.start] = (position_ids - segment.position_shift[:, None], mask2d)
+            mask2d = torch.cat([prompt.to(device=new.device, dtype=new.dtype), new], dim=1)
+        shift = segment.position_shift.to(position_ids.device)  # a stage's device (device_map)
+        segments[segment.start] = (position_ids - shift[:, None], mask2d)
     all_hidden = [] if output_hidden_states else None
     hidden = _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden)
     state.seen = expected
@@ -459,6 +460,7 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
             stage_index = stage_at[index]
             stage = stages[stage_index]
             started = _clock(tokens.hidden, handle)
+            tokens, prefill = _on_device(tokens, prefill, units, tokens.hidden.device)  # device_map: layer's device
             score_input = keys = rotated = rows = None
             if stage.score_layer is not None:
                 score_input = saved_inputs.pop(stage.score_layer, None) or (tokens.hidden, embeddings, tokens.mask2d)
@@ -475,6 +477,7 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
                     rows = last_query_attention(lm.layers[stage.score_layer], source, source_embeddings,
                                                 source_mask, keys=keys if reuse else None,
                                                 rotated_keys=rotated if reuse else None)
+                rows = rows.to(tokens.hidden.device)
                 stats.score_lengths.append(source.shape[1])
                 stats.score_keys_reused.append(reuse and (keys is not None or rotated is not None))
             stage_signals = _StageInputs(lm=lm, tokens=tokens, prefill=prefill, score_layer=stage.score_layer,
@@ -517,6 +520,25 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
     handle._record(kept=[r.kept for r in results], stats=stats, heads=[r.heads for r in results],
                    attention=[r.attention for r in results], merged=[r.merged for r in results])
     return hidden, all_hidden
+
+
+def _on_device(tokens: _Tokens, prefill: _PrefillInput, units: list[Unit], device: torch.device):
+    """The prefill's state on ``device``, the device of the hidden states at this stage (with a
+    ``device_map`` the layers may sit on several devices; on one device nothing moves)."""
+    if tokens.position_ids.device == device:
+        return tokens, prefill
+    for unit in units:
+        unit.index, unit.ids, unit.row_ids = unit.index.to(device), unit.ids.to(device), unit.row_ids.to(device)
+    prefill.visual_index = {key: value.to(device) for key, value in prefill.visual_index.items()}
+    mask2d = None if tokens.mask2d is None else tokens.mask2d.to(device)
+    moved = _Tokens(tokens.hidden, tokens.position_ids.to(device), mask2d, tokens.source_index.to(device), None,
+                    None, tokens.shift.to(device))
+    inputs = _PrefillInput(
+        inputs_embeds=prefill.inputs_embeds.to(device),
+        mask2d=None if prefill.mask2d is None else prefill.mask2d.to(device),
+        image_mask=prefill.image_mask.to(device), visual_index=prefill.visual_index, row_keys=prefill.row_keys,
+    )
+    return moved, inputs
 
 
 @dataclass
@@ -581,7 +603,7 @@ def _select_group(handle: Handle, group: Group, stage, stage_index: int, inputs:
         signals=signals, instructions=None if instructions is None else [instructions[u.row] for u in group.units],
     )
     choice = handle.method.select(stage_index, stage, context)
-    return (*_unpack_selection(choice, stage, stage_index, len(group.units), width, handle.method.name),
+    return (*_unpack_selection(choice, stage, stage_index, len(group.units), width, handle.method.name, device),
             context.heads)
 
 
@@ -679,13 +701,15 @@ def _cached_keys(cache: DynamicCache | None, layer: int, length: int) -> torch.T
     return keys if isinstance(keys, torch.Tensor) and keys.shape[2] == length else None
 
 
-def _unpack_selection(choice, stage, stage_index, batch, width, name):
+def _unpack_selection(choice, stage, stage_index, batch, width, name, device):
     """``(keep, insert, insert_from, insert_valid)`` of a method's answer, checked against the stage's
     declared counts."""
     if isinstance(choice, Selection):
         local, insert, insert_from, valid = choice.keep, choice.insert, choice.insert_from, choice.insert_valid
     else:
         local, insert, insert_from, valid = choice, None, None, None
+    local, insert, insert_from, valid = (None if t is None else t.to(device)
+                                         for t in (local, insert, insert_from, valid))
     if local.ndim != 2 or local.shape[0] != batch or (stage.keep is not None and local.shape[1] != stage.keep):
         raise RuntimeError(
             f"{name} selected {tuple(local.shape)} tokens at stage {stage_index}; expected {(batch, stage.keep)}"

@@ -17,6 +17,24 @@ import torch
 from torch import nn
 
 
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device a module computes on: that of its first parameter not on ``meta``, else the execution
+    device of an accelerate hook (weights offloaded by ``device_map``), else None."""
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device) if isinstance(device, (str, int, torch.device)) else None
+
+
+def _to(device: torch.device | None, *tensors):
+    """``tensors`` moved to ``device`` (None entries and ``device=None`` pass through)."""
+    if device is None:
+        return tensors
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -84,7 +102,8 @@ def last_query_attention(
     attn = layer.self_attn
     batch = hidden.shape[0]
     head_dim = attn.head_dim
-    cos, sin = position_embeddings
+    hidden, cos, sin, mask2d, keys, rotated_keys = _to(execution_device(attn.q_proj), hidden, *position_embeddings,
+                                                       mask2d, keys, rotated_keys)
     query = attn.q_proj(layer.input_layernorm(hidden[:, -1:])).view(batch, 1, -1, head_dim).transpose(1, 2)
     query = _rope(query.float(), cos[:, -1:].float(), sin[:, -1:].float())
     key = _scoring_keys(layer, hidden, (cos, sin), keys, rotated_keys, query.shape[1])
@@ -111,6 +130,8 @@ def eager_last_query_attention(
     attn = layer.self_attn
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
+    hidden, cos, sin, mask2d = _to(execution_device(attn.q_proj), hidden, *position_embeddings, mask2d)
+    position_embeddings = (cos, sin)
     normed = layer.input_layernorm(hidden)
     query = attn.q_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
@@ -156,6 +177,9 @@ def query_attention(
     attn = layer.self_attn
     batch, length, width = hidden.shape
     head_dim = attn.head_dim
+    hidden, cos, sin, mask2d, query_index, keys, rotated_keys = _to(
+        execution_device(attn.q_proj), hidden, *position_embeddings, mask2d, query_index, keys, rotated_keys)
+    position_embeddings = (cos, sin)
     count = query_index.shape[1]
     rows = hidden.gather(1, query_index[..., None].expand(-1, -1, width))
     query = attn.q_proj(layer.input_layernorm(rows)).view(batch, count, -1, head_dim).transpose(1, 2)
