@@ -192,6 +192,95 @@ def stack_images(images: list[VisionSignals]) -> VisionSignals:
     return VisionSignals(**stacked)
 
 
+BUDGET_SCOPES: tuple[str, ...] = ("image", "crop")
+
+
+def image_candidates(vision: VisionSignals, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(newline, crop)`` [B, V] of the current visual tokens ``ids``: newline tokens (never on LLaVA-1.5)
+    and each token's crop (LLaVA-1.5: the image within the sample, ``ids // patches_per_image``)."""
+    device = ids.device
+    if vision.newline_mask is None:
+        newline = torch.zeros_like(ids, dtype=torch.bool)
+    else:
+        newline = vision.newline_mask.to(device).gather(1, ids)
+    if vision.crop_index is not None:
+        crop = vision.crop_index.to(device).gather(1, ids)
+    else:
+        per_image = vision.patches_per_image or ids.shape[1]
+        crop = ids // per_image
+    return newline, crop
+
+
+def select_keeping_newlines(
+    method: str, newline: torch.Tensor, crop: torch.Tensor, tokens: int | None, scope: str,
+    choose: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """A pre-LLM selection per budget unit that keeps every newline token and spends ``tokens`` on the others.
+
+    Args:
+        method: the method's name (errors).
+        newline, crop: [B, V] from ``image_candidates``.
+        tokens: the budget: per image over all its crops (``scope="image"``) or per crop (``"crop"``, the
+            official LLaVA-NeXT rule; a crop left with fewer tokens by unpadding keeps them all); None: a
+            quarter of the candidates (of each crop with ``"crop"``), at least 1.
+        choose: ``choose(rows, candidates, count)``: ``count`` picks per row among ``candidates`` [r, n]
+            (indices into the V tokens) of the units ``rows`` [r], as indices into ``candidates`` (the
+            method's rule, batched over units with equal candidate counts).
+
+    Returns:
+        [B, W] sorted indices into the V tokens: the newline tokens and the picks. Every row needs the same
+        W; in the image scope a unit with fewer newline tokens than another unit of the same token count
+        (possible only for two different layouts of equal count) picks the difference on top of
+        ``tokens``; in the crop scope differing totals raise.
+    """
+    batch, _ = newline.shape
+    device = newline.device
+    candidates = [torch.nonzero(~newline[b])[:, 0] for b in range(batch)]
+    lines = [torch.nonzero(newline[b])[:, 0] for b in range(batch)]
+    picked: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+    if scope == "image":
+        budgets = []
+        for b, cand in enumerate(candidates):
+            count = tokens if tokens is not None else max(1, cand.numel() // 4)
+            if not 1 <= count <= cand.numel():
+                raise ValueError(
+                    f"{method}: tokens={count} is not allowed for an image of {cand.numel()} tokens besides its "
+                    f"{lines[b].numel()} newline tokens (always kept); tokens must be in 1..{cand.numel()}"
+                )
+            budgets.append(count)
+        width = max(count + line.numel() for count, line in zip(budgets, lines, strict=True))
+        jobs = [(b, candidates[b], width - lines[b].numel()) for b in range(batch)]
+    elif scope == "crop":
+        jobs = []
+        totals = []
+        for b, cand in enumerate(candidates):
+            total = lines[b].numel()
+            for value in torch.unique(crop[b, cand]).tolist():
+                members = cand[crop[b, cand] == value]
+                count = tokens if tokens is not None else max(1, members.numel() // 4)
+                count = min(count, members.numel())
+                jobs.append((b, members, count))
+                total += count
+            totals.append(total)
+        if len(set(totals)) > 1:
+            raise ValueError(
+                f"{method}: budget_scope='crop' keeps {sorted(set(totals))} tokens for images of the same token "
+                "count in one batch (different crop layouts); batch them separately or use budget_scope='image'"
+            )
+    else:
+        raise ValueError(f"{method}: budget_scope={scope!r}; allowed: {BUDGET_SCOPES}")
+    by_shape: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for b, members, count in jobs:
+        by_shape.setdefault((members.numel(), count), []).append((b, members))
+    for (_, count), entries in by_shape.items():
+        rows = torch.tensor([b for b, _ in entries], device=device)
+        members = torch.stack([m for _, m in entries])
+        chosen = members.gather(1, choose(rows, members, count).to(device))
+        for (b, _), picks in zip(entries, chosen, strict=True):
+            picked[b].append(picks)
+    return torch.stack([torch.cat([lines[b], *picked[b]]).sort().values for b in range(batch)])
+
+
 def feature_layer_index(num_layers: int, vision_feature_layer) -> int:
     """Index of the encoder layer whose output is ``hidden_states[vision_feature_layer]``."""
     if not isinstance(vision_feature_layer, int) or isinstance(vision_feature_layer, bool):

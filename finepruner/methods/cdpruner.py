@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,11 @@ from finepruner.models.instructions import (  # noqa: F401  (re-exported: the in
 )
 
 Normalize = Literal["sample", "batch"]
+#: ``relevance`` rules: the CLIP text tower (official, CLIP vision towers) or the language model's input
+#: embeddings of the instruction (``spec/models.md`` §5.2, towers without a matching text tower).
+RELEVANCE_RULES: tuple[str, ...] = ("auto", "clip", "llm")
+#: ``budget_scope`` values: ``tokens`` per image (all its crops), or per crop (official LLaVA-NeXT rule).
+BUDGET_SCOPES: tuple[str, ...] = ("image", "crop")
 #: The sub-folder of a model checkpoint that may hold its own CLIP text tower (the toy model ships one);
 #: used when neither ``clip_model`` nor ``clip_text`` is given.
 SHIPPED_CLIP_SUBDIR = "clip_text"
@@ -133,6 +139,12 @@ class CDPruner(PruningMethod):
         theta: None (default, the released code) or θ in (0, 1) for the paper's variant
             ``r = exp(θ/(2(1-θ)) · r)``.
         positions: ``"renumber"`` (default, as the official code) or ``"original"``.
+        budget_scope: ``"image"`` (default) or ``"crop"`` (LLaVA-NeXT / OneVision, below); on LLaVA-1.5
+            ``"crop"`` selects T per image of a sample.
+        relevance: ``"auto"`` (default): ``"clip"`` on CLIP vision towers (LLaVA-1.5, NeXT), ``"llm"`` on
+            towers without [CLS] (OneVision's SigLIP); ``"clip"`` on such a tower raises (no matching text
+            tower); ``"llm"`` needs a family that packs crops (NeXT, OneVision).
+        relevance_sign: None (default): -1 with ``"clip"`` (official), +1 with ``"llm"``; or -1 / +1.
 
     Signals: the projector outputs (for S) and ``vision_tower.post_layernorm`` of the selected CLIP
     features (for ``visual_projection``, as the official code), captured by hooks during LLaVA's own
@@ -141,9 +153,23 @@ class CDPruner(PruningMethod):
     ``handle.set_instructions([...])`` for one prefill, else decoded by the engine from the prompt with
     the processor bound at ``apply(..., processor=...)`` (``finepruner.models.instructions``).
 
+    LLaVA-NeXT / OneVision (``spec/models.md`` §5.2): ``tokens`` counts per image over
+    all its crops (``budget_scope="image"``, default) or per crop (``"crop"``, the official NeXT rule: T
+    per crop, a crop left with fewer tokens by unpadding keeps them all); the image's newline tokens are
+    always kept on top and not counted. S is the cosine similarity of the image's projected tokens (its
+    rows of the language model's input); r is min-max normalised over the image's tokens (all crops
+    jointly, newlines excluded); one DPP per image (per crop with ``"crop"``). NeXT (CLIP tower):
+    the CLIP rule with the negative sign, as the official code. OneVision (SigLIP, no matching CLIP text
+    tower, ``relevance="llm"``): ``r_i = mean_j cos(x_i, t_j)`` between the projected tokens and the
+    language model's input embeddings of the instruction's tokens (tokenized without special tokens by
+    the processor bound at ``apply``), sign +1 by default.
+
     Deviations: per-sample normalisation by default (above); the DPP's handling of an exhausted kernel
-    (``dpp_greedy``); the text tower runs after the vision tower, not on a parallel CUDA stream; a
-    sample with several images gets one selection over all its visual tokens.
+    (``dpp_greedy``); the text tower runs after the vision tower, not on a parallel CUDA stream; on
+    LLaVA-1.5 a sample with several images gets one selection over all its visual tokens with
+    ``budget_scope="image"``; on NeXT/OneVision an image whose relevance is constant (e.g. an empty
+    instruction) gets r = 1 (the official min-max would divide by 0); the stage's count is known at
+    selection (``Stage.keep`` None: newline tokens are kept on top of ``tokens``).
     """
 
     name = "cdpruner"
@@ -160,8 +186,19 @@ class CDPruner(PruningMethod):
         normalize: Normalize = "sample",
         theta: float | None = None,
         positions: Positions | None = None,
+        budget_scope: str = "image",
+        relevance: str = "auto",
+        relevance_sign: int | None = None,
     ) -> None:
         super().__init__(positions)
+        if budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"{self.name}: budget_scope={budget_scope!r}; allowed: {BUDGET_SCOPES}")
+        if relevance not in RELEVANCE_RULES:
+            raise ValueError(f"{self.name}: relevance={relevance!r}; allowed: {RELEVANCE_RULES}")
+        if relevance_sign is not None and (isinstance(relevance_sign, bool) or relevance_sign not in (-1, 1)):
+            raise ValueError(f"{self.name}: relevance_sign={relevance_sign!r}; allowed: None, -1 or 1")
+        self.budget_scope, self.relevance, self.relevance_sign = budget_scope, relevance, relevance_sign
+        self._rule = "clip"  # the relevance rule in use, set by bind_model
         if normalize not in ("sample", "batch"):
             raise ValueError(f"{self.name}: normalize={normalize!r}; allowed: 'sample', 'batch'")
         if theta is not None and not (isinstance(theta, int | float) and 0.0 < theta < 1.0):
@@ -186,7 +223,11 @@ class CDPruner(PruningMethod):
 
     def bind_model(self, model) -> None:
         """Without ``clip_model``/``clip_text``: load the CLIP text tower shipped in the model's checkpoint
-        folder (``SHIPPED_CLIP_SUBDIR``), or raise the error that asks for ``clip_model``."""
+        folder (``SHIPPED_CLIP_SUBDIR``), or raise the error that asks for ``clip_model``. The relevance rule
+        is chosen here (``relevance``): the ``"llm"`` rule needs no CLIP tower."""
+        self._rule = self._relevance_rule(model)
+        if self._rule == "llm":
+            return
         if self._clip is not None and self._clip_from_model is None:
             return
         folder = shipped_clip_dir(model)
@@ -196,13 +237,39 @@ class CDPruner(PruningMethod):
             self._clip, self._clip_from_model = load_clip_text(folder), folder
             self.clip_model = str(folder)
 
+    def _relevance_rule(self, model) -> str:
+        """``"clip"`` or ``"llm"`` for ``model`` (``relevance``), or a ValueError naming why."""
+        from finepruner.models.adapters import adapter_for  # no import cycle
+
+        try:
+            adapter = adapter_for(model)
+        except ValueError:  # not a registered family: the LLaVA-1.5 layout
+            return "llm" if self.relevance == "llm" else "clip"
+        clip_tower = adapter.has_cls(model.config)
+        rule = self.relevance if self.relevance != "auto" else ("clip" if clip_tower else "llm")
+        if rule == "clip" and not clip_tower:
+            raise ValueError(
+                f"{self.name}: relevance='clip' needs a CLIP vision tower, but {adapter.family}'s tower has no [CLS] "
+                "(SigLIP) and no matching CLIP text tower ships with it (spec/models.md §5.2); use relevance='llm' "
+                "(the default there): the instruction's language-model input embeddings against the projected tokens"
+            )
+        if rule == "llm" and not adapter.packs_crops:
+            raise ValueError(
+                f"{self.name}: relevance='llm' is available on LLaVA-NeXT and OneVision; {adapter.family} uses the "
+                "CLIP text tower (relevance='clip' or 'auto')"
+            )
+        return rule
+
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
         keep = self.tokens if self.tokens is not None else max(1, num_visual // 4)
         check_tokens(self.name, keep, num_visual)
-        return [Stage(layer=0, keep=keep)]
+        return [Stage(layer=0, keep=None)]  # newline tokens (NeXT, OneVision) are kept on top of ``tokens``
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
         vision = ctx.require_vision(self.name, "projected_features", "post_layernorm_features")
+        if vision.newline_mask is not None or self.budget_scope != "image" or self._rule != "clip":
+            return self._select_images(ctx, vision)
+        stage = replace(stage, keep=self.tokens if self.tokens is not None else max(1, ctx.num_visual // 4))
         texts = ctx.instructions
         if texts is None or self._clip is None:
             raise RuntimeError(f"{self.name}: no instruction texts or CLIP tower reached the selection (engine error)")
@@ -214,6 +281,77 @@ class CDPruner(PruningMethod):
         relevance = relevance_scores(image_embeds, self._clip.encode_texts(texts), self.normalize, self.theta)
         kernel = similarity_kernel(projected, relevance)
         return dpp_greedy(kernel, stage.keep).to(ids.device)
+
+    def _select_images(self, ctx: StageContext, vision) -> torch.Tensor:
+        """Per image (or crop, ``budget_scope``): newline tokens kept, one DPP over the others with the
+        relevance of ``image_relevance`` (``engine.vision.select_keeping_newlines``)."""
+        from finepruner.engine.vision import image_candidates, select_keeping_newlines  # no import cycle
+
+        texts = ctx.instructions
+        if texts is None:
+            raise RuntimeError(f"{self.name}: no instruction texts reached the selection (engine error)")
+        device = vision.projected_features.device
+        ids = ctx.visual_ids.to(device)
+        projected = _take(vision.projected_features, ids)
+        newline, crop = image_candidates(vision, ids)
+        if self._rule == "clip":
+            if self._clip is None:
+                raise RuntimeError(f"{self.name}: no CLIP tower reached the selection (engine error)")
+            self._clip.to(device)
+            embeds = self._clip.project_image(_take(vision.post_layernorm_features, ids))
+            text_embeds = self._clip.encode_texts(texts)
+        else:
+            if vision.embed_texts is None:
+                raise RuntimeError(f"{self.name}: relevance='llm' needs the text embeddings of a family that packs "
+                                   "crops (engine error)")
+            embeds, text_embeds = projected, vision.embed_texts(texts)
+        sign = self.relevance_sign if self.relevance_sign is not None else (-1 if self._rule == "clip" else 1)
+        relevance = image_relevance(embeds, text_embeds, ~newline, sign, self.normalize, self.theta)
+
+        def choose(rows: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
+            return dpp_greedy(similarity_kernel(_take(projected[rows], candidates),
+                                                relevance[rows].gather(1, candidates)), count)
+
+        kept = select_keeping_newlines(self.name, newline, crop, self.tokens, self.budget_scope, choose)
+        return kept.to(ctx.visual_ids.device)
+
+
+def image_relevance(
+    embeds: torch.Tensor, text_embeds: list[torch.Tensor], valid: torch.Tensor, sign: int = -1,
+    normalize: Normalize = "sample", theta: float | None = None,
+) -> torch.Tensor:
+    """CDPruner's relevance r [B, V] (float32) over each row's ``valid`` tokens (0 elsewhere).
+
+    ``embeds`` [B, V, P] and each row's text embeddings [M_b, P] are L2-normalised;
+    ``rel = sign * (E @ Tᵀ).mean(over text rows)``; min-max ``(rel - min + 1e-6) / (max - min)`` over the
+    row's valid tokens (``"sample"``) or over all rows' (``"batch"``); a constant relevance (e.g. no text
+    row) gives r = 1; then, with ``theta``, ``exp(θ / (2(1-θ)) · r)``. With sign -1, every token valid and
+    CLIP embeddings this is ``relevance_scores``.
+    """
+    images = embeds.float()
+    images = images / images.norm(dim=-1, keepdim=True)
+    raw = []
+    for row, text in enumerate(text_embeds):
+        text = text.float().to(images.device)
+        if text.shape[0] == 0:
+            raw.append(images.new_zeros(images.shape[1]))
+            continue
+        text = text / text.norm(dim=-1, keepdim=True)
+        raw.append((images[row] @ text.T).mean(dim=-1) * sign)
+    rel = torch.stack(raw)
+    valid = valid.to(rel.device)
+    low = rel.masked_fill(~valid, math.inf)
+    high = rel.masked_fill(~valid, -math.inf)
+    if normalize == "sample":
+        low, high = low.amin(dim=-1, keepdim=True), high.amax(dim=-1, keepdim=True)
+    else:
+        low, high = low.min(), high.max()
+    spread = high - low
+    rel = torch.where(spread > 0, (rel - low + 1e-6) / spread.clamp_min(torch.finfo(rel.dtype).tiny),
+                      torch.ones_like(rel))
+    if theta is not None:
+        rel = torch.exp(theta / (2.0 * (1.0 - theta)) * rel)
+    return rel.masked_fill(~valid, 0.0)
 
 
 def _take(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

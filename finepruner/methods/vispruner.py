@@ -12,6 +12,9 @@ import torch
 
 from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
 
+#: ``budget_scope`` values (``engine.vision.BUDGET_SCOPES``): ``tokens`` per image, or per crop.
+BUDGET_SCOPES: tuple[str, ...] = ("image", "crop")
+
 #: Tokens removed per de-duplication round (official code).
 ROUND_SIZE = 8
 
@@ -88,11 +91,22 @@ class VisPruner(PruningMethod):
     averaged over heads, recomputed in float32 from that layer's q/k projections by a forward hook
     (``finepruner.engine.vision``), and that layer's output patch features (pre-projector).
 
+    LLaVA-NeXT / OneVision (``budget_scope``, ``spec/models.md`` §5.2): ``tokens`` counts per image over all
+    its crops (``"image"``, default) or per crop (``"crop"``, the official NeXT rule: T per crop, a crop
+    left with fewer tokens by unpadding keeps them all); the image's newline tokens are always kept on top
+    and not counted. NeXT: the [CLS] attention of each crop (layer -2), ranked over the whole image with
+    ``"image"``; de-duplication on the pre-projector features, in the image's token order. OneVision
+    (SigLIP, no [CLS]): the attention each patch receives in the feature layer (mean over heads and
+    queries, VisPruner#1); on grids the model shrinks (anyres_max_9), scores and features are mixed with
+    the model's bilinear weights. On LLaVA-1.5 ``"crop"`` selects T per image of a sample.
+
     Deviations: scores and cosine similarities are computed in float32 (the official code uses the
     tower dtype); sorts are stable (the official ``argsort`` is not: only exact ties differ); odd
     residual counts and rounds that would drop more than half of the residual tokens, where the official
-    code raises, follow the rule of ``vispruner_select``; a sample with several images gets one selection
-    over all its visual tokens (the official code selects per image or crop).
+    code raises, follow the rule of ``vispruner_select``; on LLaVA-1.5 a sample with several images gets
+    one selection over all its visual tokens with ``budget_scope="image"`` (the official code selects per
+    image or crop); the stage's count is known at selection (``Stage.keep`` None: newline tokens are kept
+    on top of ``tokens``).
     """
 
     name = "vispruner"
@@ -100,24 +114,48 @@ class VisPruner(PruningMethod):
     needs_vision = ("cls_attention", "patch_features")
 
     def __init__(
-        self, tokens: int | None = None, important_ratio: float = 0.5, positions: Positions | None = None
+        self, tokens: int | None = None, important_ratio: float = 0.5, positions: Positions | None = None,
+        budget_scope: str = "image",
     ) -> None:
         super().__init__(positions)
         if isinstance(important_ratio, bool) or not isinstance(important_ratio, int | float) or not (
             0.0 <= important_ratio <= 1.0
         ):
             raise ValueError(f"{self.name}: important_ratio={important_ratio!r}; allowed: 0 <= important_ratio <= 1")
+        if budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"{self.name}: budget_scope={budget_scope!r}; allowed: {BUDGET_SCOPES}")
         self.tokens, self.important_ratio = tokens, float(important_ratio)
+        self.budget_scope = budget_scope
 
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
         keep = self.tokens if self.tokens is not None else max(1, num_visual // 4)
         check_tokens(self.name, keep, num_visual)
-        return [Stage(layer=0, keep=keep)]
+        return [Stage(layer=0, keep=None)]  # newline tokens (NeXT, OneVision) are kept on top of ``tokens``
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
         vision = ctx.require_vision(self.name, "cls_attention", "patch_features")
+        if vision.newline_mask is not None or self.budget_scope != "image":
+            return self._select_images(vision, ctx.visual_ids)
         ids = ctx.visual_ids
         attention = vision.cls_attention.to(ids.device).gather(1, ids)
         features = vision.patch_features.to(ids.device)
         features = features.gather(1, ids[..., None].expand(-1, -1, features.shape[-1]))
-        return vispruner_select(attention, features, stage.keep, self.important_ratio)
+        keep = self.tokens if self.tokens is not None else max(1, ids.shape[1] // 4)
+        return vispruner_select(attention, features, keep, self.important_ratio)
+
+    def _select_images(self, vision, ids: torch.Tensor) -> torch.Tensor:
+        """Per image (or crop): newline tokens kept, ``vispruner_select`` over the others
+        (``engine.vision.select_keeping_newlines``)."""
+        from finepruner.engine.vision import image_candidates, select_keeping_newlines  # no import cycle
+
+        attention = vision.cls_attention.to(ids.device).gather(1, ids)
+        features = vision.patch_features.to(ids.device)
+        features = features.gather(1, ids[..., None].expand(-1, -1, features.shape[-1]))
+
+        def choose(rows: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
+            scores = attention[rows].gather(1, candidates)
+            values = features[rows].gather(1, candidates[..., None].expand(-1, -1, features.shape[-1]))
+            return vispruner_select(scores, values, count, self.important_ratio)
+
+        newline, crop = image_candidates(vision, ids)
+        return select_keeping_newlines(self.name, newline, crop, self.tokens, self.budget_scope, choose)
