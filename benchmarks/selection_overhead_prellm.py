@@ -1,23 +1,36 @@
-"""Cost of the pre-LLM selections (VisPruner, CDPruner, DivPrune) relative to a vanilla prefill, on CPU.
+"""Cost of every method's selection at 576 and 2,880 visual tokens relative to a vanilla prefill, on CPU.
 
-The prefill is one ``model(**inputs)`` of a ~100M-parameter tiny LLaVA with LLaVA-1.5's 24 x 24 = 576
-visual tokens (batch 1, no pruning). The selections run on signals of the same shapes:
+The model is ``finepruner bench``'s ``medium`` shape (CLIP tower 336/14 with 4 layers x 256, projector
+256 -> 1024, Llama decoder hidden 1024, 8 layers, 16 heads, MLP 2816, vocab 32064, random weights,
+float32). Its prompts have LLaVA-1.5's layout: 35 system tokens, the image tokens, 40 text tokens, batch
+1. One image gives 576 visual tokens (651 tokens); five images give 2,880 (2,955 tokens), the visual-token
+count of LLaVA-NeXT's fixed 2 x 2 grid + base layout (5 x 576 crops). The vanilla prefill is one
+``model(**inputs, logits_to_keep=1)`` of that prompt with nothing applied (vision tower, projector,
+decoder, LM head on the last token), as ``finepruner bench`` times it.
 
-* ``vispruner``: [CLS]-attention ranking + ToMe-style de-duplication (``vispruner_select``);
-* ``cdpruner``: cosine kernel of the projected tokens + relevance + fast greedy DPP (576 candidates);
-* ``divprune``: greedy max-min diversity over the projected tokens (``divprune_select``), also over
-  2,880 tokens (``V=2880``: LLaVA-NeXT's 5 x 576 fixed-grid layout), still divided by the 576-token
-  prefill (a 2,880-token prefill costs at least five times more, so that ratio is an upper bound);
-* ``cls_attention``: the hook's one-query attention recomputation (VisPruner's signal).
+Two parts, each timed in interleaved rounds (the order rotates every round) with the vanilla prefills of
+both prompts, and reported as ratios of medians measured in the same run:
 
-Each is timed with the feature widths of the benchmark model (``model``) and of LLaVA-1.5-7B (``llava7b``:
-CLIP width 1024, projected width 4096, joint width 768). Timings are interleaved with the prefill over
-several rounds, and medians are reported as ratios measured in the same run. The CLIP text tower (CDPruner)
-is a separate ~123M-parameter model and is not included (one 77-token segment per question).
+* ``methods``: every registered method inside a real pruned prefill of the 576- or 2,880-token prompt,
+  budgets 64/128/192 and five times those (320/640/960), with the parameters ``finepruner bench`` would
+  use (``defaults_for``; CDPruner: a random CLIP text tower of the shape's size). The selection time is
+  ``finepruner bench``'s: the engine's ``PruneStats.selection_seconds`` (vision signals taken, attention
+  signals, ``select``, CDPruner's text tower) plus the method's vision-capture hooks
+  (``finepruner.bench.runner.run_variant``). On the 2,880-token prompt the budget counts all five images
+  together (LLaVA-1.5's per-sample budget); ``apply`` checks a budget against one image's 576 tokens, so
+  the benchmark makes that check use the prompt's 2,880 (``_on_prompt``). Methods that need one square
+  patch grid per sample (``pool``, ``hiprune``) do not run on five images and are reported as such.
+* ``functions``: the pre-LLM selection functions alone on synthetic signals of the same shapes (VisPruner
+  ranking + de-duplication, CDPruner similarity + DPP, DivPrune; the text tower excluded), with the
+  feature widths of the bench model (``model``: CLIP 256, projected 1024, joint 256) and of LLaVA-1.5-7B
+  (``llava7b``: 1024, 4096, 768; still divided by the ``medium`` prefill, so those ratios are upper
+  bounds: a 7B prefill costs about 50 times more). ``--plain`` also times the plain implementations the
+  fast ones replaced (``vispruner_select_plain``, ``dpp_greedy_plain`` on the full kernel,
+  ``divprune_select_plain``): the same kept sets, the "before" figures.
 
 Usage::
 
-    python benchmarks/selection_overhead_prellm.py --rounds 5 --threads 2
+    python benchmarks/selection_overhead_prellm.py --rounds 5 --threads 2 --plain --json sel.json
 """
 
 from __future__ import annotations
@@ -26,19 +39,149 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
-from PIL import Image
 
+from finepruner import methods
+from finepruner.bench import runner
+from finepruner.bench.shapes import INSTRUCTION, build_shape, clip_text_for
 from finepruner.engine.vision import cls_attention
-from finepruner.methods.cdpruner import dpp_greedy, relevance_scores, similarity_kernel
-from finepruner.methods.divprune import divprune_select
-from finepruner.methods.vispruner import vispruner_select
-from finepruner.models.tiny import build_tiny_llava
+from finepruner.methods.base import ModelShape
+from finepruner.methods.cdpruner import (
+    cosine_similarity,
+    dpp_greedy_plain,
+    dpp_select,
+    relevance_scores,
+    similarity_kernel,
+)
+from finepruner.methods.divprune import divprune_select, divprune_select_plain
+from finepruner.methods.vispruner import vispruner_select, vispruner_select_plain
+from finepruner.models.adapters import adapter_for
 
-SHAPE = {"grid": 24, "patch": 14, "text_hidden": 1024, "text_layers": 8, "text_heads": 16,
-         "text_intermediate": 2816}
-PROMPT = "USER: <image> how many red objects are there in this image ? answer using a single word . ASSISTANT:"
+SHAPE = "medium"
+SYSTEM_TOKENS, TEXT_TOKENS = 35, 40
+#: Images per prompt for each visual-token count (576 per image).
+IMAGES = {576: 1, 2880: 5}
+#: Feature widths (CLIP features, projected tokens, CLIP joint space) of the synthetic signals.
+WIDTHS = {"model": (256, 1024, 256), "llava7b": (1024, 4096, 768)}
+
+
+def prompt_inputs(model, images: int, seed: int = 0) -> dict:
+    """LLaVA-1.5's prompt layout with random ids: system tokens (BOS first), ``images`` x 576 image tokens,
+    text tokens; random pixels for each image."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    per_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    vocab, image_id = config.text_config.vocab_size, config.image_token_id
+
+    def words(count: int) -> torch.Tensor:
+        ids = torch.randint(5, vocab, (1, count), generator=generator)
+        return torch.where(ids == image_id, torch.full_like(ids, 5), ids)
+
+    ids = torch.cat([torch.full((1, 1), config.text_config.bos_token_id), words(SYSTEM_TOKENS - 1),
+                     torch.full((1, images * per_image), image_id), words(TEXT_TOKENS)], dim=1)
+    size = config.vision_config.image_size
+    pixels = torch.randn(images, 3, size, size, generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def _on_prompt(cls: type, num_visual: int, per_image: int) -> type:
+    """``cls`` whose budget check at ``apply`` (made for one image's ``per_image`` tokens) uses the
+    prompt's ``num_visual`` instead; the prefill plans for the prompt's tokens as it always does."""
+    if num_visual == per_image:
+        return cls
+
+    def plan(self, num_layers: int, count: int):
+        return cls.plan(self, num_layers, num_visual if count == per_image else count)
+
+    return type(cls.__name__, (cls,), {"plan": plan, "__doc__": cls.__doc__})
+
+
+class _NoMemory:
+    """``run_variant``'s memory probe, switched off (only times are compared here)."""
+
+    method = "none"
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> int:
+        return 0
+
+
+def method_tasks(model, args, clip_text) -> tuple[dict[str, Callable[[], float]], dict[str, str], dict[str, int]]:
+    """``{label: run -> selection seconds}`` for every method x visual count x budget, the methods that
+    cannot run (label -> reason), and each label's visual-token count."""
+    adapter = adapter_for(model)
+    per_image = adapter.num_visual_tokens
+    tasks: dict[str, Callable[[], float]] = {}
+    skipped: dict[str, str] = {}
+    visual_of: dict[str, int] = {}
+    names = args.methods or [name for name in methods.available() if name != "vanilla"]
+    for num_visual in args.visual:
+        inputs = prompt_inputs(model, IMAGES[num_visual])
+        shape = ModelShape(adapter.num_layers, adapter.num_heads, num_visual)
+        for name in names:
+            for budget in [b * num_visual // 576 for b in args.budgets]:
+                label = f"{name}/V={num_visual}/T={budget}"
+                params = {"tokens": budget, **({"clip_text": clip_text} if name == "cdpruner" else {})}
+                try:
+                    params = methods.get(name).defaults_for(shape, params)
+                    method = _on_prompt(methods.get(name), num_visual, per_image)(**params)
+                    variant = runner.Variant(label, method)
+                    runner.run_variant(model, inputs, variant, {}, 0, _NoMemory(), INSTRUCTION)  # can it run?
+                except (ValueError, RuntimeError, TypeError) as err:
+                    skipped[label] = str(err).splitlines()[0]
+                    continue
+
+                def run(variant=variant, inputs=inputs) -> float:
+                    return runner.run_variant(model, inputs, variant, {}, 0, _NoMemory(), INSTRUCTION)["selection_s"]
+
+                tasks[label] = run
+                visual_of[label] = num_visual
+    return tasks, skipped, visual_of
+
+
+def function_tasks(model, args) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
+    """``{label: selection function call}`` on synthetic signals, and each label's visual-token count."""
+    torch.manual_seed(0)
+    tasks: dict[str, Callable[[], object]] = {}
+    visual_of: dict[str, int] = {}
+    layer = model.model.vision_tower.encoder.layers[-2].self_attn
+    vision_hidden = model.config.vision_config.hidden_size
+    for num_visual in args.visual:
+        images = IMAGES[num_visual]
+        hidden = torch.randn(images, 577, vision_hidden)
+        tasks[f"cls_attention/model/V={num_visual}"] = lambda h=hidden: cls_attention(layer, h)
+        visual_of[f"cls_attention/model/V={num_visual}"] = num_visual
+        for width in args.widths:
+            clip, projected, joint = WIDTHS[width]
+            s = {
+                "attention": torch.distributions.StudentT(2.0).sample((1, num_visual)).abs(),
+                "features": torch.randn(1, num_visual, clip),
+                "projected": torch.randn(1, num_visual, projected),
+                "image_embeds": torch.randn(1, num_visual, joint),
+                "text": [torch.randn(1, joint)],
+            }
+            for budget in [b * num_visual // 576 for b in args.budgets]:
+                calls = {
+                    "vispruner": lambda s=s, b=budget: vispruner_select(s["attention"], s["features"], b, 0.5),
+                    "cdpruner": lambda s=s, b=budget: dpp_select(
+                        cosine_similarity(s["projected"]), relevance_scores(s["image_embeds"], s["text"]), b),
+                    "divprune": lambda s=s, b=budget: divprune_select(s["projected"], b),
+                }
+                if args.plain:
+                    calls["vispruner (plain)"] = lambda s=s, b=budget: vispruner_select_plain(
+                        s["attention"], s["features"], b, 0.5)
+                    calls["cdpruner (plain)"] = lambda s=s, b=budget: dpp_greedy_plain(
+                        similarity_kernel(s["projected"], relevance_scores(s["image_embeds"], s["text"])), b)
+                    calls["divprune (plain)"] = lambda s=s, b=budget: divprune_select_plain(s["projected"], b)
+                for name, call in calls.items():
+                    label = f"{name}/{width}/V={num_visual}/T={budget}"
+                    tasks[label] = call
+                    visual_of[label] = num_visual
+    return tasks, visual_of
 
 
 def timed(fn) -> float:
@@ -51,66 +194,65 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192],
+                        help="budgets at 576 visual tokens; at 2,880 each is multiplied by 5")
+    parser.add_argument("--visual", type=int, nargs="+", choices=sorted(IMAGES), default=sorted(IMAGES))
+    parser.add_argument("--parts", nargs="+", choices=["methods", "functions"], default=["methods", "functions"])
+    parser.add_argument("--methods", nargs="+", help="registered method names (default: every method)")
+    parser.add_argument("--widths", nargs="+", choices=sorted(WIDTHS), default=sorted(WIDTHS))
+    parser.add_argument("--plain", action="store_true", help="also time the plain (pre-speed-up) functions")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
 
-    model, processor = build_tiny_llava(seed=0, **SHAPE)
-    image = Image.fromarray((torch.rand(336, 336, 3) * 255).to(torch.uint8).numpy())
-    inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
-    decoder_params = sum(p.numel() for p in model.model.language_model.parameters())
-    num_visual = 576
-    attention_layer = model.model.vision_tower.encoder.layers[-2].self_attn
-    vision_hidden = model.config.vision_config.hidden_size
+    model = build_shape(SHAPE, torch.float32, "cpu")
+    prompts = {v: prompt_inputs(model, IMAGES[v]) for v in args.visual}
+    tasks: dict[str, Callable[[], object]] = {}
+    for v, inputs in prompts.items():
+        tasks[f"prefill/V={v}"] = lambda inputs=inputs: model(**inputs, logits_to_keep=1)
+    skipped: dict[str, str] = {}
+    visual_of: dict[str, int] = {}
+    measured: set[str] = set()  # tasks that report their own selection time
+    with torch.inference_mode():
+        if "methods" in args.parts:
+            clip_text = clip_text_for(model, SHAPE)
+            found, skipped, of = method_tasks(model, args, clip_text)
+            tasks.update(found)
+            visual_of.update(of)
+            measured.update(found)
+        if "functions" in args.parts:
+            found, of = function_tasks(model, args)
+            tasks.update({f"fn:{k}": v for k, v in found.items()})
+            visual_of.update({f"fn:{k}": v for k, v in of.items()})
 
-    widths = {"model": (vision_hidden, SHAPE["text_hidden"], vision_hidden), "llava7b": (1024, 4096, 768)}
-    signals = {}
-    for name, (dv, d, p) in widths.items():
-        signals[name] = {
-            "attention": torch.distributions.StudentT(2.0).sample((1, num_visual)).abs(),
-            "features": torch.randn(1, num_visual, dv),
-            "projected": torch.randn(1, num_visual, d),
-            "image_embeds": torch.randn(1, num_visual, p),
-            "text": [torch.randn(1, p)],
-            "projected_next": torch.randn(1, 5 * num_visual, d),
-        }
-    hidden = torch.randn(1, num_visual + 1, vision_hidden)
-
-    def cdpruner(s, budget):
-        relevance = relevance_scores(s["image_embeds"], s["text"])
-        return dpp_greedy(similarity_kernel(s["projected"], relevance), budget)
-
-    tasks = {"prefill": lambda: model(**inputs)}
-    for name, s in signals.items():
-        for budget in args.budgets:
-            tasks[f"vispruner/{name}/T={budget}"] = lambda s=s, b=budget: vispruner_select(
-                s["attention"], s["features"], b, 0.5)
-            tasks[f"cdpruner/{name}/T={budget}"] = lambda s=s, b=budget: cdpruner(s, b)
-            tasks[f"divprune/{name}/T={budget}"] = lambda s=s, b=budget: divprune_select(s["projected"], b)
-            tasks[f"divprune/{name}/V=2880/T={5 * budget}"] = lambda s=s, b=budget: divprune_select(
-                s["projected_next"], 5 * b)
-    tasks["cls_attention/model"] = lambda: cls_attention(attention_layer, hidden)
-
-    times: dict[str, list[float]] = {name: [] for name in tasks}
-    with torch.no_grad():
+        names = list(tasks)
+        times: dict[str, list[float]] = {name: [] for name in names}
         for fn in tasks.values():  # warm-up
             fn()
-        for _ in range(args.rounds):
-            for name, fn in tasks.items():
-                times[name].append(timed(fn))
+        for index in range(args.rounds):
+            shift = index * max(1, len(names) // max(1, args.rounds))
+            for name in names[shift:] + names[:shift]:
+                elapsed = timed(tasks[name]) if name not in measured else None
+                times[name].append(tasks[name]() if elapsed is None else elapsed)
+            print(f"round {index + 1}/{args.rounds} done", flush=True)
+
     median = {name: statistics.median(values) for name, values in times.items()}
-    prefill = median["prefill"]
-    print(f"decoder parameters: {decoder_params / 1e6:.1f}M; prompt tokens: {inputs['input_ids'].shape[1]}; "
-          f"threads: {args.threads}; rounds: {args.rounds}")
-    print(f"{'task':36s} {'median ms':>10s} {'/ prefill':>10s}")
-    for name, value in median.items():
-        print(f"{name:36s} {value * 1e3:10.2f} {value / prefill:10.2%}")
+    prefill = {v: median[f"prefill/V={v}"] for v in prompts}
+    ratio = {name: median[name] / prefill[visual_of[name]] for name in names if name in visual_of}
+    print(f"shape {SHAPE}; threads {args.threads}; rounds {args.rounds}; vanilla prefill: "
+          + ", ".join(f"{prompts[v]['input_ids'].shape[1]} tokens ({v} visual) {prefill[v] * 1e3:.0f} ms"
+                      for v in prompts))
+    print(f"{'selection':44s} {'median ms':>10s} {'/ prefill':>10s}")
+    for name in names:
+        if name in ratio:
+            print(f"{name:44s} {median[name] * 1e3:10.2f} {ratio[name]:10.2%}")
+    for name, reason in skipped.items():
+        print(f"{name:44s} not run: {reason}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"median_s": median, "ratio": {k: v / prefill for k, v in median.items()},
-                       "args": vars(args), "decoder_params": decoder_params}, handle, indent=2)
+            json.dump({"median_s": median, "ratio": ratio, "prefill_s": {str(v): p for v, p in prefill.items()},
+                       "skipped": skipped, "times_s": times, "args": vars(args),
+                       "torch": torch.__version__}, handle, indent=2)
 
 
 if __name__ == "__main__":

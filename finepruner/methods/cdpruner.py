@@ -55,6 +55,64 @@ def dpp_greedy(kernel: torch.Tensor, count: int) -> torch.Tensor:
         tokens): the pick contributes a zero vector, so later picks follow the remaining ``d²`` and the
         result still holds ``count`` distinct tokens.
     """
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    rows = torch.arange(kernel.shape[0], device=kernel.device)
+    chosen = _greedy(gains, lambda j: kernel[rows, j], count)
+    return chosen if chosen is not None else dpp_greedy_plain(kernel, count)
+
+
+def dpp_select(similarity: torch.Tensor, relevance: torch.Tensor, count: int) -> torch.Tensor:
+    """``dpp_greedy(diag(r) S diag(r), count)`` without building the kernel: the greedy reads only its
+    diagonal and the ``count`` rows it picks, so those are formed on demand with the same products
+    (``L_ij = (r_i S_ij) r_j``, bit for bit the entries of ``similarity_kernel``'s ``L``) instead of two
+    elementwise passes over the N x N matrix. Same picks as ``dpp_greedy(similarity_kernel(...))``."""
+    diagonal = torch.diagonal(similarity, dim1=1, dim2=2)
+    gains = relevance * diagonal * relevance
+    rows = torch.arange(similarity.shape[0], device=similarity.device)
+
+    def kernel_row(j: torch.Tensor) -> torch.Tensor:
+        return relevance.gather(1, j[:, None]) * similarity[rows, j] * relevance
+
+    chosen = _greedy(gains, kernel_row, count)
+    if chosen is None:
+        return dpp_greedy_plain(relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1), count)
+    return chosen
+
+
+def _greedy(gains: torch.Tensor, kernel_row, count: int) -> torch.Tensor | None:
+    """The loop of ``dpp_greedy_plain`` with the kernel read by rows (``kernel_row(j)``: [B, N] rows ``j``
+    [B]) and picked candidates held at ``-inf`` in ``gains`` instead of masking every step; the same
+    arithmetic on the same shapes, hence the same picks. None when a value is not finite (NaN or inf in
+    the kernel, or an overflowing update), where the plain loop's NaN rules decide instead."""
+    batch, size = gains.shape
+    if not bool(torch.isfinite(gains).all()):
+        return None
+    vectors = gains.new_empty(batch, count, size)  # c_i of the Cholesky-style update, [B, T, N]
+    chosen = gains.new_empty(batch, count, dtype=torch.long)
+    tiny = torch.finfo(gains.dtype).tiny
+    for step in range(count):
+        j = gains.argmax(dim=-1)
+        chosen[:, step] = j
+        gain = gains.gather(1, j[:, None]).squeeze(1)
+        row = kernel_row(j)
+        if step:
+            past = vectors[:, :step]  # [B, step, N]
+            coefficients = past.gather(2, j[:, None, None].expand(-1, step, 1)).view(batch, 1, step)
+            row = row - (coefficients @ past).squeeze(1)
+        e = row / gain.clamp_min(tiny).sqrt().unsqueeze(-1)
+        positive = gain > 0
+        if not bool(positive.all()):
+            e = torch.where(positive.unsqueeze(-1), e, torch.zeros_like(e))
+        vectors[:, step] = e
+        gains = gains - e.square()
+        gains.scatter_(1, j[:, None], -math.inf)
+    if not bool(torch.isfinite(vectors.sum())) and not bool(torch.isfinite(vectors).all()):
+        return None  # a NaN update (the sum alone may also overflow on finite values)
+    return chosen.sort(dim=-1).values
+
+
+def dpp_greedy_plain(kernel: torch.Tensor, count: int) -> torch.Tensor:
+    """``dpp_greedy`` written as the plain batched loop (every step masks the picked candidates)."""
     batch, size, _ = kernel.shape
     rows = torch.arange(batch, device=kernel.device)
     vectors = kernel.new_zeros(batch, count, size)  # c_i of the Cholesky-style update, [B, T, N]
@@ -107,12 +165,17 @@ def relevance_scores(
     return rel
 
 
-def similarity_kernel(projected: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """``L = diag(r) S diag(r)``, S the cosine similarity of the projected tokens [B, V, D]: normalised in
-    the projector's dtype, then float32 (as the official code)."""
+def cosine_similarity(projected: torch.Tensor) -> torch.Tensor:
+    """S [B, V, V], the cosine similarity of the projected tokens [B, V, D]: normalised in the projector's
+    dtype, then float32 (as the official code)."""
     normed = (projected / projected.norm(dim=-1, keepdim=True)).float()
-    similarity = normed @ normed.transpose(1, 2)
-    return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    return normed @ normed.transpose(1, 2)
+
+
+def similarity_kernel(projected: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """``L = diag(r) S diag(r)`` (``cosine_similarity``); the selection itself uses ``dpp_select``, which
+    forms only the rows of L it reads."""
+    return relevance.unsqueeze(2) * cosine_similarity(projected) * relevance.unsqueeze(1)
 
 
 class CDPruner(PruningMethod):
@@ -279,8 +342,7 @@ class CDPruner(PruningMethod):
         projected = _take(vision.projected_features, ids.to(device))
         image_embeds = self._clip.project_image(_take(vision.post_layernorm_features, ids.to(device)))
         relevance = relevance_scores(image_embeds, self._clip.encode_texts(texts), self.normalize, self.theta)
-        kernel = similarity_kernel(projected, relevance)
-        return dpp_greedy(kernel, stage.keep).to(ids.device)
+        return dpp_select(cosine_similarity(projected), relevance, stage.keep).to(ids.device)
 
     def _select_images(self, ctx: StageContext, vision) -> torch.Tensor:
         """Per image (or crop, ``budget_scope``): newline tokens kept, one DPP over the others with the
@@ -309,8 +371,8 @@ class CDPruner(PruningMethod):
         relevance = image_relevance(embeds, text_embeds, ~newline, sign, self.normalize, self.theta)
 
         def choose(rows: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
-            return dpp_greedy(similarity_kernel(_take(projected[rows], candidates),
-                                                relevance[rows].gather(1, candidates)), count)
+            return dpp_select(cosine_similarity(_take(projected[rows], candidates)),
+                              relevance[rows].gather(1, candidates), count)
 
         kept = select_keeping_newlines(self.name, newline, crop, self.tokens, self.budget_scope, choose)
         return kept.to(ctx.visual_ids.device)

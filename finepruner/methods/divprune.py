@@ -17,11 +17,16 @@ from finepruner.methods.base import Positions, PruningMethod, Stage, StageContex
 DEFAULT_RATIO = 0.098
 
 
+def unit_rows(features: torch.Tensor) -> torch.Tensor:
+    """The features in float32 scaled to unit norm (a zero vector stays zero, spec §3.2 pitfall 3)."""
+    x = features.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def cosine_distances(features: torch.Tensor) -> torch.Tensor:
     """``1 - cos(x_i, x_j)`` [B, V, V] in float32 (spec §3.2 pitfall 3); a zero vector has distance 1 to
     every other token instead of NaN."""
-    x = features.float()
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    x = unit_rows(features)
     return 1.0 - x @ x.transpose(1, 2)
 
 
@@ -35,13 +40,40 @@ def divprune_select(features: torch.Tensor, count: int) -> torch.Tensor:
     Returns:
         [B, count] sorted indices.
 
-    The distances are computed once in float32 with the diagonal masked (+inf), so the first pick is
+    The distances ``D = 1 - cos`` are float32 with the diagonal masked (+inf), so the first pick is
     ``argmax_j min_{i != j} D[i, j]`` exactly (the official code takes the column's second smallest entry
     and assumes the diagonal is its minimum, which fp16 does not guarantee). A running vector
     ``m_j = min_{s in S} D[s, j]`` is updated with one row per pick (O(V·count) after the O(V²·D)
-    distances). Ties go to the first index (``argmax``); chosen tokens are excluded explicitly, so exact
+    similarities). Ties go to the first index (``argmax``); chosen tokens are excluded explicitly, so exact
     duplicates never make a token be picked twice (pitfall 3).
+
+    Only the similarity matrix ``G = x xᵀ`` is materialised: rounding is monotone, so
+    ``min_i (1 - G_ij) = 1 - max_i G_ij`` bit for bit and the nearest-neighbour distances come from one
+    column maximum of G; the rows of D the greedy reads are ``1 - G_s`` formed per pick. The values, and so
+    the picks and their ties, are those of ``divprune_select_plain`` (used for features with NaN or inf).
     """
+    x = unit_rows(features)
+    if not bool(torch.isfinite(x).all()):
+        return divprune_select_plain(features, count)
+    batch, size, _ = features.shape
+    similarity = x @ x.transpose(1, 2)  # G, the same product as ``cosine_distances``
+    similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)  # D's masked diagonal: 1 - (-inf) = +inf
+    rows = torch.arange(batch, device=features.device)
+    chosen = torch.empty(batch, count, dtype=torch.long, device=features.device)
+    first = (1.0 - similarity.amax(dim=1)).argmax(dim=-1)  # most isolated token: largest nearest-neighbour distance
+    chosen[:, 0] = first
+    nearest = 1.0 - similarity[rows, first]  # m_j; chosen tokens are held at -inf
+    nearest.scatter_(1, first[:, None], -math.inf)
+    for step in range(1, count):
+        j = nearest.argmax(dim=-1)
+        chosen[:, step] = j
+        nearest = torch.minimum(nearest, 1.0 - similarity[rows, j])  # min(-inf, d) keeps the chosen at -inf
+        nearest.scatter_(1, j[:, None], -math.inf)
+    return chosen.sort(dim=-1).values
+
+
+def divprune_select_plain(features: torch.Tensor, count: int) -> torch.Tensor:
+    """``divprune_select`` on the full distance matrix, chosen tokens masked at every step."""
     batch, size, _ = features.shape
     distances = cosine_distances(features)
     distances.diagonal(dim1=1, dim2=2).fill_(math.inf)

@@ -27,7 +27,8 @@ def important_count(tokens: int, important_ratio: float) -> int:
 def vispruner_select(
     cls_attention: torch.Tensor, features: torch.Tensor, tokens: int, important_ratio: float = 0.5
 ) -> torch.Tensor:
-    """VisPruner's kept set, vectorised over the batch.
+    """VisPruner's kept set, vectorised over the batch (the de-duplication rounds read a candidate list per
+    token, ``deduplicate``; ``vispruner_select_plain`` is the same rule with plain rounds).
 
     Args:
         cls_attention: [B, V] [CLS] attention (mean over heads).
@@ -47,6 +48,18 @@ def vispruner_select(
     where the official code raises, and still ends with exactly T tokens. With ``T_div = 0`` no
     de-duplication runs.
     """
+    return _select(cls_attention, features, tokens, important_ratio, deduplicate)
+
+
+def vispruner_select_plain(
+    cls_attention: torch.Tensor, features: torch.Tensor, tokens: int, important_ratio: float = 0.5
+) -> torch.Tensor:
+    """``vispruner_select`` with the plain rounds (``deduplicate_plain``: an ``|A| x |B|`` block per
+    round); the same kept set, at a cost that grows as the cube of the token count (tests, benchmarks)."""
+    return _select(cls_attention, features, tokens, important_ratio, deduplicate_plain)
+
+
+def _select(cls_attention, features, tokens, important_ratio, rounds) -> torch.Tensor:
     batch, num_visual, width = features.shape
     num_important = important_count(tokens, important_ratio)
     num_diverse = tokens - num_important
@@ -55,23 +68,113 @@ def vispruner_select(
     normed = features.to(torch.promote_types(features.dtype, torch.float32))
     normed = normed / normed.norm(dim=-1, keepdim=True)
     if num_diverse > 0:
-        # cosine similarities among the initial residual tokens, once; rounds only index into them
+        # cosine similarities among the initial residual tokens, once; rounds only read them
         start = normed.gather(1, residual[..., None].expand(-1, -1, width))
         gram = start @ start.transpose(1, 2)  # [B, R0, R0]
-        rows = torch.arange(batch, device=features.device)[:, None, None]
-        places = torch.arange(residual.shape[1], device=features.device).expand(batch, -1)
-        while True:
-            length = places.shape[1]
-            drop = min(ROUND_SIZE, length - num_diverse, (length + 1) // 2)
-            if drop <= 0:
-                break
-            first, second = places[:, 0::2], places[:, 1::2]
-            best = gram[rows, first[:, :, None], second[:, None, :]].amax(dim=-1)  # [B, |A|]
-            survivors = best.argsort(dim=-1, descending=True, stable=True)[:, drop:]
-            places = torch.cat([first.gather(1, survivors), second], dim=1)
-        residual = residual.gather(1, places)
+        if not bool(torch.isfinite(start).all()):  # unit rows give a finite gram; else the plain NaN rules
+            rounds = deduplicate_plain
+        residual = residual.gather(1, rounds(gram, num_diverse))
     selected = torch.cat([important, residual], dim=1) if num_diverse > 0 else important
     return selected.sort(dim=-1).values
+
+
+#: Candidates kept per token by ``deduplicate`` (its most similar tokens among those still alive).
+CANDIDATES = 32
+
+
+def deduplicate(gram: torch.Tensor, count: int) -> torch.Tensor:
+    """The de-duplication rounds of ``vispruner_select`` on a residual list ``0..R0-1``.
+
+    Args:
+        gram: [B, R0, R0] cosine similarities of the residual tokens, in list order (finite).
+        count: T_div, the tokens left at the end (1..R0).
+
+    Returns:
+        [B, T_div] places (indices into the initial list) in final list order.
+
+    Each round needs, for every A-token, its best match in B; a plain round gathers the whole
+    ``|A| x |B|`` block (R0³/96 reads in all, the cost that grows as the cube of the token count). Here
+    every token keeps its ``CANDIDATES`` most similar tokens among those still alive (top-k of its gram
+    row, refilled from the alive tokens when none of them is in B): since tokens only ever leave, the
+    first candidate in B has the largest similarity of all B-tokens, so a round reads ``|A| x 32``
+    entries. The values are the same gram entries and ``max`` is exact, so every round's ordering,
+    ties included, is the plain rule's (``deduplicate_plain``).
+    """
+    batch, size, _ = gram.shape
+    if size <= 2 * CANDIDATES:
+        return deduplicate_plain(gram, count)
+    device = gram.device
+    flat = gram.reshape(batch * size, size)
+    # every token is addressed by its flat id, sample * R0 + place, so one table serves the whole batch
+    offset = torch.arange(batch, device=device)[:, None] * size
+    cand_val, cand_idx = gram.topk(CANDIDATES, dim=-1, sorted=False)  # [B, R0, C]
+    cand_val = cand_val.reshape(batch * size, -1)
+    cand_idx = (cand_idx + offset[..., None]).reshape(batch * size, -1)
+    places = torch.arange(size, device=device) + offset  # [B, R] flat ids in list order
+    # 0 on the current B-tokens, -inf elsewhere: adding it keeps a candidate's similarity only when in B
+    in_b = torch.full((batch * size,), -torch.inf, dtype=gram.dtype, device=device)
+    second_ids = None
+    while True:
+        length = places.shape[1]
+        drop = min(ROUND_SIZE, length - count, (length + 1) // 2)
+        if drop <= 0:
+            return places - offset
+        first, second = places[:, 0::2], places[:, 1::2]
+        if second_ids is not None:
+            in_b.index_fill_(0, second_ids, -torch.inf)
+        second_ids = second.reshape(-1)
+        in_b.index_fill_(0, second_ids, 0.0)
+        rows = first.reshape(-1)  # the A-tokens, [B*|A|]
+        best = (cand_val.index_select(0, rows) + _lookup(in_b, cand_idx.index_select(0, rows))).amax(dim=-1)
+        if best.amin().item() == -torch.inf:  # no candidate of some A-token is in B
+            missing = (best == -torch.inf).nonzero().squeeze(1)
+            best[missing] = _refill(flat, cand_val, cand_idx, rows[missing], places, in_b, second, size)
+        order = best.view(batch, -1).argsort(dim=-1, descending=True, stable=True)
+        places = torch.cat([first.gather(1, order[:, drop:]), second], dim=1)
+
+
+def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``table[ids]`` for a flat table (a 1-D gather, much cheaper than advanced indexing or ``take``)."""
+    return table.index_select(0, ids.reshape(-1)).view(ids.shape)
+
+
+def _refill(flat, cand_val, cand_idx, rows, places, in_b, second, size) -> torch.Tensor:
+    """Refill the candidates of ``rows`` (flat ids) with their most similar alive tokens (those still in
+    ``places``); returns their best similarity in B (exact over B where still none of them is in B)."""
+    sample = rows // size
+    mask = torch.zeros(in_b.shape, dtype=torch.bool, device=places.device).index_fill_(0, places.reshape(-1), True)
+    alive = mask.nonzero().view(places.shape).index_select(0, sample)  # [n, R] flat ids of the row's sample
+    values = flat.index_select(0, rows).gather(1, alive - (sample * size)[:, None])
+    width = cand_val.shape[1]
+    keep = min(width, alive.shape[1])
+    top_val, top_pos = values.topk(keep, dim=-1, sorted=False)
+    top_idx = alive.gather(1, top_pos)
+    if keep < width:  # fewer alive tokens than candidates: all of them, padded with -inf
+        top_val = torch.cat([top_val, top_val.new_full((len(rows), width - keep), -torch.inf)], dim=1)
+        top_idx = torch.cat([top_idx, top_idx[:, :1].expand(-1, width - keep)], dim=1)
+    cand_val[rows], cand_idx[rows] = top_val, top_idx
+    best = (top_val + _lookup(in_b, top_idx)).amax(dim=-1)
+    still = (best == -torch.inf).nonzero().squeeze(1)
+    if still.numel():  # every alive candidate is in A: the exact maximum over B
+        columns = second.index_select(0, sample[still]) - (sample[still] * size)[:, None]
+        best[still] = flat.index_select(0, rows[still]).gather(1, columns).amax(dim=-1)
+    return best
+
+
+def deduplicate_plain(gram: torch.Tensor, count: int) -> torch.Tensor:
+    """``deduplicate`` by the plain rule: each round gathers the ``|A| x |B|`` similarity block."""
+    batch, size, _ = gram.shape
+    rows = torch.arange(batch, device=gram.device)[:, None, None]
+    places = torch.arange(size, device=gram.device).expand(batch, -1)
+    while True:
+        length = places.shape[1]
+        drop = min(ROUND_SIZE, length - count, (length + 1) // 2)
+        if drop <= 0:
+            return places
+        first, second = places[:, 0::2], places[:, 1::2]
+        best = gram[rows, first[:, :, None], second[:, None, :]].amax(dim=-1)  # [B, |A|]
+        survivors = best.argsort(dim=-1, descending=True, stable=True)[:, drop:]
+        places = torch.cat([first.gather(1, survivors), second], dim=1)
 
 
 class VisPruner(PruningMethod):
