@@ -30,7 +30,7 @@ from finepruner.models.tiny_families import (
     tiny_image,
     visual_token_counts,
 )
-from tests.conftest import assert_row_equals_alone
+from tests.conftest import NUM_VISUAL, assert_row_equals_alone, noise_images
 from tests.test_cdpruner import reference_dpp, reference_text_embeds
 from tests.test_vispruner import reference_vispruner
 
@@ -514,3 +514,35 @@ def test_remove_restores_the_model():
              for name, module in fam.model.named_modules()}
     assert before == after
     assert math.isfinite(float(fam.generate(fam.inputs([0])).scores[0].max()))
+
+
+@pytest.mark.parametrize("method", ["vispruner", "cdpruner"])
+def test_llava15_crop_scope_selects_per_image(tiny, clip, method):
+    """LLaVA-1.5 (one budget per sample): ``budget_scope="crop"`` gives each image of a two-image sample its
+    own T tokens, the same as that image alone; the default is unchanged (one selection per sample)."""
+    model, processor = tiny
+    first, second = noise_images(2, seed=5)
+    text = "what color is the circle ?"
+    params = {"clip_text": clip} if method == "cdpruner" else {}
+    two = processor(images=[first, second], text=[f"USER: <image> <image> {text} ASSISTANT:"], return_tensors="pt")
+    with finepruner.apply(model, method, tokens=6, budget_scope="crop", **params) as handle:
+        handle.set_instructions([text])
+        with torch.no_grad():
+            model(**two)
+        kept = handle.kept[0][0].tolist()
+        alone = []
+        for image in (first, second):
+            handle.set_instructions([text])
+            with torch.no_grad():
+                model(**processor(images=[image], text=[f"USER: <image> {text} ASSISTANT:"], return_tensors="pt"))
+            alone.append(handle.kept[0][0].tolist())
+    assert len(kept) == 12
+    if method == "vispruner":  # CDPruner's relevance min-max spans the sample (both images), as the official code
+        assert kept == alone[0] + [NUM_VISUAL + i for i in alone[1]]
+    else:
+        assert all(i < NUM_VISUAL for i in kept[:6]) and all(i >= NUM_VISUAL for i in kept[6:])
+    with finepruner.apply(model, method, tokens=6, **params) as handle:
+        handle.set_instructions([text])
+        with torch.no_grad():
+            model(**two)
+        assert handle.kept[0].shape == (1, 6)
