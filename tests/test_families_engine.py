@@ -23,6 +23,7 @@ from finepruner.models.adapters import (
     adapter_for,
     families,
 )
+from finepruner.models.clip_text import build_tiny_clip_text
 from finepruner.models.tiny_families import (
     build_tiny_llava_next,
     build_tiny_llava_onevision,
@@ -48,9 +49,11 @@ class Family:
         self.name = name
         if name == "llava_next":
             self.model, processor = build_tiny_llava_next(seed=0, attn=attn, qk_scale=8.0)
+            self.processor = processor
             self.build = lambda prompts, images: next_inputs(self.model, processor, prompts, images)
         else:
             self.model, image_processor, tokenizer = build_tiny_llava_onevision(seed=0, attn=attn, qk_scale=8.0)
+            self.processor = tokenizer
             self.build = lambda prompts, images: onevision_inputs(self.model, image_processor, tokenizer, prompts,
                                                                   images)
         self.model.eval()
@@ -184,6 +187,8 @@ def _params(name: str, fam: Family) -> dict:
     base = {"vanilla": {}, "pdrop": {"layers": [1, 2], "ratios": [0.5, 0.5]},
             "sparsevlm": {"layers": [0, 1, 2], "keeps": [30, 20, 10]},
             "dart": {"tokens": 8, "pivot_text_tokens": 2}}.get(name, {"tokens": 8})
+    if name == "cdpruner" and fam.name == "llava_next":  # CLIP relevance: a tiny CLIP text tower
+        base = {**base, "clip_text": build_tiny_clip_text(32, seed=3, max_positions=8)}
     return method_class(name).defaults_for(shape, base)
 
 
@@ -196,7 +201,7 @@ def test_padded_batch_of_different_images_equals_each_sample_alone(name):
     for method in _methods_on(fam):
         if method == "pool":  # needs a square grid per image: refused on anyres layouts (below)
             continue
-        with finepruner.apply(fam.model, method, **_params(method, fam)) as handle:
+        with finepruner.apply(fam.model, method, processor=fam.processor, **_params(method, fam)) as handle:
             together = fam.generate(inputs)
             kept = [k.clone() for k in handle.kept]
             for row in range(len(PROMPTS)):
@@ -211,7 +216,8 @@ def test_padded_batch_of_different_images_equals_each_sample_alone(name):
                         assert torch.equal(kept[stage][row, :width], alone_kept[0]), (method, row, stage)
                         assert bool((kept[stage][row, width:] == -1).all())
         tested.append(method)
-    assert {"fastv", "pdrop", "sparsevlm", "random", "finepruner", "dart", "divprune"} <= set(tested)
+    assert {"fastv", "pdrop", "sparsevlm", "random", "finepruner", "dart", "divprune", "vispruner",
+            "cdpruner"} <= set(tested)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -330,3 +336,27 @@ def test_rebuild_equals_the_batched_keep_and_insert(renumber, insert):
     assert torch.equal(built.shift, expected.shift)
     assert torch.equal(torch.stack([u.index for u in unit_list]), expected.visual_index)
     assert torch.equal(torch.stack([u.ids for u in unit_list]), expected.visual_ids)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stats_count_the_crops_the_tower_encoded(name):
+    """``PruneStats.crops`` (vision FLOPs per crop): every image's base crop and tiles, padding crops excluded."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    fam = family(name)
+    inputs = fam.inputs()
+    config = fam.model.config
+    multi = {2}  # the two-image row: OneVision encodes each of its images as one base crop
+    expected = 0
+    for row, images in enumerate(IMAGES):
+        for image in images:
+            if name == "llava_onevision" and row in multi:
+                expected += 1
+            else:
+                expected += image_size_to_num_patches((image.height, image.width), config.image_grid_pinpoints,
+                                                      config.vision_config.image_size)
+    for method in ("vanilla", "fastv"):
+        with finepruner.apply(fam.model, method, **({} if method == "vanilla" else {"tokens": 6})) as handle:
+            fam.generate(inputs)
+        assert handle.stats.crops == expected
+        assert handle.stats.flops["vision_crops"] == expected

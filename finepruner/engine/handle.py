@@ -57,6 +57,11 @@ class Handle:
         # this call's (visual-token mask, per-sample keys, visual tokens per image or None)
         self._pending: tuple[torch.Tensor | None, list[int], list[int] | None] | None = None
         self._hook = None
+        self._tower_hook = None
+        # crops the vision tower encoded for the current images (PruneStats.crops); a tower call after a
+        # prefill took the count starts a new one (generate(use_cache=False) reuses the same encoding)
+        self._crops: int | None = None
+        self._crops_taken = False
         self._vision: VisionCapture | None = None  # vision-side hooks for methods with ``needs_vision``
         # generate(use_cache=False) passes the same pre-encoded images (``mm_encoder_outputs``) to every
         # step, which re-prunes the whole prompt: the signals taken at the first step serve the later ones
@@ -100,6 +105,7 @@ class Handle:
         lm.forward = functools.partial(pruned_forward, lm, self)
         setattr(lm, _HANDLE_ATTRIBUTE, self)
         self._hook = self.adapter.llava_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
+        self._tower_hook = self.adapter.vision_tower.register_forward_pre_hook(self._count_crops)
         needs = set(self.method.needs_vision)
         supported = self.adapter.vision_signals_supported()
         # families with per-image budgets give projected features from the language model's input itself
@@ -115,6 +121,9 @@ class Handle:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._tower_hook is not None:
+            self._tower_hook.remove()
+            self._tower_hook = None
         if self._vision is not None:
             self._vision.remove()
             self._vision = None
@@ -148,7 +157,8 @@ class Handle:
         self._prompt_ids = None
         self._instructions = None
         self._encoder_outputs = kwargs.get("mm_encoder_outputs")
-        if kwargs.get("pixel_values") is None and kwargs.get("mm_encoder_outputs") is None:
+        encoded_any = any(v is not None for v in (kwargs.get("mm_encoder_outputs") or {}).values())
+        if kwargs.get("pixel_values") is None and not encoded_any:
             self._pending = None  # no image in this call (e.g. a decode step)
             return None
         self._pending = None
@@ -208,6 +218,19 @@ class Handle:
         if not keys:
             keys = list(range(shape[0]))
         return image_mask, keys, counts
+
+    def _count_crops(self, module, args) -> None:
+        """Pre-hook on the vision tower: count the crops (images, or anyres base + tiles) it encodes."""
+        if self._crops_taken or self._crops is None:
+            self._crops, self._crops_taken = 0, False
+        pixels = args[0] if args else None
+        if isinstance(pixels, torch.Tensor):
+            self._crops += int(pixels.shape[0])
+
+    def _take_crops(self) -> int | None:
+        """Crops encoded for this prefill's images (None when the tower did not run under this handle)."""
+        self._crops_taken = True
+        return self._crops
 
     def _discard_vision(self) -> None:
         """Drop the vision signals captured for this prefill (a prefill that does not use them)."""

@@ -83,8 +83,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--image-aspect-ratio",
         choices=("pad", "original"),
-        default="pad",
-        help="pad: LLaVA-1.5's expand-to-square with the mean colour (default)",
+        default=None,
+        help="pad: LLaVA-1.5's expand-to-square with the mean colour; original: the processor's own handling "
+        "(default: the model family's protocol, pad on LLaVA-1.5, original on LLaVA-NeXT/OneVision)",
     )
     p.add_argument("--dtype", help="model dtype (e.g. float16, bfloat16, float32)")
     p.add_argument("--device", help="device (default: cuda:LOCAL_RANK when available, else cpu)")

@@ -37,7 +37,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cols", type=int, default=8, help="head maps per row (default 8)")
     p.add_argument("--heads-method", type=int, help="index of the method whose heads to draw (default: first "
                    "with an attention signal)")
-    p.add_argument("--image-aspect-ratio", choices=("pad", "original"), default="pad")
+    p.add_argument("--image-aspect-ratio", choices=("pad", "original"), default=None,
+                   help="default: the model family's protocol (pad on LLaVA-1.5)")
     p.add_argument("--dtype", help="model dtype")
     p.add_argument("--device", help="device (default: cpu)")
     p.set_defaults(func=run_show)
@@ -96,9 +97,12 @@ def run_show(args: argparse.Namespace) -> int:
         from finepruner.models.loading import load_model
 
         model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+        from finepruner.models.adapters import adapter_for
+
+        aspect = args.image_aspect_ratio or adapter_for(model).default_image_aspect_ratio
         written = show(model, processor, image, args.question, methods, args.out, panel=args.panel,
                        tile=args.tile, cols=args.cols, heads_method=args.heads_method,
-                       aspect=args.image_aspect_ratio)
+                       aspect=aspect)
     except (OSError, ValueError) as err:
         print(f"finepruner show: error: {err}", file=sys.stderr)
         return 2

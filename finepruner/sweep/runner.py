@@ -152,7 +152,7 @@ def probe_efficiency(model: Any, processor: Any, cell: Cell, data_root: str | Pa
     sample = next((s for s in bench.load(data_root) if s.has_image), None)
     if sample is None:
         return {}
-    generator = Generator(model, processor, cell.settings.get("image_aspect_ratio") or "pad")
+    generator = Generator(model, processor, cell.settings.get("image_aspect_ratio"))
     method = "vanilla" if cell.method in NO_METHOD else cell.method
     with finepruner.apply(model, method, processor=processor, **dict(cell.params)) as handle:
         generator.generate([sample.text], [generator.prepare_image(sample)], max_new_tokens=1)
@@ -231,7 +231,7 @@ def run_sweep(
                 benches=[cell.benchmark], data_root=str(opts.data_root), out=str(run_dir), model=opts.model,
                 model_id=cell.model_id, method=cell.method, method_params=dict(cell.params),
                 batch_size=opts.batch_size or int(s.get("batch_size") or 1), limit=s.get("limit"),
-                max_new_tokens=s.get("max_new_tokens"), image_aspect_ratio=s.get("image_aspect_ratio") or "pad",
+                max_new_tokens=s.get("max_new_tokens"), image_aspect_ratio=s.get("image_aspect_ratio"),
                 files=dict(s.get("files") or {}), dtype=s.get("dtype"), device=opts.device,
                 progress=opts.eval_progress,
             )
