@@ -4,7 +4,9 @@ The model is ``finepruner bench``'s ``medium`` shape (CLIP tower 336/14 with 4 l
 256 -> 1024, Llama decoder hidden 1024, 8 layers, 16 heads, MLP 2816, vocab 32064, random weights,
 float32). Its prompts have LLaVA-1.5's layout: 35 system tokens, the image tokens, 40 text tokens, batch
 1. One image gives 576 visual tokens (651 tokens); five images give 2,880 (2,955 tokens), the visual-token
-count of LLaVA-NeXT's fixed 2 x 2 grid + base layout (5 x 576 crops). The vanilla prefill is one
+count of LLaVA-NeXT's fixed 2 x 2 grid + base layout (5 x 576 crops). A third prompt is the same decoder
+and tower as a LLaVA-NeXT model (``next-medium``): one 672-px image, 5 crops, base 576 + 2 x 2 tiles
+2,304 + 48 newlines = 2,928 visual tokens (3,003 tokens), a per-image budget. The vanilla prefill is one
 ``model(**inputs, logits_to_keep=1)`` of that prompt with nothing applied (vision tower, projector,
 decoder, LM head on the last token), as ``finepruner bench`` times it.
 
@@ -13,13 +15,15 @@ both prompts, and reported as ratios of medians measured in the same run:
 
 * ``methods``: every registered method inside a real pruned prefill of the 576- or 2,880-token prompt,
   budgets 64/128/192 and five times those (320/640/960), with the parameters ``finepruner bench`` would
-  use (``defaults_for``; CDPruner: a random CLIP text tower of the shape's size). The selection time is
+  use (``defaults_for``; CDPruner: a random CLIP text tower of the shape's size), and on the 2,928-token
+  NeXT prompt at 320/640/960 per image (newline tokens kept on top). The selection time is
   ``finepruner bench``'s: the engine's ``PruneStats.selection_seconds`` (vision signals taken, attention
   signals, ``select``, CDPruner's text tower) plus the method's vision-capture hooks
   (``finepruner.bench.runner.run_variant``). On the 2,880-token prompt the budget counts all five images
   together (LLaVA-1.5's per-sample budget); ``apply`` checks a budget against one image's 576 tokens, so
   the benchmark makes that check use the prompt's 2,880 (``_on_prompt``). Methods that need one square
-  patch grid per sample (``pool``, ``hiprune``) do not run on five images and are reported as such.
+  patch grid or one image per sample (``pool``, ``hiprune``, ``prumerge``, ``prumerge_plus``,
+  ``visionzip``) run on neither 2,880-token layout and are reported as such.
 * ``functions``: the pre-LLM selection functions alone on synthetic signals of the same shapes (VisPruner
   ranking + de-duplication, CDPruner similarity + DPP, DivPrune; the text tower excluded), with the
   feature widths of the bench model (``model``: CLIP 256, projected 1024, joint 256) and of LLaVA-1.5-7B
@@ -45,7 +49,7 @@ import torch
 
 from finepruner import methods
 from finepruner.bench import runner
-from finepruner.bench.shapes import INSTRUCTION, build_shape, clip_text_for
+from finepruner.bench.shapes import INSTRUCTION, build_shape, clip_text_for, synthetic_inputs
 from finepruner.engine.vision import cls_attention
 from finepruner.methods.base import ModelShape
 from finepruner.methods.cdpruner import (
@@ -61,16 +65,20 @@ from finepruner.models.adapters import adapter_for
 
 SHAPE = "medium"
 SYSTEM_TOKENS, TEXT_TOKENS = 35, 40
-#: Images per prompt for each visual-token count (576 per image).
-IMAGES = {576: 1, 2880: 5}
+#: The prompt of each visual-token count: (named shape, images), 576 visual tokens per ``medium`` image;
+#: ``next-medium``'s one 672-px image has 2,928 (base + 2 x 2 tiles + 48 newlines).
+LAYOUTS = {576: ("medium", 1), 2880: ("medium", 5), 2928: ("next-medium", 1)}
 #: Feature widths (CLIP features, projected tokens, CLIP joint space) of the synthetic signals.
 WIDTHS = {"model": (256, 1024, 256), "llava7b": (1024, 4096, 768)}
 
 
 def prompt_inputs(model, images: int, seed: int = 0) -> dict:
     """LLaVA-1.5's prompt layout with random ids: system tokens (BOS first), ``images`` x 576 image tokens,
-    text tokens; random pixels for each image."""
+    text tokens; random pixels for each image. A LLaVA-NeXT model gets ``finepruner bench``'s synthetic
+    sample (one image, all its crops)."""
     config = model.config
+    if config.model_type != "llava":
+        return synthetic_inputs(model, 1, SYSTEM_TOKENS, TEXT_TOKENS, "cpu", torch.float32, seed)
     generator = torch.Generator().manual_seed(seed)
     per_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     vocab, image_id = config.text_config.vocab_size, config.image_token_id
@@ -86,10 +94,15 @@ def prompt_inputs(model, images: int, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
+def budgets_at(num_visual: int, budgets: list[int]) -> list[int]:
+    """The budgets of a 576-token image, five times each for the 2,880- and 2,928-token prompts."""
+    return list(budgets) if num_visual <= 576 else [5 * b for b in budgets]
+
+
 def _on_prompt(cls: type, num_visual: int, per_image: int) -> type:
     """``cls`` whose budget check at ``apply`` (made for one image's ``per_image`` tokens) uses the
     prompt's ``num_visual`` instead; the prefill plans for the prompt's tokens as it always does."""
-    if num_visual == per_image:
+    if num_visual <= per_image:
         return cls
 
     def plan(self, num_layers: int, count: int):
@@ -110,20 +123,21 @@ class _NoMemory:
         return 0
 
 
-def method_tasks(model, args, clip_text) -> tuple[dict[str, Callable[[], float]], dict[str, str], dict[str, int]]:
+def method_tasks(models, prompts, args) -> tuple[dict[str, Callable[[], float]], dict[str, str], dict[str, int]]:
     """``{label: run -> selection seconds}`` for every method x visual count x budget, the methods that
     cannot run (label -> reason), and each label's visual-token count."""
-    adapter = adapter_for(model)
-    per_image = adapter.num_visual_tokens
     tasks: dict[str, Callable[[], float]] = {}
     skipped: dict[str, str] = {}
     visual_of: dict[str, int] = {}
     names = args.methods or [name for name in methods.available() if name != "vanilla"]
     for num_visual in args.visual:
-        inputs = prompt_inputs(model, IMAGES[num_visual])
+        model, inputs = models[LAYOUTS[num_visual][0]], prompts[num_visual]
+        adapter = adapter_for(model)
+        per_image = adapter.max_visual_tokens
+        clip_text = clip_text_for(model, LAYOUTS[num_visual][0]) if "cdpruner" in names else None
         shape = ModelShape(adapter.num_layers, adapter.num_heads, num_visual)
         for name in names:
-            for budget in [b * num_visual // 576 for b in args.budgets]:
+            for budget in budgets_at(num_visual, args.budgets):
                 label = f"{name}/V={num_visual}/T={budget}"
                 params = {"tokens": budget, **({"clip_text": clip_text} if name == "cdpruner" else {})}
                 try:
@@ -135,7 +149,7 @@ def method_tasks(model, args, clip_text) -> tuple[dict[str, Callable[[], float]]
                     skipped[label] = str(err).splitlines()[0]
                     continue
 
-                def run(variant=variant, inputs=inputs) -> float:
+                def run(variant=variant, inputs=inputs, model=model) -> float:
                     return runner.run_variant(model, inputs, variant, {}, 0, _NoMemory(), INSTRUCTION)["selection_s"]
 
                 tasks[label] = run
@@ -150,8 +164,8 @@ def function_tasks(model, args) -> tuple[dict[str, Callable[[], object]], dict[s
     visual_of: dict[str, int] = {}
     layer = model.model.vision_tower.encoder.layers[-2].self_attn
     vision_hidden = model.config.vision_config.hidden_size
-    for num_visual in args.visual:
-        images = IMAGES[num_visual]
+    for num_visual in [v for v in args.visual if LAYOUTS[v][0] == SHAPE]:
+        images = LAYOUTS[num_visual][1]
         hidden = torch.randn(images, 577, vision_hidden)
         tasks[f"cls_attention/model/V={num_visual}"] = lambda h=hidden: cls_attention(layer, h)
         visual_of[f"cls_attention/model/V={num_visual}"] = num_visual
@@ -164,7 +178,7 @@ def function_tasks(model, args) -> tuple[dict[str, Callable[[], object]], dict[s
                 "image_embeds": torch.randn(1, num_visual, joint),
                 "text": [torch.randn(1, joint)],
             }
-            for budget in [b * num_visual // 576 for b in args.budgets]:
+            for budget in budgets_at(num_visual, args.budgets):
                 calls = {
                     "vispruner": lambda s=s, b=budget: vispruner_select(s["attention"], s["features"], b, 0.5),
                     "cdpruner": lambda s=s, b=budget: dpp_select(
@@ -196,7 +210,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192],
                         help="budgets at 576 visual tokens; at 2,880 each is multiplied by 5")
-    parser.add_argument("--visual", type=int, nargs="+", choices=sorted(IMAGES), default=sorted(IMAGES))
+    parser.add_argument("--visual", type=int, nargs="+", choices=sorted(LAYOUTS), default=sorted(LAYOUTS),
+                        help="prompts: 576 (medium, 1 image), 2880 (medium, 5 images), 2928 (next-medium)")
     parser.add_argument("--parts", nargs="+", choices=["methods", "functions"], default=["methods", "functions"])
     parser.add_argument("--methods", nargs="+", help="registered method names (default: every method)")
     parser.add_argument("--widths", nargs="+", choices=sorted(WIDTHS), default=sorted(WIDTHS))
@@ -205,23 +220,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = build_shape(SHAPE, torch.float32, "cpu")
-    prompts = {v: prompt_inputs(model, IMAGES[v]) for v in args.visual}
+    models = {name: build_shape(name, torch.float32, "cpu") for name in {LAYOUTS[v][0] for v in args.visual}}
+    models.setdefault(SHAPE, build_shape(SHAPE, torch.float32, "cpu"))  # the functions' vision layer
+    prompts = {v: prompt_inputs(models[LAYOUTS[v][0]], LAYOUTS[v][1]) for v in args.visual}
     tasks: dict[str, Callable[[], object]] = {}
     for v, inputs in prompts.items():
-        tasks[f"prefill/V={v}"] = lambda inputs=inputs: model(**inputs, logits_to_keep=1)
+        model = models[LAYOUTS[v][0]]
+        tasks[f"prefill/V={v}"] = lambda inputs=inputs, model=model: model(**inputs, logits_to_keep=1)
     skipped: dict[str, str] = {}
     visual_of: dict[str, int] = {}
     measured: set[str] = set()  # tasks that report their own selection time
     with torch.inference_mode():
         if "methods" in args.parts:
-            clip_text = clip_text_for(model, SHAPE)
-            found, skipped, of = method_tasks(model, args, clip_text)
+            found, skipped, of = method_tasks(models, prompts, args)
             tasks.update(found)
             visual_of.update(of)
             measured.update(found)
         if "functions" in args.parts:
-            found, of = function_tasks(model, args)
+            found, of = function_tasks(models[SHAPE], args)
             tasks.update({f"fn:{k}": v for k, v in found.items()})
             visual_of.update({f"fn:{k}": v for k, v in of.items()})
 
@@ -239,7 +255,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
     prefill = {v: median[f"prefill/V={v}"] for v in prompts}
     ratio = {name: median[name] / prefill[visual_of[name]] for name in names if name in visual_of}
-    print(f"shape {SHAPE}; threads {args.threads}; rounds {args.rounds}; vanilla prefill: "
+    print(f"threads {args.threads}; rounds {args.rounds}; vanilla prefill: "
           + ", ".join(f"{prompts[v]['input_ids'].shape[1]} tokens ({v} visual) {prefill[v] * 1e3:.0f} ms"
                       for v in prompts))
     print(f"{'selection':44s} {'median ms':>10s} {'/ prefill':>10s}")

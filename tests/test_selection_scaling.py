@@ -2,7 +2,8 @@
 
 Each reference below is the implementation as it was before the speed-up (issue #13 item 5), copied
 unchanged: VisPruner's de-duplication gathering an |A| x |B| block per round, CDPruner's greedy DPP on the
-full kernel with a mask per step, DivPrune's greedy on the full distance matrix. Inputs are random, of
+full kernel with a mask per step, DivPrune's greedy on the full distance matrix, SparseVLM's recycling on
+one ``cdist`` call. Inputs are random, of
 several sizes and budgets, batched, with tied attention, duplicated and discrete features (similarity
 ties) and exhausted DPP kernels, where a different operation order would change the picks.
 """
@@ -14,7 +15,7 @@ import math
 import pytest
 import torch
 
-from finepruner.methods import cdpruner, divprune, vispruner
+from finepruner.methods import cdpruner, divprune, sparsevlm_recycling, vispruner
 
 # -- the references: the code before the speed-up -----------------------------------------------------
 
@@ -95,6 +96,26 @@ def reference_divprune(features, count):
         picked[rows, j] = True
         nearest = torch.minimum(nearest, distances[rows, j])
     return chosen.sort(dim=-1).values
+
+
+def reference_cluster_and_merge(x, clusters, noise):
+    batch, count, width = x.shape
+    x = x.float()
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / (width**0.5)
+    nearest = dist.topk(clusters, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(dim=-1)).exp() + noise.to(x.device, torch.float32) * 1e-6
+    higher = density[:, None, :] > density[:, :, None]
+    dist_max = dist.flatten(1).max(dim=-1).values[:, None, None]
+    delta = torch.where(higher, dist, dist_max).min(dim=-1).values
+    centres = (delta * density).topk(clusters, dim=-1).indices
+    assign = dist.gather(1, centres[..., None].expand(-1, -1, count)).argmin(dim=1)
+    assign.scatter_(1, centres, torch.arange(clusters, device=x.device).expand(batch, -1))
+    ones = torch.ones_like(assign, dtype=x.dtype)
+    sizes = torch.zeros(batch, clusters, device=x.device).scatter_add_(1, assign, ones)
+    weight = 1.0 / (sizes + 1e-6).gather(1, assign)
+    merged = torch.zeros(batch, clusters, width, device=x.device)
+    merged.scatter_add_(1, assign[..., None].expand(-1, -1, width), x * weight[..., None])
+    return merged, centres, assign
 
 
 # -- inputs -------------------------------------------------------------------------------------------
@@ -233,3 +254,20 @@ def test_divprune_non_finite_features_follow_the_plain_loop():
     features[0, 3, 2] = math.nan
     features[1, 9, 0] = math.inf
     assert torch.equal(divprune.divprune_select(features, 30), reference_divprune(features, 30))
+
+
+# -- SparseVLM's recycling ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "width"), [(40, 8), (300, 24), (700, 64)])
+def test_sparsevlm_recycling_equals_one_cdist_call(size, width):
+    generator = torch.Generator().manual_seed(size)
+    for kind in KINDS:
+        x = features_of(kind, 2, size, width, generator) * 3.0
+        noise = torch.rand(2, size, generator=generator)
+        clusters = size // 10 + 1
+        got = sparsevlm_recycling.cluster_and_merge(x, clusters, noise)
+        expected = reference_cluster_and_merge(x, clusters, noise)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), kind
+    assert torch.equal(sparsevlm_recycling.euclidean_distances(x),
+                       torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist"))
