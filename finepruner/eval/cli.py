@@ -87,6 +87,12 @@ def register(subparsers: Any) -> None:
         help="pad: LLaVA-1.5's expand-to-square with the mean colour; original: the processor's own handling "
         "(default: the model family's protocol, pad on LLaVA-1.5, original on LLaVA-NeXT/OneVision)",
     )
+    p.add_argument(
+        "--layout",
+        default="hf",
+        help="image-token layout: hf (the model's own, default) or, on LLaVA-NeXT, paper2880 (the papers' fixed "
+        "2x2 grid: 5 x 576 tokens, no unpadding, no newline)",
+    )
     p.add_argument("--dtype", help="model dtype (e.g. float16, bfloat16, float32)")
     p.add_argument("--device", help="device (default: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -158,6 +164,7 @@ def run_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             image_aspect_ratio=args.image_aspect_ratio,
+            layout=args.layout,
             files=parse_files(args.file),
             dtype=args.dtype,
             device=args.device,

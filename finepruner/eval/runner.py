@@ -60,6 +60,9 @@ class EvalConfig:
     #: ``"pad"`` (LLaVA-1.5's expand2square) or ``"original"``; None: the model family's default
     #: (``ModelAdapter.default_image_aspect_ratio``: pad on LLaVA-1.5, original on NeXT and OneVision).
     image_aspect_ratio: str | None = None
+    #: image-token layout of the model family (``ModelAdapter.layouts``): ``"hf"`` (the model's own) or, on
+    #: LLaVA-NeXT, ``"paper2880"`` (the papers' fixed 5 x 576 tokens, ``docs/models.md``).
+    layout: str = "hf"
     files: dict[str, dict[str, str]] = field(default_factory=dict)
     dtype: str | None = None
     device: str | None = None
@@ -406,7 +409,7 @@ def _check_config_compatible(run_dir: Path, config: EvalConfig) -> None:
     if not old_path.is_file():
         return
     old = json.loads(old_path.read_text())
-    for key in ("model_id", "method", "method_params", "image_aspect_ratio", "max_new_tokens"):
+    for key in ("model_id", "method", "method_params", "image_aspect_ratio", "layout", "max_new_tokens"):
         new_value = config.resolved_model_id() if key == "model_id" else getattr(config, key)
         if key in old and old[key] != new_value:
             raise EvalError(
@@ -487,6 +490,7 @@ def evaluate(
         from finepruner.models.adapters import adapter_for
 
         family = type(adapter_for(model))
+    family.check_layout(config.layout)
     if config.image_aspect_ratio is None:  # the family's protocol, recorded (and compared on resume) as such
         config = replace(config, image_aspect_ratio=family.default_image_aspect_ratio)
     method = build_method(config.method, config.method_params)
@@ -503,7 +507,7 @@ def evaluate(
             from finepruner.models.loading import load_model
 
             model, processor = load_model(
-                config.model, dtype=config.dtype, device=config.device or ctx.default_device()
+                config.model, dtype=config.dtype, device=config.device or ctx.default_device(), layout=config.layout
             )
         load_seconds = time.perf_counter() - t0
         handle = _apply_method(model, method, processor)

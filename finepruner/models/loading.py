@@ -225,6 +225,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
+    layout: str = "hf",
 ) -> tuple[Any, Any]:
     """Load a local checkpoint of any registered family and its processor (tokenizer padding on the left).
 
@@ -232,7 +233,8 @@ def load_model(
     loads the weights (e.g. ``LlavaNextForConditionalGeneration``). A missing optional package of the
     family's processor (torchvision for LLaVA-OneVision) raises :class:`MissingPackageError` before any
     weight is read. ``dtype`` defaults to the checkpoint's own dtype; ``device`` to CPU. The model is in
-    eval mode.
+    eval mode. ``layout`` selects the image-token layout among the family's ``ModelAdapter.layouts``
+    (``"hf"``: the model's own; LLaVA-NeXT also ``"paper2880"``, ``docs/models.md``).
     """
     if attn_implementation not in _ATTN_IMPLEMENTATIONS:
         raise ValueError(
@@ -242,6 +244,7 @@ def load_model(
     check_device(device)
     directory = resolve_checkpoint(path)
     family = check_checkpoint(directory)
+    family.check_layout(layout)
     model_class = getattr(transformers, family.model_class)
     try:
         model = model_class.from_pretrained(
@@ -254,6 +257,8 @@ def load_model(
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         raise ValueError(f"cannot load the tokenizer/processor of checkpoint {directory}: {err}") from err
     processor.tokenizer.padding_side = "left"
+    if layout != family.layouts[0]:
+        family(model).set_layout(processor, layout)
     if device is not None:
         model.to(device)
     return model.eval(), processor

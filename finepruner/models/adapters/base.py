@@ -308,6 +308,28 @@ class ModelAdapter:
         whose patches are its tokens in raster order (LLaVA-1.5)."""
         return None
 
+    # -- image layouts --------------------------------------------------------------------------------
+    #: image-token layouts the family offers (``set_layout``); the first is the model's own.
+    layouts: ClassVar[tuple[str, ...]] = ("hf",)
+
+    @classmethod
+    def check_layout(cls, layout: str) -> None:
+        """A ValueError unless the family offers ``layout``."""
+        if layout not in cls.layouts:
+            raise ValueError(
+                f"layout={layout!r} is not available on {cls.family_name()}; allowed: {', '.join(cls.layouts)}"
+            )
+
+    def set_layout(self, processor: Any, layout: str) -> None:
+        """Switch this model instance (and its processor, which must count the same tokens) to another
+        image-token layout; ``"hf"`` is the model's own and changes nothing."""
+        self.check_layout(layout)
+        if layout != self.layouts[0]:
+            self._apply_layout(processor, layout)
+
+    def _apply_layout(self, processor: Any, layout: str) -> None:
+        raise NotImplementedError
+
     # -- prompts --------------------------------------------------------------------------------------
     def build_prompt(self, text: str, has_image: bool, processor: Any) -> str:
         """The evaluation prompt of one question: the processor's chat template with one user turn."""

@@ -4,10 +4,12 @@ Anyres: each image is a base crop (576 tokens at 336 px) plus the tiles of the b
 unpadded, with one ``image_newline`` token after each unpadded row; the newline tokens share the
 ``<image>`` id, so they are visual tokens for every method (counted in the image's budget). Counts differ
 per image (aspect ratio), hence per sample; budgets are per image. CLIP tower with [CLS], 1-D positions.
+``layout="paper2880"`` (``load_model(..., layout=)``) switches an instance to the papers' fixed layout.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -18,6 +20,27 @@ from finepruner.models.adapters.base import ModelAdapter, PackedLayout, register
 #: Vision-side signals mapped per image through the packing (``engine.vision``); the methods that read
 #: other tower signals select on one square patch grid per image and stay LLaVA-1.5 only.
 PACKED_SIGNALS = frozenset({"projected_features", "cls_attention", "patch_features", "post_layernorm_features"})
+
+
+def _fixed_grid_features(height, width, patches_height, patches_width, scale_height, scale_width):
+    """The processor's count for the fixed layout: every tile patch, no unpadding, no newline."""
+    return patches_height * scale_height * patches_width * scale_width, 0
+
+
+def _pack_fixed_grid(model, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+    """``pack_image_features`` of the fixed layout: each image's base crop, then its tiles in global raster
+    order (row r of the grid: row r of tile 0, of tile 1, ...), no unpadding and no newline tokens."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    packed, lengths = [], []
+    for image_feature in image_features:
+        base, tiles = image_feature[0], image_feature[1:]
+        if tiles.shape[0]:
+            rows = cols = int(round(tiles.shape[0] ** 0.5))
+            grid = tiles.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).flatten(0, 3)
+            base = torch.cat((base, grid), dim=0)
+        packed.append(base)
+        lengths.append(base.shape[0])
+    return packed, torch.tensor(lengths, dtype=torch.long, device=image_features[0].device)
 
 
 @register_adapter
@@ -32,6 +55,24 @@ class LlavaNextAdapter(ModelAdapter):
                                   "image_newline; budgets per image")
 
     packs_crops: ClassVar[bool] = True
+    #: ``"paper2880"``: the papers' fixed layout (``spec/models.md`` §1.1, VisPruner#3): every image is resized
+    #: to a 2 x 2 grid of crops, base + 4 tiles = 5 x 576 = 2,880 tokens, no unpadding, no newline tokens.
+    layouts: ClassVar[tuple[str, ...]] = ("hf", "paper2880")
+
+    def _apply_layout(self, processor: Any, layout: str) -> None:
+        """``paper2880``: one grid pinpoint of 2 x 2 crops in the model and the image processor, the model's
+        ``pack_image_features`` replaced on this instance by base + tiles in global raster order (the
+        official code's ``spatial`` merge once ``_unpad`` is stripped), and the processor counting the
+        same tokens (no unpadding, no newline)."""
+        crop = int(self.vision_config.image_size)
+        grid = [[2 * crop, 2 * crop]]
+        self.config.image_grid_pinpoints = grid
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is None or not hasattr(processor, "_get_unpadded_features"):
+            raise ValueError("layout='paper2880' needs the LLaVA-NeXT processor (its image processor and token count)")
+        image_processor.image_grid_pinpoints = grid
+        processor._get_unpadded_features = _fixed_grid_features
+        self.llava_model.pack_image_features = types.MethodType(_pack_fixed_grid, self.llava_model)
 
     def vision_signals_supported(self) -> frozenset[str]:
         """Each image's projected features (its rows of the language model's input, newline tokens
