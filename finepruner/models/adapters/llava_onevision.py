@@ -74,9 +74,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def image_layouts(self, encoding: Mapping[str, Any], patches: int) -> list[PackedLayout]:
         """Each image's token order from the model's own ``pack_image_features``: the crop-patch index grid
         packed without the anyres_max shrink gives the unpadded grid (newlines marked -1); when the real
-        packing shrinks it (bilinear, ``spec/models.md`` §1.2), one-hot row and column channels packed with
-        the real ``vision_aspect_ratio`` give each token's bilinear row and column weights, hence its (up
-        to 4) source patches and their weights (bilinear interpolation is separable)."""
+        packing shrinks it (bilinear, ``spec/models.md`` §1.2), row and column coordinate channels packed
+        with the real ``vision_aspect_ratio`` give each token's two rows and two columns and their bilinear
+        weights, hence its (up to 4) source patches and their weights (``_shrunk``)."""
         sizes = torch.as_tensor(encoding["image_sizes"])
         aspect = encoding.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
         pack = self.llava_model.pack_image_features
@@ -94,33 +94,41 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def _shrunk(self, layout: PackedLayout, full: torch.Tensor, size: torch.Tensor,
                 aspect: str) -> PackedLayout | None:
         """The bilinear layout of an image whose unpadded grid the real packing downsamples (None when it
-        does not: the copy layout stands)."""
+        does not: the copy layout stands). Three channels go through the model's packing: each patch's grid
+        row and column and a newline marker; bilinear interpolation (separable, convex) maps the linear row
+        channel to ``r0 + λ`` between rows ``r0`` and ``r0 + 1``, so each token's two rows and two columns and
+        their weights are read back from it."""
         crops, patches = layout.num_crops, layout.patches
         tiles = full[patches:]
         rows = int((tiles < 0).sum())
         grid = tiles[tiles >= 0].view(rows, -1)  # [R, C] flat crop-patch index of each unpadded grid cell
         cols = grid.shape[1]
-        channels = torch.zeros(crops * patches, rows + cols + 1, dtype=torch.float64)
+        channels = torch.zeros(crops * patches, 3, dtype=torch.float64)
         cells = grid.reshape(-1)
-        channels[cells, torch.arange(rows).repeat_interleave(cols)] = 1.0
-        channels[cells, rows + torch.arange(cols).repeat(rows)] = 1.0
-        marker = torch.zeros(rows + cols + 1, dtype=torch.float64)
-        marker[-1] = 1.0
-        packed = self.llava_model.pack_image_features([channels.view(crops, patches, -1)], size,
+        channels[cells, 0] = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)
+        channels[cells, 1] = torch.arange(cols, dtype=torch.float64).repeat(rows)
+        marker = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+        packed = self.llava_model.pack_image_features([channels.view(crops, patches, 3)], size,
                                                       image_newline=marker, vision_aspect_ratio=aspect)[0][0]
         if packed.shape[0] == full.shape[0]:
             return None
         rest = packed[patches:]
-        newline = torch.cat([torch.zeros(patches, dtype=torch.bool), rest[:, -1] > 0.5])
-        tokens = rest[rest[:, -1] <= 0.5]
-        row_w, row_i = tokens[:, :rows].topk(min(2, rows), dim=1)
-        col_w, col_i = tokens[:, rows:rows + cols].topk(min(2, cols), dim=1)
-        sources = grid[row_i[:, :, None], col_i[:, None, :]].flatten(1)
+        newline = torch.cat([torch.zeros(patches, dtype=torch.bool), rest[:, 2] > 0.5])
+        tokens = rest[rest[:, 2] <= 0.5]
+
+        def neighbours(position: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+            low = position.floor().clamp(0, last)
+            frac = (position - low).clamp(0.0, 1.0)
+            index = torch.stack([low, (low + 1).clamp(max=last)], dim=1).long()
+            return index, torch.stack([1.0 - frac, frac], dim=1)
+
+        row_i, row_w = neighbours(tokens[:, 0], rows - 1)
+        col_i, col_w = neighbours(tokens[:, 1], cols - 1)
+        sources = grid[row_i[:, :, None], col_i[:, None, :]].flatten(1)  # [n, 4]
         weights = (row_w[:, :, None] * col_w[:, None, :]).flatten(1)
-        width = sources.shape[1]
         count = packed.shape[0]
-        source = torch.zeros(count, width, dtype=torch.long)
-        weight = torch.zeros(count, width, dtype=torch.float32)
+        source = torch.zeros(count, 4, dtype=torch.long)
+        weight = torch.zeros(count, 4, dtype=torch.float32)
         source[:patches, 0] = torch.arange(patches)
         weight[:patches, 0] = 1.0
         mixed = torch.nonzero(~newline)[patches:, 0]
