@@ -153,6 +153,9 @@ class Pool(PruningMethod):
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
         ids = ctx.visual_ids
         batch, num_visual = ids.shape
+        if ctx.vision is not None and ctx.vision.newline_mask is not None:
+            raise ValueError(f"{self.name} pools one square G x G patch grid per image; anyres images (base crop, "
+                             "tiles and newline tokens, LLaVA-NeXT/OneVision) are not one grid")
         grid = self.grid(num_visual)
         if self.where == "pre_projector":
             vision = ctx.require_vision(self.name, "patch_features", projector=True)
