@@ -37,10 +37,11 @@ towers run for videos are ignored), and ``VisionCapture.take_images`` maps every
 image's token order with the adapter's ``image_layouts`` (``spec/models.md`` §1.1-§1.2: base crop, then the
 unpadded tile grid in global raster order, a newline after each row; OneVision's anyres_max shrink mixes up
 to 4 patches per token with the model's bilinear weights, applied to the signal as well: to the [CLS] or
-received attention (a weighted mean of the map) and to features alike). Newline tokens have no patch
-behind them: ``VisionSignals.newline_mask`` marks them and their signal values are 0. A tower without
-[CLS] (SigLIP) gives as ``cls_attention`` the attention each patch *receives* in the feature layer, mean
-over heads and over all queries (``spec/models.md`` §4, the VisPruner#1 rule). Budget units there are
+received attention (a weighted mean of the map) and to features and keys alike); ``cls_feature`` stays
+one vector per crop, [crops, Dv] per image. Newline tokens have no patch behind them:
+``VisionSignals.newline_mask`` marks them and their signal values are 0. A tower without [CLS] (SigLIP)
+gives as ``cls_attention`` the attention each patch *receives* in the feature layer, mean over heads and
+over all queries (``spec/models.md`` §4, the VisPruner#1 rule). Budget units there are
 images: ``engine.loop._group_vision`` stacks each group's images (``stack_images``).
 """
 
@@ -110,7 +111,9 @@ class VisionSignals:
         cls_attention_sum: [B, V] float32 [CLS]-query attention of the same layer, summed over heads.
         feature_keys: [B, V, head_dim] float32 head-mean of that layer's ``k_proj`` outputs (patches).
         cls_feature: [B, I, Dv] the [CLS] vector of the feature layer's output, one per image of the sample
-            (I images; pre-projector, the same hidden state as ``patch_features``).
+            (I images; pre-projector, the same hidden state as ``patch_features``). On families that pack
+            crops: [u, crops, Dv], one per crop of the unit's image in ``crop_index`` order (0 the base crop;
+            zero rows pad an image of fewer crops than others of its group).
         last_layer_attention: [B, V] float32 [CLS]-query attention of the last encoder layer as ONE head over
             the full width ``Dv`` (PruMerge's ``softmax(q k^T / sqrt(Dv))[0, 1:]``).
         last_layer_keys: [B, V, Dv] float32 ``k_proj`` outputs of the last encoder layer (patches).
@@ -125,6 +128,8 @@ class VisionSignals:
         crop_index: [B, V] long on those families: each token's crop (0 base crop, 1.. tiles in the model's
             order; on OneVision's shrunk grids the crop of the patch with the largest bilinear weight), -1 at
             newline tokens.
+        patch_index: [B, V] long on those families: each token's patch within its crop (row-major on the crop's
+            square patch grid; the patch of the largest bilinear weight on shrunk grids), -1 at newline tokens.
         embed_texts: on those families, maps texts to their token embeddings in the language model's input
             space (one [M, D] tensor per text: the texts tokenized without special tokens by the processor
             bound at ``apply``, through the model's input embeddings); CDPruner's relevance without a CLIP
@@ -151,6 +156,7 @@ class VisionSignals:
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     newline_mask: torch.Tensor | None = None
     crop_index: torch.Tensor | None = None
+    patch_index: torch.Tensor | None = None
     embed_texts: Callable[[list[str]], list[torch.Tensor]] | None = None
 
     def require(self, method: str, *names: str) -> None:
@@ -173,17 +179,25 @@ class VisionSignals:
 #: VisionSignals tensors with one row per token of an image (stacked by ``stack_images``).
 _PER_TOKEN = ("cls_attention", "patch_features", "projected_features", "post_layernorm_features",
               "cls_attention_sum", "feature_keys", "last_layer_attention", "last_layer_keys", "newline_mask",
-              "crop_index")
+              "crop_index", "patch_index")
 
 
 def stack_images(images: list[VisionSignals]) -> VisionSignals:
     """One group's signals from its images' (``VisionCapture.take_images``: unbatched [V, ...] tensors of
-    equal V): every per-token tensor stacked to [u, V, ...]; the rest taken from the first image."""
+    equal V): every per-token tensor stacked to [u, V, ...], ``cls_feature`` to [u, crops, Dv] (zero rows
+    where an image has fewer crops), the rest taken from the first image."""
     first = images[0]
     stacked = {f.name: getattr(first, f.name) for f in fields(VisionSignals)}
     for name in _PER_TOKEN:
         values = [getattr(image, name) for image in images]
         stacked[name] = None if any(v is None for v in values) else torch.stack(values)
+    if first.cls_feature is not None:  # [crops, Dv] per image: zero rows pad images of fewer crops
+        most = max(image.cls_feature.shape[0] for image in images)
+        stacked["cls_feature"] = torch.stack([
+            torch.cat([image.cls_feature, image.cls_feature.new_zeros(most - image.cls_feature.shape[0],
+                                                                      *image.cls_feature.shape[1:])])
+            for image in images
+        ])
     if first.received_attention is not None:
         stacked["received_attention"] = {
             layer: torch.stack([image.received_attention[layer] for image in images])
@@ -279,6 +293,13 @@ def select_keeping_newlines(
         for (b, _), picks in zip(entries, chosen, strict=True):
             picked[b].append(picks)
     return torch.stack([torch.cat([lines[b], *picked[b]]).sort().values for b in range(batch)])
+
+
+def _patch_index(layout) -> torch.Tensor:
+    """[V] each token's patch within its crop (the source of the largest weight), -1 at newline tokens."""
+    main = layout.source[:, 0] if layout.weight is None else layout.source.gather(
+        1, layout.weight.argmax(dim=1, keepdim=True))[:, 0]
+    return torch.where(layout.newline, torch.full_like(main, -1), main % layout.patches)
 
 
 def feature_layer_index(num_layers: int, vision_feature_layer) -> int:
@@ -575,11 +596,12 @@ class VisionCapture:
             if chunks:
                 per_crop[name] = torch.cat(chunks)
         received = {layer: torch.cat(chunks) for layer, chunks in self._received.items() if chunks}
+        cls_feature = torch.cat(self._cls_feature) if self._cls_feature else None  # [crops, Dv]
         tensors = [*per_crop.values(), *received.values()]
         patches = int(tensors[0].shape[1]) if tensors else self.adapter.patches_per_crop
         layouts = self.adapter.image_layouts(encoding, patches)
         crops = sum(layout.num_crops for layout in layouts)
-        if any(t.shape[0] != crops for t in tensors):
+        if any(t.shape[0] != crops for t in tensors) or (cls_feature is not None and cls_feature.shape[0] != crops):
             self.reset()
             raise RuntimeError(
                 f"captured {sorted({int(t.shape[0]) for t in tensors})} crops of vision signals for images of "
@@ -595,12 +617,14 @@ class VisionCapture:
             images.append(VisionSignals(
                 **values,
                 received_attention={layer: layout.pack(t[part]) for layer, t in received.items()} or None,
+                cls_feature=None if cls_feature is None else cls_feature[part],
                 feature_layer=self._feature_index,
                 patches_per_image=layout.count,
                 image_token_id=self.adapter.image_token_id,
                 project=self.project,
                 newline_mask=layout.newline.to(device),
                 crop_index=layout.crop.to(device),
+                patch_index=_patch_index(layout).to(device),
             ))
         self.reset()
         return images

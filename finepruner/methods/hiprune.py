@@ -28,6 +28,8 @@ DEFAULT_OBJECT_LAYER = 9
 REFERENCE_DEPTH = 24
 Wrap = Literal["official", "grid"]
 WRAP_MODES: tuple[str, ...] = ("official", "grid")
+#: ``budget_scope`` values (``engine.vision.BUDGET_SCOPES``): on LLaVA-NeXT ``tokens`` per image, or per crop.
+BUDGET_SCOPES: tuple[str, ...] = ("image", "crop")
 
 
 def anchor_count(tokens: int, alpha: float) -> int:
@@ -104,11 +106,17 @@ class HiPrune(PruningMethod):
             across rows and edge neighbours become patch 0 or V-1; ``"grid"``: neighbours across a row edge or
             outside the grid are dropped.
         positions: ``"renumber"`` (default, official: contiguous positions) or ``"original"``.
+        budget_scope: ``"image"`` (default) or ``"crop"``: the unit ``tokens`` counts on LLaVA-NeXT.
 
     Signals: ``received_attention`` at the object layer and at the feature layer (the deep layer, official
     ``attentions[-2]`` = LLaVA's ``vision_feature_layer=-2``), from hooks on those two layers' self-attention
-    (q/k recomputed, float32; no ``output_attentions``). Needs the ``"default"`` feature strategy and one
-    image per sample on a square patch grid (LLaVA-1.5 layout); others raise.
+    (q/k recomputed, float32; no ``output_attentions``). Needs the ``"default"`` feature strategy; on LLaVA-1.5
+    one image per sample on a square patch grid; others raise.
+
+    LLaVA-NeXT (``budget_scope``): N' per image over its crops (``"image"``, default) or per crop (``"crop"``,
+    the official ``RETENTION / B`` with B crops; a crop left with fewer patches by unpadding keeps them all);
+    newline tokens always kept and not counted; buffers on the anchor's own crop grid (a neighbour that
+    unpadding removed is dropped). OneVision is refused (shrunk grids mix patches).
     """
 
     name = "hiprune"
@@ -122,6 +130,7 @@ class HiPrune(PruningMethod):
         object_layer: int | None = None,
         wrap: Wrap = "official",
         positions: Positions | None = None,
+        budget_scope: str = "image",
     ) -> None:
         super().__init__(positions)
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
@@ -138,7 +147,12 @@ class HiPrune(PruningMethod):
         if wrap not in WRAP_MODES:
             raise ValueError(f"{self.name}: wrap={wrap!r}; allowed: {WRAP_MODES}")
         self.tokens, self.alpha, self.object_layer, self.wrap = tokens, float(alpha), object_layer, wrap
+        if budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"{self.name}: budget_scope={budget_scope!r}; allowed: {BUDGET_SCOPES}")
+        self.budget_scope = budget_scope
         self._layers: tuple[int, int] | None = None  # (object, deep) encoder layer indices, set by bind_model
+        self._side: int | None = None  # LLaVA-NeXT (set by bind_model): patches per crop row
+        self._unbound_stages: list[Stage] = []
 
     def kept(self, num_visual: int) -> int:
         """N' for ``num_visual`` patches per sample, validated against the model and ``alpha``."""
@@ -153,7 +167,12 @@ class HiPrune(PruningMethod):
         return tokens
 
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
-        return [Stage(layer=0, keep=self.kept(num_visual))]
+        if self._side is not None:  # NeXT: newline tokens kept on top, per-crop counts: known at selection
+            return [Stage(layer=0, keep=None)]
+        stage = Stage(layer=0, keep=self.kept(num_visual))
+        if self._layers is None:
+            self._unbound_stages.append(stage)
+        return [stage]
 
     def bind_model(self, model) -> None:
         from finepruner.engine.vision import feature_layer_index, received_attention_signal  # no import cycle
@@ -170,12 +189,23 @@ class HiPrune(PruningMethod):
         deep = feature_layer_index(depth, config.vision_feature_layer)
         self._layers = (layer - 1, deep)
         self.needs_vision = tuple(dict.fromkeys(received_attention_signal(i) for i in self._layers))
+        from finepruner.models.adapters import adapter_for  # no import cycle
+
+        self._side = None
+        if adapter_for(model).packs_crops:  # LLaVA-NeXT: each crop's patch grid side; stages planned unbound
+            vision = config.vision_config  # (the handle's budget check) become counts known at selection
+            self._side = int(vision.image_size) // int(vision.patch_size)
+            for stage in self._unbound_stages:  # frozen, but only this method ever handed them out
+                object.__setattr__(stage, "keep", None)
+        self._unbound_stages = []
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
         if self._layers is None:
             raise RuntimeError(f"{self.name}: the method was not bound to a model (engine error)")
         vision = ctx.require_vision(self.name, *self.needs_vision)
         ids = ctx.visual_ids
+        if vision.newline_mask is not None:
+            return self._select_packed(vision, ids)
         num_visual = ids.shape[1]
         if vision.patches_per_image != num_visual:
             images = num_visual / vision.patches_per_image if vision.patches_per_image else float("nan")
@@ -189,3 +219,77 @@ class HiPrune(PruningMethod):
         device = ids.device
         obj, deep = (vision.received_attention[i].to(device).gather(1, ids) for i in self._layers)
         return hiprune_select(obj, deep, stage.keep, self.alpha, width, self.wrap)
+
+    def _unit_count(self, members: int) -> int:
+        """N' of one budget unit of ``members`` patches: the image (validated) or a crop (capped)."""
+        if self.budget_scope == "image":
+            return self.kept(members)
+        tokens = self.tokens if self.tokens is not None else max(1, members // 3)
+        count = min(tokens, members)
+        if 5 * anchor_count(count, self.alpha) > count:
+            raise ValueError(
+                f"{self.name}: alpha={self.alpha} gives {anchor_count(count, self.alpha)} anchors for a crop of "
+                f"{count} tokens, more with their buffers; allowed: alpha with 5 * round(tokens * alpha / 5) <= tokens"
+            )
+        return count
+
+    def _select_packed(self, vision, ids: torch.Tensor) -> torch.Tensor:
+        """LLaVA-NeXT: per image (or crop), newline tokens kept and not counted. Anchors are the top object-layer
+        scores of the unit, their buffers the patches at +-1 and +-side on the anchor's own crop grid (flat
+        patch index clamped to the crop with ``wrap="official"``; dropped across a row edge or outside the crop
+        with ``"grid"``) that are tokens of the image (unpadding may have removed them); registers fill the
+        unit's count with the top deep-layer scores of the rest."""
+        from finepruner.engine.vision import image_candidates  # no import cycle
+
+        device = ids.device
+        side = self._side
+        patches = side * side
+        newline, crop = image_candidates(vision, ids)
+        patch = vision.patch_index.to(device).gather(1, ids)
+        obj, deep = (vision.received_attention[i].to(device).gather(1, ids).float() for i in self._layers)
+        batch, num_visual = ids.shape
+        plans = []
+        for b in range(batch):
+            candidates = torch.nonzero(~newline[b])[:, 0]
+            if self.budget_scope == "image":
+                units = [candidates]
+            else:
+                units = [candidates[crop[b, candidates] == c] for c in torch.unique(crop[b, candidates]).tolist()]
+            plans.append([(members, self._unit_count(members.numel())) for members in units])
+        lines = [int(newline[b].sum()) for b in range(batch)]
+        totals = [lines[b] + sum(n for _, n in units) for b, units in enumerate(plans)]
+        if self.budget_scope == "crop" and len(set(totals)) > 1:
+            raise ValueError(
+                f"{self.name}: budget_scope='crop' keeps {sorted(set(totals))} tokens for images of the same token "
+                "count in one batch (different crop layouts); batch them separately or use budget_scope='image'"
+            )
+        width = max(totals)
+        rows = []
+        for b, units in enumerate(plans):
+            token_of = torch.full(((int(crop[b].max()) + 1) * patches,), -1, dtype=torch.long, device=device)
+            valid = ~newline[b]
+            token_of[(crop[b] * patches + patch[b])[valid]] = torch.arange(num_visual, device=device)[valid]
+            chosen = torch.zeros(num_visual, dtype=torch.bool, device=device)
+            chosen[newline[b]] = True
+            for unit, (members, count) in enumerate(units):
+                count += width - totals[b] if unit == 0 else 0  # image scope: fewer newlines than another unit
+                picked = torch.zeros(num_visual, dtype=torch.bool, device=device)
+                order = obj[b, members].argsort(descending=True, stable=True)
+                anchors = members[order[:anchor_count(count, self.alpha)]]
+                picked[anchors] = True
+                home, column = crop[b, anchors] * patches, patch[b, anchors] % side
+                for step in (-1, 1, -side, side):
+                    neighbour = patch[b, anchors] + step
+                    if self.wrap == "grid":
+                        ok = (neighbour >= 0) & (neighbour < patches)
+                        ok &= (column > 0) if step == -1 else (column < side - 1) if step == 1 else ok
+                        neighbour = torch.where(ok, neighbour, patch[b, anchors])
+                    target = token_of[home + neighbour.clamp(0, patches - 1)]
+                    picked[target[target >= 0]] = True
+                left = count - int(picked.sum())
+                rest = members[~picked[members]]
+                registers = rest[deep[b, rest].argsort(descending=True, stable=True)[:left]]
+                picked[registers] = True
+                chosen |= picked
+            rows.append(torch.nonzero(chosen)[:, 0])
+        return torch.stack(rows)

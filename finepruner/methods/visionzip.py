@@ -21,6 +21,9 @@ from finepruner.methods.base import (
     require_default_features,
 )
 
+#: ``budget_scope`` values (``engine.vision.BUDGET_SCOPES``): on LLaVA-NeXT ``tokens`` per image, or per crop.
+BUDGET_SCOPES: tuple[str, ...] = ("image", "crop")
+
 #: Published LLaVA-1.5 budgets (dominant, contextual), spec §1.3.
 PUBLISHED_SPLITS: dict[int, tuple[int, int]] = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
 
@@ -92,15 +95,28 @@ class VisionZip(PruningMethod):
         cls_token: True (official): the [CLS] vector is sent as the first dominant token; False
             (LightCompress, spec §8): ``dominant`` patches, no [CLS].
         positions: ``"renumber"`` (default, official: contiguous positions) or ``"original"`` (dominant
-            patches keep theirs, a contextual token takes its target's, [CLS] the first visual token's).
+            patches keep theirs, a contextual token takes its target's, [CLS] the first visual token's; on
+            NeXT the first token of its unit).
+        budget_scope: ``"image"`` (default) or ``"crop"``: the unit ``tokens`` counts on LLaVA-NeXT.
 
     Signals (``finepruner.engine.vision``): the feature layer's [CLS]-row attention summed over heads and its
     head-mean keys (one hook on that layer's self-attention), its output's [CLS] vector, the patch features
     and the projector outputs. The [CLS] and contextual tokens go through the model's projector.
 
+    LLaVA-NeXT (``budget_scope``, ``spec/models.md`` §5.2, ``methods_more.md`` §1.4): ``tokens`` (or the
+    split) counts per image over all its crops (``"image"``, default: one ranking of the crops' summed [CLS]
+    rows, contextual tokens merged over the whole image, one [CLS] vector: the base crop's) or per crop
+    (``"crop"``, the official NeXT rule, 108+20 / 54+10 / 27+5 per crop: every crop its own dominant patches,
+    its [CLS] vector and contextual tokens; a crop left with fewer patches by unpadding keeps its patches as
+    dominant first); newline tokens are always kept, in place, and not counted. The dominant patches stay in
+    the image's token order; the [CLS] vectors, then the contextual tokens, of the image's units are inserted
+    after the sample's kept visual tokens (official NeXT: base crop first, other crops' [CLS] and contextual
+    tokens after all dominant patches, no unpadding and no newline). On LLaVA-1.5 ``budget_scope`` changes
+    nothing (one image per sample). OneVision is refused (SigLIP has no [CLS] row).
+
     Deviations: scores, key similarities and the merge are computed in float32 (official: tower dtype), merged
-    tokens are cast back before the projector; ties break to the first index (explicit). Needs one image of
-    patches per sample with the ``"default"`` feature strategy (LLaVA-1.5 layout); others raise.
+    tokens are cast back before the projector; ties break to the first index (explicit). On LLaVA-1.5 it needs
+    one image of patches per sample with the ``"default"`` feature strategy; others raise.
     """
 
     name = "visionzip"
@@ -114,8 +130,12 @@ class VisionZip(PruningMethod):
         contextual: int | None = None,
         cls_token: bool = True,
         positions: Positions | None = None,
+        budget_scope: str = "image",
     ) -> None:
         super().__init__(positions)
+        if budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"{self.name}: budget_scope={budget_scope!r}; allowed: {BUDGET_SCOPES}")
+        self.budget_scope = budget_scope
         if not isinstance(cls_token, bool):
             raise ValueError(f"{self.name}: cls_token={cls_token!r}; allowed: True (official) or False (LightCompress)")
         if tokens is not None and (dominant is not None or contextual is not None):
@@ -132,6 +152,8 @@ class VisionZip(PruningMethod):
             if dominant + contextual < 1:
                 raise ValueError(f"{self.name}: dominant + contextual = 0; allowed: at least one token")
         self.tokens, self.dominant, self.contextual, self.cls_token = tokens, dominant, contextual, cls_token
+        self._packed: bool | None = None  # ``bind_model``: whether the family packs crops (LLaVA-NeXT)
+        self._unbound_stages: list[Stage] = []
 
     def split(self, num_visual: int) -> tuple[int, int]:
         """``(dominant, contextual)`` for ``num_visual`` patches per sample, validated."""
@@ -160,16 +182,35 @@ class VisionZip(PruningMethod):
         return dominant, contextual
 
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        if self._packed:  # NeXT: newline tokens kept on top, counts per crop: known (and checked) at selection
+            return [Stage(layer=0, keep=None, insert=None)]
         dominant, contextual = self.split(num_visual)
         if self.cls_token:  # [CLS] goes first: every token is inserted, in order
-            return [Stage(layer=0, keep=0, insert=dominant + contextual)]
-        return [Stage(layer=0, keep=dominant, insert=contextual)]
+            stage = Stage(layer=0, keep=0, insert=dominant + contextual)
+        else:
+            stage = Stage(layer=0, keep=dominant, insert=contextual)
+        if self._packed is None:
+            self._unbound_stages.append(stage)
+        return [stage]
 
     def bind_model(self, model) -> None:
+        """Checks the feature strategy and notes whether the family packs crops (LLaVA-NeXT). The handle
+        validates the budget with a plan before binding: on such a family the stages planned unbound are
+        turned into counts known at selection (newline tokens on top, crops of unpadded sizes)."""
+        from finepruner.models.adapters import adapter_for  # no import cycle
+
         require_default_features(self.name, model, "patch tokens only, the [CLS] row handled by the method")
+        self._packed = bool(adapter_for(model).packs_crops)
+        if self._packed:
+            for stage in self._unbound_stages:  # frozen, but only this method ever handed them out
+                object.__setattr__(stage, "keep", None)
+                object.__setattr__(stage, "insert", None)
+        self._unbound_stages = []
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
         vision = ctx.require_vision(self.name, *self.needs_vision, projector=True)
+        if vision.newline_mask is not None:
+            return self._select_packed(vision, ctx.visual_ids)
         ids = ctx.visual_ids
         batch, num_visual = ids.shape
         if vision.cls_feature.shape[1] != 1:
@@ -203,6 +244,79 @@ class VisionZip(PruningMethod):
             return Selection(keep=keep)
         return Selection(keep=keep, insert=torch.cat([p.to(device) for p in parts], dim=1),
                          insert_from=torch.cat(origins, dim=1))
+
+
+    def _unit_split(self, members: int) -> tuple[int, int]:
+        """``(patches, contextual)`` of one budget unit of ``members`` candidate patches: the image
+        (``budget_scope="image"``, validated as on LLaVA-1.5) or one crop (``"crop"``: the split of ``tokens``
+        per crop, capped where unpadding left the crop fewer patches: its patches are dominant first)."""
+        if self.budget_scope == "image":
+            dominant, contextual = self.split(members)
+            return dominant - int(self.cls_token), contextual
+        if self.dominant is not None:
+            dominant, contextual = self.dominant, self.contextual
+        else:
+            dominant, contextual = split_budget(self.tokens if self.tokens is not None else max(1, members // 4))
+        patches = min(dominant - int(self.cls_token), members)
+        return patches, min(contextual, members - patches)
+
+    def _select_packed(self, vision, ids: torch.Tensor) -> Selection:
+        """LLaVA-NeXT: per image (or per crop), newline tokens kept and not counted; the dominant patches are
+        kept in the image's token order, then each unit's [CLS] vector (the base crop's per image, every crop's
+        per crop) and its contextual tokens (merged within the unit) are inserted after them."""
+        from finepruner.engine.vision import image_candidates  # no import cycle
+
+        device = ids.device
+        batch = ids.shape[0]
+        newline, crop = image_candidates(vision, ids)
+        scores = vision.cls_attention_sum.to(device).gather(1, ids)
+        features = _gather(vision.patch_features.to(device), ids)
+        keys = _gather(vision.feature_keys.to(device), ids)
+        cls_rows = vision.cls_feature.to(device)  # [B, crops, Dv]
+        plans = []
+        for b in range(batch):
+            candidates = torch.nonzero(~newline[b])[:, 0]
+            if self.budget_scope == "image":
+                units = [(0, candidates)]
+            else:
+                units = [(c, candidates[crop[b, candidates] == c]) for c in torch.unique(crop[b, candidates]).tolist()]
+            plans.append((candidates, [(c, members, *self._unit_split(members.numel())) for c, members in units]))
+        lines = [int(newline[b].sum()) for b in range(batch)]
+        kept_width = [lines[b] + sum(p for _, _, p, _ in units) for b, (_, units) in enumerate(plans)]
+        inserted = [sum(int(self.cls_token) + c for _, _, _, c in units) for _, units in plans]
+        if self.budget_scope == "crop" and (len(set(kept_width)) > 1 or len(set(inserted)) > 1):
+            raise ValueError(
+                f"{self.name}: budget_scope='crop' keeps {sorted(set(kept_width))} and inserts {sorted(set(inserted))} "
+                "tokens for images of the same token count in one batch (different crop layouts); batch them "
+                "separately or use budget_scope='image'"
+            )
+        width = max(kept_width)
+        keep_rows, insert_rows, origin_rows = [], [], []
+        for b, (_, units) in enumerate(plans):
+            kept = [torch.nonzero(newline[b])[:, 0]]
+            heads, contexts, head_from, context_from = [], [], [], []
+            extra = width - kept_width[b]  # image scope: fewer newline tokens than another unit of the group
+            for unit, (c, members, patches, contextual) in enumerate(units):
+                count = patches + (extra if unit == 0 else 0)
+                top = members[dominant_patches(scores[b, members][None], count)[0]]
+                kept.append(top)
+                if self.cls_token:
+                    heads.append(cls_rows[b, c][None])
+                    head_from.append(members[:1])
+                if contextual:
+                    left = members[~torch.isin(members, top)]
+                    merged, targets = contextual_tokens(features[b:b + 1], keys[b:b + 1], left[None], contextual)
+                    contexts.append(merged[0].to(features.dtype))
+                    context_from.append(targets[0])
+            keep_rows.append(torch.cat(kept).sort().values)
+            insert_rows.append(heads + contexts)
+            origin_rows.append(torch.cat(head_from + context_from) if head_from or context_from
+                               else torch.empty(0, dtype=torch.long, device=device))
+        keep = torch.stack(keep_rows)
+        if not inserted[0]:
+            return Selection(keep=keep)
+        values = torch.stack([torch.cat(rows) for rows in insert_rows])  # [B, c, Dv]
+        return Selection(keep=keep, insert=vision.project(values).to(device), insert_from=torch.stack(origin_rows))
 
 
 def _gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,13 @@ import torch
 
 from finepruner.models.adapters.base import ModelAdapter, PackedLayout, register_adapter
 
-#: Vision-side signals mapped per image through the packing (``engine.vision``); the methods that read
-#: other tower signals select on one square patch grid per image and stay LLaVA-1.5 only.
+#: Vision-side signals mapped per image through the packing (``engine.vision``) on every family that packs
+#: crops (VisPruner, CDPruner).
 PACKED_SIGNALS = frozenset({"projected_features", "cls_attention", "patch_features", "post_layernorm_features"})
+#: LLaVA-NeXT (CLIP, [CLS]) also maps VisionZip's signals (the feature layer's [CLS] row summed over heads, its
+#: head-mean keys per patch, each crop's [CLS] vector) and HiPrune's (the attention received per patch at any
+#: encoder layer, ``received_attention@l``).
+NEXT_SIGNALS = PACKED_SIGNALS | {"cls_attention_sum", "feature_keys", "cls_feature", "received_attention"}
 
 
 def _fixed_grid_features(height, width, patches_height, patches_width, scale_height, scale_width):
@@ -77,14 +81,19 @@ class LlavaNextAdapter(ModelAdapter):
     def vision_signals_supported(self) -> frozenset[str]:
         """Each image's projected features (its rows of the language model's input, newline tokens
         included) and the CLIP signals of its crops mapped to its token order (``image_layouts``): the
-        [CLS] attention of the feature layer per crop, the pre-projector features and their
-        ``post_layernorm``; newline tokens are marked (``VisionSignals.newline_mask``)."""
-        return PACKED_SIGNALS
+        [CLS] attention of the feature layer per crop (mean and sum over heads), its head-mean keys, the
+        attention received per patch at any encoder layer, the pre-projector features and their
+        ``post_layernorm``, and each crop's [CLS] vector (``cls_feature``, [crops, Dv]); newline tokens are
+        marked (``VisionSignals.newline_mask``), each token's crop and patch in it given (``crop_index``,
+        ``patch_index``)."""
+        return NEXT_SIGNALS
 
     def vision_unsupported_reason(self) -> str:
-        return ("only the [CLS] attention, pre-projector and projected features are mapped through anyres "
-                "packing, unpadding and newline tokens; the other signals' methods select on one square patch "
-                "grid per image")
+        return ("the [CLS] attention (mean and sum over heads), the feature layer's keys, each crop's [CLS] vector, "
+                "the per-layer received attention, pre-projector and projected features are mapped through anyres "
+                "packing, unpadding and newline tokens; the last layer's merged-head attention and keys (PruMerge) "
+                "are not: PruMerge's adaptive IQR budget and PruMerge+'s grid samples are defined on one square "
+                "patch grid per image, and its official code does not prune LLaVA-NeXT's anyres input")
 
     def crops_per_image(self, encoding: Mapping[str, Any]) -> list[int]:
         """Vision-tower crops of each image of one ``get_image_features`` call (base + tiles), as the model

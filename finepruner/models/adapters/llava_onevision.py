@@ -51,9 +51,13 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return PACKED_SIGNALS
 
     def vision_unsupported_reason(self) -> str:
-        return ("SigLIP has no [CLS] token, and only the received attention, pre-projector and projected "
-                "features are mapped through anyres packing, unpadding, the anyres_max downsampling and newline "
-                "tokens; the other signals' methods select on one square patch grid per image")
+        return ("SigLIP has no [CLS] token: VisionZip's signals (the [CLS] row summed over heads, the [CLS] vector "
+                "it sends as a dominant token) and PruMerge's (the [CLS] row of the last layer's merged head) "
+                "are [CLS]-query signals with no defined value here; only the received attention, pre-projector "
+                "and projected features are mapped through anyres packing, unpadding, the anyres_max "
+                "downsampling and newline tokens; HiPrune's per-layer received attention is not mapped, because its "
+                "buffers are the +-1/+-row neighbours of a patch on its crop's grid and the anyres_max shrink mixes "
+                "up to 4 patches per token, so a token of a shrunk image has no single patch on a grid")
 
     def crops_per_image(self, encoding: Mapping[str, Any]) -> list[int]:
         """Vision-tower crops of each image of one ``get_image_features`` call, as the model splits its vision
