@@ -255,6 +255,22 @@ class StageSignals:
         return query_attention(layer, hidden, embeddings, mask2d, query_index, self.score_keys,
                                self.score_rotated_keys)
 
+    def rotated_keys(self) -> torch.Tensor:
+        """[B, kv_heads, L, head_dim] float32 keys of ``score_layer`` after RoPE for the current tokens: its
+        KV-cache entry when the prefill has a cache, else its captured (or recomputed) ``k_proj`` output
+        rotated with the positions the layer used."""
+        if self.score_layer is None:
+            raise RuntimeError("this stage declared no score_layer; its keys are not available")
+        hidden, embeddings, _ = self.score_input
+        layer = self.lm.layers[self.score_layer]
+        kv_heads = (self.score_rotated_keys.shape[1] if self.score_rotated_keys is not None
+                    else layer.self_attn.k_proj.out_features // layer.self_attn.head_dim)
+        return _scoring_keys(layer, hidden, embeddings, self.score_keys, self.score_rotated_keys, kv_heads)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm applied to ``hidden`` (e.g. DART's normalised states)."""
+        return self.lm.norm(hidden)
+
     def current_index(self, input_positions: torch.Tensor) -> torch.Tensor:
         """Current sequence positions of tokens given by their prefill-input positions [B, Q]; -1 for
         tokens that are no longer in the sequence."""

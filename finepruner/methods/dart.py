@@ -24,28 +24,13 @@ PIVOT_ORDERS: tuple[str, ...] = ("ascending", "set")
 DEFAULT_TOKENS = 128
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def score_layer_keys(signals: StageSignals) -> torch.Tensor:
     """[B, L, kv_heads * head_dim] float32 keys of the stage's ``score_layer`` after RoPE, heads
-    concatenated, for the current tokens: the layer's KV-cache entry when the prefill has a cache,
-    otherwise its captured ``k_proj`` output (or a fresh ``k_proj`` of its input) rotated here."""
-    rotated = signals.score_rotated_keys
-    if rotated is None:
-        hidden, (cos, sin), _ = signals.score_input
-        layer = signals.lm.layers[signals.score_layer]
-        keys = signals.score_keys
-        if keys is None:
-            keys = layer.self_attn.k_proj(layer.input_layernorm(hidden))
-        batch, length = hidden.shape[:2]
-        head_dim = layer.self_attn.head_dim
-        keys = keys.view(batch, length, -1, head_dim).transpose(1, 2).float()
-        rotated = keys * cos.float().unsqueeze(1) + _rotate_half(keys) * sin.float().unsqueeze(1)
+    concatenated, for the current tokens (``StageSignals.rotated_keys``: the KV-cache entry when the
+    prefill has a cache, otherwise the captured or recomputed ``k_proj`` output rotated)."""
+    rotated = signals.rotated_keys()
     batch, heads, length, head_dim = rotated.shape
-    return rotated.float().transpose(1, 2).reshape(batch, length, heads * head_dim)
+    return rotated.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
 def pick_counts(tokens: int, pivots: int, image_pivots: int, count_pivots_in_budget: bool) -> list[int]:
@@ -237,6 +222,6 @@ class DART(PruningMethod):
                 f"{int(available.min())} tokens after its image; pass a smaller pivot_text_tokens"
             )
         keys = score_layer_keys(signals)
-        hidden = signals.lm.norm(signals.hidden)
+        hidden = signals.final_norm(signals.hidden)
         return dart_select(keys, hidden, visual, after, self.pivot_image_tokens, self.pivot_text_tokens,
                            self.counts(), self.pivot_order, signals.position_ids)
