@@ -81,6 +81,7 @@ class Handle:
         self.plan(self.adapter.max_visual_tokens)
         method.check_model(self.adapter.num_heads, self.adapter.num_layers, self.adapter.max_visual_tokens)
         method.bind_model(model)
+        self._plans.clear()  # a bound method may plan differently (e.g. per crop on LLaVA-NeXT)
 
     def _check_vision_signals(self) -> None:
         """A ValueError when the method reads a vision-side signal this model family does not provide."""

@@ -152,7 +152,6 @@ class HiPrune(PruningMethod):
         self.budget_scope = budget_scope
         self._layers: tuple[int, int] | None = None  # (object, deep) encoder layer indices, set by bind_model
         self._side: int | None = None  # LLaVA-NeXT (set by bind_model): patches per crop row
-        self._unbound_stages: list[Stage] = []
 
     def kept(self, num_visual: int) -> int:
         """N' for ``num_visual`` patches per sample, validated against the model and ``alpha``."""
@@ -169,10 +168,7 @@ class HiPrune(PruningMethod):
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
         if self._side is not None:  # NeXT: newline tokens kept on top, per-crop counts: known at selection
             return [Stage(layer=0, keep=None)]
-        stage = Stage(layer=0, keep=self.kept(num_visual))
-        if self._layers is None:
-            self._unbound_stages.append(stage)
-        return [stage]
+        return [Stage(layer=0, keep=self.kept(num_visual))]
 
     def bind_model(self, model) -> None:
         from finepruner.engine.vision import feature_layer_index, received_attention_signal  # no import cycle
@@ -192,12 +188,9 @@ class HiPrune(PruningMethod):
         from finepruner.models.adapters import adapter_for  # no import cycle
 
         self._side = None
-        if adapter_for(model).packs_crops:  # LLaVA-NeXT: each crop's patch grid side; stages planned unbound
-            vision = config.vision_config  # (the handle's budget check) become counts known at selection
+        if adapter_for(model).packs_crops:  # LLaVA-NeXT: each crop's patch grid side (the handle plans again)
+            vision = config.vision_config
             self._side = int(vision.image_size) // int(vision.patch_size)
-            for stage in self._unbound_stages:  # frozen, but only this method ever handed them out
-                object.__setattr__(stage, "keep", None)
-        self._unbound_stages = []
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
         if self._layers is None:

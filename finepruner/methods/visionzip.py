@@ -153,7 +153,6 @@ class VisionZip(PruningMethod):
                 raise ValueError(f"{self.name}: dominant + contextual = 0; allowed: at least one token")
         self.tokens, self.dominant, self.contextual, self.cls_token = tokens, dominant, contextual, cls_token
         self._packed: bool | None = None  # ``bind_model``: whether the family packs crops (LLaVA-NeXT)
-        self._unbound_stages: list[Stage] = []
 
     def split(self, num_visual: int) -> tuple[int, int]:
         """``(dominant, contextual)`` for ``num_visual`` patches per sample, validated."""
@@ -189,23 +188,15 @@ class VisionZip(PruningMethod):
             stage = Stage(layer=0, keep=0, insert=dominant + contextual)
         else:
             stage = Stage(layer=0, keep=dominant, insert=contextual)
-        if self._packed is None:
-            self._unbound_stages.append(stage)
         return [stage]
 
     def bind_model(self, model) -> None:
-        """Checks the feature strategy and notes whether the family packs crops (LLaVA-NeXT). The handle
-        validates the budget with a plan before binding: on such a family the stages planned unbound are
-        turned into counts known at selection (newline tokens on top, crops of unpadded sizes)."""
+        """Checks the feature strategy and notes whether the family packs crops (LLaVA-NeXT: the counts are
+        then known at selection, newline tokens on top; the handle plans again after binding)."""
         from finepruner.models.adapters import adapter_for  # no import cycle
 
         require_default_features(self.name, model, "patch tokens only, the [CLS] row handled by the method")
         self._packed = bool(adapter_for(model).packs_crops)
-        if self._packed:
-            for stage in self._unbound_stages:  # frozen, but only this method ever handed them out
-                object.__setattr__(stage, "keep", None)
-                object.__setattr__(stage, "insert", None)
-        self._unbound_stages = []
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
         vision = ctx.require_vision(self.name, *self.needs_vision, projector=True)

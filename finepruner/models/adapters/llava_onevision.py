@@ -143,9 +143,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
     @classmethod
     def max_tokens(cls, config) -> int:
-        """Base crop plus at most 9 crops' worth of grid (anyres_max_9 shrinks larger grids) with one
-        newline per row, bounded by the largest pinpoint grid."""
+        """Base crop plus the largest pinpoint grid with one newline per row (anyres_max_9 only shrinks a
+        grid, and leaves grids up to 1.1^2 x 9 crops' worth as they are)."""
         crop = int(config.vision_config.image_size)
         side = crop // int(config.vision_config.patch_size)
         best = max(((h // crop) * side) * ((w // crop) * side + 1) for h, w in config.image_grid_pinpoints)
-        return cls.crop_tokens(config) + min(best, 9 * side * side + 3 * side + 1)
+        return cls.crop_tokens(config) + best
