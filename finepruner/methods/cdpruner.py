@@ -56,8 +56,7 @@ def dpp_greedy(kernel: torch.Tensor, count: int) -> torch.Tensor:
         result still holds ``count`` distinct tokens.
     """
     gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
-    rows = torch.arange(kernel.shape[0], device=kernel.device)
-    chosen = _greedy(gains, lambda j: kernel[rows, j], count)
+    chosen = _greedy(gains, _row_reader(kernel), count)
     return chosen if chosen is not None else dpp_greedy_plain(kernel, count)
 
 
@@ -68,15 +67,26 @@ def dpp_select(similarity: torch.Tensor, relevance: torch.Tensor, count: int) ->
     elementwise passes over the N x N matrix. Same picks as ``dpp_greedy(similarity_kernel(...))``."""
     diagonal = torch.diagonal(similarity, dim1=1, dim2=2)
     gains = relevance * diagonal * relevance
-    rows = torch.arange(similarity.shape[0], device=similarity.device)
+    similarity_row = _row_reader(similarity)
 
     def kernel_row(j: torch.Tensor) -> torch.Tensor:
-        return relevance.gather(1, j[:, None]) * similarity[rows, j] * relevance
+        return relevance.gather(1, j[:, None]) * similarity_row(j) * relevance
 
     chosen = _greedy(gains, kernel_row, count)
     if chosen is None:
         return dpp_greedy_plain(relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1), count)
     return chosen
+
+
+def _row_reader(matrix: torch.Tensor):
+    """``j [B] -> matrix[b, j_b] [B, N]``: one 1-D ``index_select`` of a contiguous matrix's rows."""
+    batch, size, _ = matrix.shape
+    if not matrix.is_contiguous():
+        rows = torch.arange(batch, device=matrix.device)
+        return lambda j: matrix[rows, j]
+    flat = matrix.view(batch * size, size)
+    offset = torch.arange(batch, device=matrix.device) * size
+    return lambda j: flat.index_select(0, j + offset)
 
 
 def _greedy(gains: torch.Tensor, kernel_row, count: int) -> torch.Tensor | None:

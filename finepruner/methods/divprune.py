@@ -53,21 +53,22 @@ def divprune_select(features: torch.Tensor, count: int) -> torch.Tensor:
     the picks and their ties, are those of ``divprune_select_plain`` (used for features with NaN or inf).
     """
     x = unit_rows(features)
-    if not bool(torch.isfinite(x).all()):
+    if not bool(torch.isfinite(x.sum())):  # unit rows cannot overflow the sum: a NaN or inf is in x
         return divprune_select_plain(features, count)
     batch, size, _ = features.shape
     similarity = x @ x.transpose(1, 2)  # G, the same product as ``cosine_distances``
     similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)  # D's masked diagonal: 1 - (-inf) = +inf
-    rows = torch.arange(batch, device=features.device)
+    flat = similarity.view(batch * size, size)  # row j of sample b: b * V + j
+    offset = torch.arange(batch, device=features.device) * size
     chosen = torch.empty(batch, count, dtype=torch.long, device=features.device)
     first = (1.0 - similarity.amax(dim=1)).argmax(dim=-1)  # most isolated token: largest nearest-neighbour distance
     chosen[:, 0] = first
-    nearest = 1.0 - similarity[rows, first]  # m_j; chosen tokens are held at -inf
+    nearest = 1.0 - flat.index_select(0, first + offset)  # m_j; chosen tokens are held at -inf
     nearest.scatter_(1, first[:, None], -math.inf)
     for step in range(1, count):
         j = nearest.argmax(dim=-1)
         chosen[:, step] = j
-        nearest = torch.minimum(nearest, 1.0 - similarity[rows, j])  # min(-inf, d) keeps the chosen at -inf
+        nearest = torch.minimum(nearest, 1.0 - flat.index_select(0, j + offset))  # min(-inf, d) = -inf
         nearest.scatter_(1, j[:, None], -math.inf)
     return chosen.sort(dim=-1).values
 

@@ -71,7 +71,7 @@ def _select(cls_attention, features, tokens, important_ratio, rounds) -> torch.T
         # cosine similarities among the initial residual tokens, once; rounds only read them
         start = normed.gather(1, residual[..., None].expand(-1, -1, width))
         gram = start @ start.transpose(1, 2)  # [B, R0, R0]
-        if not bool(torch.isfinite(start).all()):  # unit rows give a finite gram; else the plain NaN rules
+        if not bool(torch.isfinite(start.sum())):  # unit rows: a finite gram; else the plain NaN rules
             rounds = deduplicate_plain
         residual = residual.gather(1, rounds(gram, num_diverse))
     selected = torch.cat([important, residual], dim=1) if num_diverse > 0 else important
