@@ -160,8 +160,8 @@ def one_thread():
 
 
 @pytest.mark.parametrize(("size", "tokens", "candidates"),
-                         [(70, 20, 32), (200, 17, 3), (200, 199, 32), (300, 20, 32), (577, 64, 32), (577, 64, 3),
-                          (577, 192, 3), (900, 151, 32)])
+                         [(70, 20, 24), (200, 17, 3), (200, 199, 24), (300, 20, 32), (577, 64, 24), (577, 64, 3),
+                          (577, 192, 3), (900, 151, 24)])
 def test_vispruner_equals_plain_rounds(size, tokens, candidates, monkeypatch):
     """``candidates=3`` refills the candidate lists and falls back to the exact maximum over B often;
     ``(300, 20)`` ends with fewer alive tokens than candidates (padded refills); 70 tokens take the plain

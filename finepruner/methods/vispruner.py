@@ -78,8 +78,11 @@ def _select(cls_attention, features, tokens, important_ratio, rounds) -> torch.T
     return selected.sort(dim=-1).values
 
 
-#: Candidates kept per token by ``deduplicate`` (its most similar tokens among those still alive).
-CANDIDATES = 32
+#: Candidates kept per token by ``deduplicate`` (its most similar tokens among those still alive). With 24,
+#: a round's [|A|, 24] arrays stay below ATen's parallel grain (32,768 elements) for one sample of up to
+#: ~2,730 residual tokens: the ~15 small operations of each round run serially, which avoids OpenMP
+#: barrier stalls on busy cores (32 was up to 4x slower on the loaded 2-core VM, no faster when idle).
+CANDIDATES = 24
 
 
 def deduplicate(gram: torch.Tensor, count: int) -> torch.Tensor:
@@ -96,7 +99,7 @@ def deduplicate(gram: torch.Tensor, count: int) -> torch.Tensor:
     ``|A| x |B|`` block (R0³/96 reads in all, the cost that grows as the cube of the token count). Here
     every token keeps its ``CANDIDATES`` most similar tokens among those still alive (top-k of its gram
     row, refilled from the alive tokens when none of them is in B): since tokens only ever leave, the
-    first candidate in B has the largest similarity of all B-tokens, so a round reads ``|A| x 32``
+    first candidate in B has the largest similarity of all B-tokens, so a round reads ``|A| x 24``
     entries. The values are the same gram entries and ``max`` is exact, so every round's ordering,
     ties included, is the plain rule's (``deduplicate_plain``).
     """
