@@ -139,21 +139,12 @@ def split_method_list(texts: list[str]) -> list[str]:
     (``vanilla,fastv``); a comma-separated item of the form ``key=value`` continues the previous spec's
     parameters (``fastv:K=3,score_impl=eager,pdrop`` is ``fastv:K=3,score_impl=eager`` and ``pdrop``).
     Commas inside ``[...]``/``{...}`` (list values) do not split."""
+    from finepruner.methods.spec import split_top_level
+
     specs: list[str] = []
     for text in texts:
-        items, depth, current = [], 0, ""
-        for ch in text:
-            depth += (ch in "[{") - (ch in "]}")
-            if ch == "," and depth == 0:
-                items.append(current)
-                current = ""
-            else:
-                current += ch
-        items.append(current)
         start = len(specs)
-        for item in (i.strip() for i in items):
-            if not item:
-                continue
+        for item in split_top_level(text):
             equals, colon = item.find("="), item.find(":")
             if len(specs) > start and equals > 0 and (colon < 0 or equals < colon):
                 specs[-1] += "," + item  # key=value of the previous spec

@@ -21,7 +21,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     """``text`` split on the commas outside ``[]`` and ``{}`` (so list values keep their commas)."""
     items, depth, current = [], 0, ""
     for ch in text:
@@ -45,7 +45,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if not name:
         raise ValueError(f"method spec {spec!r} has no method name")
     params: dict[str, Any] = {}
-    for item in _split_top_level(rest):
+    for item in split_top_level(rest):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"method spec {spec!r}: expected key=value, got {item!r}")
