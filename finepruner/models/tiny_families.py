@@ -35,6 +35,7 @@ from transformers import (
     LlavaOnevisionImageProcessorPil,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2VLImageProcessorPil,
     SiglipVisionConfig,
 )
 from transformers.image_processing_utils import select_best_resolution
@@ -48,12 +49,17 @@ __all__ = [
     "ONEVISION_PINPOINTS",
     "TinyNextSpec",
     "TinyOnevisionSpec",
+    "TinyQwenSpec",
     "build_tiny_llava_next",
     "build_tiny_llava_onevision",
+    "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen2_vl",
+    "build_tiny_qwen3_vl",
     "next_image_token_count",
     "next_inputs",
     "onevision_image_token_count",
     "onevision_inputs",
+    "qwen_inputs",
     "tiny_image",
     "visual_token_counts",
 ]
@@ -459,3 +465,156 @@ def tiny_image(width: int, height: int, seed: int = 0) -> Image.Image:
     noise = 0.25 * torch.rand(height, width, 3, generator=generator)
     array = ((gradient + noise).clamp(0, 1) * 255).to(torch.uint8).numpy()
     return Image.fromarray(array)
+
+
+# -- Qwen2.5-VL / Qwen3-VL (§1.3-§1.4, §6) ---------------------------------------------------------------
+
+#: Special tokens of the tiny Qwen tokenizers (added after the shared vocabulary; split without spaces).
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>",
+)
+
+#: Qwen2-VL-style chat template (``<|im_start|>role\n...<|im_end|>``, a default system turn, each image as
+#: ``<|vision_start|><|image_pad|><|vision_end|>`` where it appears in the content).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyQwenSpec:
+    """Shape of a tiny Qwen2.5-VL or Qwen3-VL (§6): a 2-block (Qwen3: 3-block) vision tower of 14-px
+    (Qwen3: 16-px) patches merged 2 x 2, window attention over 56-px windows (2 x 2 merged tokens) with one
+    full-attention block (Qwen2.5), a GQA decoder with mRoPE sections [2, 3, 3] of head_dim 16.
+    ``min_pixels``/``max_pixels`` bound the image area in units of (patch * merge)^2 pixels."""
+
+    vision_depth: int = 2
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_heads: int = 2
+    window_size: int = 56
+    fullatt_blocks: tuple[int, ...] = (1,)
+    deepstack_layers: tuple[int, ...] = (0, 1)
+    text_hidden: int = 64
+    text_intermediate: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    mrope_section: tuple[int, ...] = (2, 3, 3)
+    max_positions: int = 4096
+    rope_theta: float = 1000000.0
+    min_units: int = 4
+    max_units: int = 64
+    qk_scale: float = 1.0
+    words: tuple[str, ...] = field(default=(*DEFAULT_WORDS, "system", "user", "You", "are"))
+
+
+def _qwen_tokenizer(spec: TinyQwenSpec) -> PreTrainedTokenizerFast:
+    tokenizer = build_tokenizer(spec.words)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    tokenizer.image_token = "<|image_pad|>"  # the shared tokenizer names LLaVA's <image>
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _qwen_processor(spec: TinyQwenSpec, tokenizer: PreTrainedTokenizerFast, patch: int):
+    from finepruner.models.qwen_processor import QwenImageProcessor
+
+    unit = (patch * 2) ** 2
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": unit * spec.min_units, "longest_edge": unit * spec.max_units},
+        patch_size=patch, merge_size=2, temporal_patch_size=2,
+    )
+    return QwenImageProcessor(image_processor, tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def _qwen_text(spec: TinyQwenSpec, tokenizer: PreTrainedTokenizerFast, **extra: Any) -> dict[str, Any]:
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads, max_position_embeddings=spec.max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        rope_parameters={"rope_type": "default", "mrope_section": list(spec.mrope_section),
+                         "rope_theta": spec.rope_theta},
+        **extra,
+    )
+
+
+def _qwen_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return ids
+
+
+def build_tiny_qwen2_5_vl(spec: TinyQwenSpec | None = None, seed: int = 0, attn: str = "sdpa",
+                          **overrides: Any) -> tuple[Any, Any]:
+    """A random tiny Qwen2.5-VL and its processor (``finepruner.models.qwen_processor.QwenImageProcessor``,
+    left padding; §6). ``overrides`` replace fields of ``spec``; the same ``seed`` gives the same weights for
+    every ``attn``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    spec = replace(spec or TinyQwenSpec(), **overrides)
+    tokenizer = _qwen_tokenizer(spec)
+    vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
+                  num_heads=spec.vision_heads, out_hidden_size=spec.text_hidden, window_size=spec.window_size,
+                  fullatt_block_indexes=list(spec.fullatt_blocks), patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    config = Qwen2_5_VLConfig(text_config=_qwen_text(spec, tokenizer), vision_config=vision,
+                              **_qwen_token_ids(tokenizer))
+    model = _init_model(Qwen2_5_VLForConditionalGeneration, config, seed, attn, spec.qk_scale)
+    return model, _qwen_processor(spec, tokenizer, 14)
+
+
+def build_tiny_qwen2_vl(spec: TinyQwenSpec | None = None, seed: int = 0, attn: str = "sdpa",
+                        **overrides: Any) -> tuple[Any, Any]:
+    """A random tiny Qwen2-VL (full-attention vision blocks, §6) and its processor."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    spec = replace(spec or TinyQwenSpec(), **overrides)
+    tokenizer = _qwen_tokenizer(spec)
+    vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden,
+                  num_heads=spec.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=_qwen_text(spec, tokenizer), vision_config=vision,
+                           **_qwen_token_ids(tokenizer))
+    model = _init_model(Qwen2VLForConditionalGeneration, config, seed, attn, spec.qk_scale)
+    return model, _qwen_processor(spec, tokenizer, 14)
+
+
+def build_tiny_qwen3_vl(spec: TinyQwenSpec | None = None, seed: int = 0, attn: str = "sdpa",
+                        **overrides: Any) -> tuple[Any, Any]:
+    """A random tiny Qwen3-VL (16-px patches, learned position embeddings, deepstack mergers after vision
+    blocks ``deepstack_layers``, q/k RMSNorm in the decoder; §6) and its processor."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    spec = replace(spec or TinyQwenSpec(), **overrides)
+    tokenizer = _qwen_tokenizer(spec)
+    vision = dict(depth=max(spec.vision_depth, 3), hidden_size=spec.vision_hidden,
+                  intermediate_size=spec.vision_intermediate, num_heads=spec.vision_heads,
+                  out_hidden_size=spec.text_hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=16, deepstack_visual_indexes=list(spec.deepstack_layers))
+    head_dim = spec.text_hidden // spec.text_heads
+    config = Qwen3VLConfig(text_config=_qwen_text(spec, tokenizer, head_dim=head_dim), vision_config=vision,
+                           **_qwen_token_ids(tokenizer))
+    model = _init_model(Qwen3VLForConditionalGeneration, config, seed, attn, spec.qk_scale)
+    return model, _qwen_processor(spec, tokenizer, 16)
+
+
+def qwen_inputs(processor: Any, prompts: Sequence[str], images: ImagesArg) -> dict[str, torch.Tensor]:
+    """Qwen-VL inputs for ``prompts`` (each image written ``<|vision_start|><|image_pad|><|vision_end|>``)
+    and one image list per prompt: the processor's output (left padding)."""
+    rows = _per_prompt_images(prompts, images, processor.image_token)
+    flat = [image for row in rows for image in row]
+    return dict(processor(text=list(prompts), images=flat or None, padding=True, return_tensors="pt"))
