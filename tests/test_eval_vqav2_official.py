@@ -36,7 +36,6 @@ from finepruner.eval.benchmarks.vqav2 import (
     vqav2_question_accuracy,
     vqav2_submission,
     vqav2_upload_answer,
-    vqav2_val_accuracies,
 )
 
 FIXTURE = Path(__file__).parent / "data" / "vqav2_official"
@@ -106,7 +105,8 @@ def official_answered_accuracies() -> list[float]:
 
 
 def test_val_per_question_matches_official_eval_qa() -> None:
-    accs = vqav2_val_accuracies(_annotations(), _answers())
+    results = _val_bench().question_results(_answers(), FIXTURE)
+    accs = [v["score"] for v in results.of("accuracy")]  # process_results of every annotated question
     assert [py2_round(100 * a, 2) for a in accs] == OFFICIAL_EVAL_QA
 
 

@@ -10,9 +10,10 @@ import pytest
 from eval_fixtures import make_playground
 
 from finepruner.eval import benchmarks
+from finepruner.eval.aggregation import Confusion, Mean, MMEScore, Units
 from finepruner.eval.benchmarks.mme import mme_subtask_score
 from finepruner.eval.benchmarks.pope import pope_metrics
-from finepruner.sweep.scores import QuestionScores, metric_from_sums, question_scores
+from finepruner.sweep.scores import question_scores
 from finepruner.sweep.stats import binom_two_sided_p, bootstrap_differences, mcnemar, paired_bootstrap
 
 
@@ -39,7 +40,7 @@ def _mean_scores(values, keys=None):
     values = np.asarray(values, dtype=float)
     keys = keys or [str(i) for i in range(len(values))]
     v = np.stack([values, np.ones_like(values)], axis=1)
-    return QuestionScores("gqa", "accuracy", "mean", keys, ["all"] * len(keys), v, keys, values.astype(np.int8))
+    return Units("gqa", "accuracy", Mean(binary=True), keys, ["all"] * len(keys), v, keys, values.astype(np.int8))
 
 
 def test_bootstrap_identical_runs_and_determinism():
@@ -60,7 +61,7 @@ def test_bootstrap_matches_the_exact_bootstrap_distribution():
     b = np.array([0, 1, 1, 1])  # d = b - a = [-1, 0, 1, 0] (x100)
     d = 100.0 * (b - a)
     exact = np.array([d[list(idx)].mean() for idx in np.ndindex(4, 4, 4, 4)])
-    draws = bootstrap_differences("mean", np.stack([a, np.ones(4)], 1).astype(float),
+    draws = bootstrap_differences(Mean(), np.stack([a, np.ones(4)], 1).astype(float),
                                   np.stack([b, np.ones(4)], 1).astype(float), ["all"] * 4, 40000, seed=0)
     # the exact distribution: mean 0, variance = population variance / n = (2 * 100^2 / 4) / 4
     assert exact.mean() == pytest.approx(0.0)
@@ -89,7 +90,7 @@ def _pope_units(preds, labels, cats):
         strata.append(c)
         rows.append([p == "yes" and g == "yes", p == "yes" and g == "no", p == "no" and g == "no",
                      p == "no" and g == "yes"])
-    return QuestionScores("pope", "mean_f1", "pope_f1", keys, strata, np.array(rows, dtype=float))
+    return Units("pope", "mean_f1", Confusion("f1"), keys, strata, np.array(rows, dtype=float))
 
 
 def test_pope_metric_inside_bootstrap_equals_official_f1_on_resamples():
@@ -107,7 +108,7 @@ def test_pope_metric_inside_bootstrap_equals_official_f1_on_resamples():
             idx = members[rng.integers(0, len(members), len(members))]
             sums[c] = scores.values[idx].sum(axis=0)
             official.append(pope_metrics([preds[i] for i in idx], [labels[i] for i in idx])["f1"])
-        assert float(metric_from_sums("pope_f1", sums)) == pytest.approx(sum(official) / 3)
+        assert float(Confusion("f1").from_sums(sums)) == pytest.approx(sum(official) / 3)
 
 
 def test_mme_metric_inside_bootstrap_equals_official_score_on_resamples():
@@ -128,7 +129,7 @@ def test_mme_metric_inside_bootstrap_equals_official_score_on_resamples():
             idx = members[rng.integers(0, len(members), len(members))]
             sums[c] = values[idx].sum(axis=0)
             official += mme_subtask_score([row for i in idx for row in pairs[i][1]])["score"]
-        assert float(metric_from_sums("mme", sums)) == pytest.approx(official)
+        assert float(MMEScore().from_sums(sums)) == pytest.approx(official)
 
 
 @pytest.mark.parametrize("spec", ["pope", "mme", "gqa", "sqa", "textvqa", "vizwiz:val", "vqav2:val", "mmbench"])

@@ -20,3 +20,8 @@ class UnknownBenchmarkError(EvalError, KeyError):
 
 class AnswersError(EvalError):
     """An answers file cannot be read or does not match the benchmark's questions."""
+
+
+class NoQuestionScores(EvalError, ValueError):
+    """A benchmark split has no local per-question results (a server-scored test split, MM-Vet without
+    a judge, or no answered question)."""

@@ -1,5 +1,9 @@
 """Paired statistics between two runs on the same questions.
 
+The units and the metric come from the benchmark itself (``Benchmark.units``: its per-question
+``process_results`` values and its ``aggregation``, ``finepruner.eval.aggregation``), so the metric over
+all units is the benchmark's own score.
+
 * **Paired bootstrap** (``paired_bootstrap``): the units common to both runs (questions; MME image pairs;
   MMBench circular groups) are resampled with replacement, ``resamples`` times (default 10,000), with a
   ``numpy.random.default_rng(seed)`` generator (default seed 0). Stratified benchmarks (POPE category,
@@ -24,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from finepruner.sweep.scores import QuestionScores, metric_from_sums
+from finepruner.eval.aggregation import Aggregation, Units
 
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
@@ -99,9 +103,9 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     return McNemar(b=b, c=c, n=int(a.size), p_exact=binom_two_sided_p(min(b, c), n), chi2=chi2, p_chi2=p_chi2)
 
 
-def align(a: QuestionScores, b: QuestionScores) -> tuple[np.ndarray, np.ndarray, list[str], int, int]:
+def align(a: Units, b: Units) -> tuple[np.ndarray, np.ndarray, list[str], int, int]:
     """Unit arrays of the units both runs have (A's order), their strata, and the counts left out."""
-    if a.kind != b.kind or a.metric != b.metric:
+    if a.aggregation != b.aggregation or a.metric != b.metric:
         raise ValueError(f"cannot compare {a.benchmark}:{a.metric} with {b.benchmark}:{b.metric}")
     index_b = {k: i for i, k in enumerate(b.keys)}
     ia, ib, strata = [], [], []
@@ -114,7 +118,7 @@ def align(a: QuestionScores, b: QuestionScores) -> tuple[np.ndarray, np.ndarray,
     return a.values[ia], b.values[ib], strata, len(a.keys) - len(ia), len(b.keys) - len(ib)
 
 
-def bootstrap_metrics(kind: str, runs: Sequence[np.ndarray], strata: list[str], resamples: int,
+def bootstrap_metrics(aggregation: Aggregation, runs: Sequence[np.ndarray], strata: list[str], resamples: int,
                       seed: int) -> np.ndarray:
     """``[len(runs), resamples]`` bootstrap values of each run's metric; every resample applies the same
     unit indices to every run (paired, stratified), so differences of rows are paired differences."""
@@ -132,19 +136,19 @@ def bootstrap_metrics(kind: str, runs: Sequence[np.ndarray], strata: list[str], 
             for run, values in zip(sums, runs, strict=True):
                 run[s] = values[idx].sum(axis=1)
         for row, run in enumerate(sums):
-            out[row, done : done + m] = metric_from_sums(kind, run)
+            out[row, done : done + m] = aggregation.from_sums(run)
         done += m
     return out
 
 
-def bootstrap_differences(kind: str, va: np.ndarray, vb: np.ndarray, strata: list[str], resamples: int,
-                          seed: int) -> np.ndarray:
+def bootstrap_differences(aggregation: Aggregation, va: np.ndarray, vb: np.ndarray, strata: list[str],
+                          resamples: int, seed: int) -> np.ndarray:
     """The ``resamples`` bootstrap values of ``metric(B) - metric(A)`` (paired, stratified)."""
-    metric_a, metric_b = bootstrap_metrics(kind, [va, vb], strata, resamples, seed)
+    metric_a, metric_b = bootstrap_metrics(aggregation, [va, vb], strata, resamples, seed)
     return metric_b - metric_a
 
 
-def paired_bootstrap(a: QuestionScores, b: QuestionScores, *, resamples: int = DEFAULT_RESAMPLES,
+def paired_bootstrap(a: Units, b: Units, *, resamples: int = DEFAULT_RESAMPLES,
                      seed: int = DEFAULT_SEED, confidence: float = CONFIDENCE) -> Comparison:
     """Compare run B with run A on their common units (bootstrap interval, and McNemar where binary)."""
     va, vb, strata, only_a, only_b = align(a, b)
@@ -153,10 +157,10 @@ def paired_bootstrap(a: QuestionScores, b: QuestionScores, *, resamples: int = D
 
     def metric(values: np.ndarray) -> float:
         st = np.asarray(strata)
-        return float(metric_from_sums(a.kind, {s: values[st == s].sum(axis=0) for s in dict.fromkeys(strata)}))
+        return float(a.aggregation.from_sums({s: values[st == s].sum(axis=0) for s in dict.fromkeys(strata)}))
 
     value_a, value_b = metric(va), metric(vb)
-    diffs = bootstrap_differences(a.kind, va, vb, strata, resamples, seed)
+    diffs = bootstrap_differences(a.aggregation, va, vb, strata, resamples, seed)
     finite = diffs[np.isfinite(diffs)]
     alpha = (1.0 - confidence) / 2
     if finite.size:

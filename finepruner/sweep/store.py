@@ -1,6 +1,6 @@
 """The results store: one SQLite file in the runs folder (``results.sqlite``).
 
-Schema version 1 (``PRAGMA user_version`` and ``meta.schema_version``)::
+Schema version 2 (``PRAGMA user_version`` and ``meta.schema_version``)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)          schema_version, created, finepruner version
     runs(run_id TEXT PRIMARY KEY,                   sha1 of the cell identity (model, method, params,
@@ -11,8 +11,12 @@ Schema version 1 (``PRAGMA user_version`` and ``meta.schema_version``)::
          run_dir TEXT (relative to the store's folder), answers_path TEXT (relative to the store's folder),
          metric TEXT, value REAL,                   the benchmark's headline metric and value
          metrics TEXT (JSON), efficiency TEXT (JSON), timing TEXT (JSON), config TEXT (JSON),
-         code_version TEXT, claimed_by TEXT (host:pid:session), started_at, finished_at, error TEXT)
+         code_version TEXT, claimed_by TEXT (host:pid:session), started_at, finished_at, error TEXT,
+         results BLOB)                              the benchmark's per-question results (zlib-compressed
+                                                    JSON of ``QuestionResults.to_json``; version 2)
     run_sweeps(sweep TEXT, run_id TEXT, PRIMARY KEY (sweep, run_id))
+
+Version 1 stores (without ``results``) are migrated in place by adding the column.
 
 A run is ``complete`` only after its answers are written and scored; a crash or kill leaves it
 ``running`` (or ``failed``), and the next sweep reruns it (the eval runner resumes its answers).
@@ -26,12 +30,13 @@ import socket
 import sqlite3
 import subprocess
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_NAME = "results.sqlite"
 STATUSES = ("pending", "running", "complete", "failed")
 
@@ -61,7 +66,8 @@ CREATE TABLE IF NOT EXISTS runs (
     claimed_by TEXT,
     started_at TEXT,
     finished_at TEXT,
-    error TEXT
+    error TEXT,
+    results BLOB
 );
 CREATE TABLE IF NOT EXISTS run_sweeps (
     sweep TEXT NOT NULL,
@@ -71,9 +77,15 @@ CREATE TABLE IF NOT EXISTS run_sweeps (
 CREATE INDEX IF NOT EXISTS runs_by_bench ON runs(benchmark, method, tokens);
 """
 
-#: ``{from_version: function(connection)}`` upgrading a store by one version (none yet: version 1 is the
-#: first). A store older than the oldest migration, or without finepruner's tables, is refused.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+def _add_results_column(conn: sqlite3.Connection) -> None:
+    """1 -> 2: the ``results`` column (per-question results of a run)."""
+    if "results" not in {r[1] for r in conn.execute("PRAGMA table_info(runs)")}:
+        conn.execute("ALTER TABLE runs ADD COLUMN results BLOB")
+
+
+#: ``{from_version: function(connection)}`` upgrading a store by one version. A store older than the
+#: oldest migration, or without finepruner's tables, is refused.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_results_column}
 
 
 class StoreError(RuntimeError):
@@ -291,21 +303,32 @@ class ResultsStore:
 
     def complete(self, run_id: str, *, metrics: dict[str, Any], run_dir: str | Path, answers_path: str | Path | None,
                  efficiency: dict[str, Any] | None, timing: dict[str, Any] | None, config: dict[str, Any] | None,
-                 version: str | None = None) -> None:
+                 version: str | None = None, results: dict[str, Any] | None = None) -> None:
+        """Mark a run complete with what its evaluation returned; ``results``: its per-question results
+        (``QuestionResults.to_json``), read back by :meth:`results_of`."""
         headline = metrics.get("headline") or {}
         value = headline.get("value")
+        blob = None if results is None else zlib.compress(json.dumps(results, default=str).encode(), 6)
         with self.transaction():
             self.conn.execute(
                 "UPDATE runs SET status='complete', run_dir=?, answers_path=?, metric=?, value=?, metrics=?, "
-                "efficiency=?, timing=?, config=?, code_version=?, finished_at=?, error=NULL WHERE run_id=?",
+                "efficiency=?, timing=?, config=?, code_version=?, finished_at=?, error=NULL, results=? "
+                "WHERE run_id=?",
                 (
                     self.relative(run_dir), self.relative(answers_path), headline.get("metric"),
                     float(value) if isinstance(value, (int, float)) else None,
                     json.dumps(metrics, default=str), json.dumps(efficiency or {}, default=str),
                     json.dumps(timing or {}, default=str), json.dumps(config or {}, default=str),
-                    version or code_version(), _now(), run_id,
+                    version or code_version(), _now(), blob, run_id,
                 ),
             )
+
+    def results_of(self, run_id: str) -> dict[str, Any] | None:
+        """The per-question results stored with a complete run, or None (none stored)."""
+        row = self.conn.execute("SELECT results FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return json.loads(zlib.decompress(row[0]).decode())
 
     def fail(self, run_id: str, error: str) -> None:
         with self.transaction():
@@ -368,6 +391,7 @@ class ResultsStore:
     @staticmethod
     def _record(row: sqlite3.Row, sweeps: tuple[str, ...]) -> RunRecord:
         data = dict(row)
+        data.pop("results", None)  # large: read on demand (results_of)
         for col in _JSON_COLUMNS:
             data[col] = json.loads(data[col]) if data[col] else ({} if col in ("params", "settings") else None)
         return RunRecord(**data, sweeps=sweeps)

@@ -3,6 +3,13 @@
 A benchmark declares its files (relative to its folder under the data root, i.e. LLaVA's
 ``playground/data/eval`` layout), how to build its samples (prompt text, image), its
 ``max_new_tokens`` and its scorer. The runner knows nothing of any one benchmark.
+
+Scoring is in the lm-evaluation-harness / lmms-eval shape (``finepruner.eval.aggregation``):
+``question_results`` matches the answers to the questions and calls ``process_results(question,
+answer)`` for each, which returns ``{metric: value}``; ``aggregation()`` maps every metric to a function
+over the list of its values; ``metrics_from`` builds the scorer's output (headline, breakdowns) from
+those values only, and ``score`` is ``metrics_from(question_results(...))``. ``units`` gives the
+resampling units of a metric for the paired statistics (``finepruner.sweep.stats``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from finepruner.eval.errors import DataError
+from finepruner.eval.aggregation import Aggregation, QuestionResults, Units
+from finepruner.eval.errors import DataError, NoQuestionScores
 from finepruner.eval.io import answer_key, read_jsonl
 
 #: LLaVA's short-answer suffix (spec section 1, table of prompt suffixes).
@@ -77,7 +85,9 @@ def result(
 
 
 class Benchmark:
-    """Base class; subclasses set the class attributes and implement :meth:`load` and :meth:`score`."""
+    """Base class; subclasses set the class attributes and implement :meth:`process_results`,
+    :meth:`aggregation`, :meth:`question_results` and :meth:`metrics_from` (and :meth:`load` when the
+    question file is not LLaVA's ``model_vqa_loader`` JSONL)."""
 
     name: ClassVar[str] = ""
     #: Folder under the data root (LLaVA's name).
@@ -90,6 +100,8 @@ class Benchmark:
     inference_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     scoring_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     description: ClassVar[str] = ""
+    #: The reported metric: a key of :meth:`aggregation` (the store's ``metric``).
+    headline: ClassVar[str] = ""
 
     def __init__(self, split: str | None = None, files: Mapping[str, str] | None = None) -> None:
         self.split = split or self.splits[0]
@@ -148,6 +160,51 @@ class Benchmark:
         duplicates): ``question_id``; benchmarks whose ids repeat across questions add the prompt."""
         return answer["question_id"]
 
+    # -- scoring: process_results + aggregation ---------------------------------------------------------
+    def aggregation(self) -> dict[str, Aggregation]:
+        """``{metric: aggregation}``: each metric's function over the list of its per-question values."""
+        raise NotImplementedError
+
+    def process_results(self, question: Any, answer: Mapping[str, Any] | None, *, judge: Any = None) -> dict[str, Any]:
+        """``{metric: value}`` of one question (its ground-truth record) and its answer (None: unanswered,
+        where the official scorer counts unanswered questions)."""
+        raise NotImplementedError
+
+    def question_results(
+        self,
+        answers: list[dict[str, Any]],
+        data_root: str | Path,
+        *,
+        out_dir: Path | None = None,
+        judge: Any = None,
+        model_id: str = "model",
+    ) -> QuestionResults:
+        """Match ``answers`` to the questions (reading the ground truth once) and return every question's
+        :meth:`process_results`, with counts and warnings in ``info``; writes submission files to
+        ``out_dir`` where a server or a judge scores the split."""
+        raise NotImplementedError
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        """The scorer's output (headline, breakdowns, counts) computed from ``results`` alone."""
+        raise NotImplementedError
+
+    def aggregate(self, results: QuestionResults) -> dict[str, float | None]:
+        """Every metric of :meth:`aggregation` over ``results``."""
+        return {metric: agg(results.of(metric)) for metric, agg in self.aggregation().items()}
+
+    def units(self, results: QuestionResults, metric: str | None = None) -> Units:
+        """Resampling units of ``metric`` (default: the headline) for paired statistics; raises
+        :class:`NoQuestionScores` when the split is not scored locally (or nothing was scored)."""
+        aggregations = self.aggregation()
+        metric = metric or self.headline
+        if metric not in aggregations:
+            raise ValueError(f"{self.spec}: no metric {metric!r}; allowed: {', '.join(aggregations)}")
+        values = results.of(metric)
+        if not values:
+            reason = results.info.get("reason") or "no question was scored"
+            raise NoQuestionScores(f"{self.spec}: no per-question results ({reason})")
+        return aggregations[metric].units(values, self.spec, metric)
+
     def score(
         self,
         answers: list[dict[str, Any]],
@@ -157,8 +214,17 @@ class Benchmark:
         judge: Any = None,
         model_id: str = "model",
     ) -> dict[str, Any]:
-        """Official metrics of ``answers`` (LLaVA answer records), or a "not scored here" result."""
-        raise NotImplementedError
+        """Official metrics of ``answers`` (LLaVA answer records), or a "not scored here" result:
+        ``metrics_from(question_results(...))``."""
+        return self.metrics_from(
+            self.question_results(answers, data_root, out_dir=out_dir, judge=judge, model_id=model_id)
+        )
+
+    def scored_result(self, results: QuestionResults, **details: Any) -> dict[str, Any]:
+        """:func:`result` with the headline aggregated from ``results`` (scored when it has values)."""
+        value = self.aggregation()[self.headline](results.of(self.headline))
+        scored = bool(results.of(self.headline))
+        return result(self, scored=scored, headline=self.headline, value=value, **details)
 
 
 def load_llava_questions(path: Path, image_dir: Path) -> list[Sample]:

@@ -2,6 +2,8 @@
 
 ``convert_gqa_for_eval.py`` keeps ``text.rstrip('.').lower()`` and nothing else; GQA's ``eval.py`` scores
 exact match over the balanced questions; Binary = structural type other than "query", Open = "query".
+Per question (``process_results``): ``accuracy`` and ``binary`` or ``open``, each ``{key, score}`` with
+the question's structural and semantic types; every metric is a :class:`Mean`.
 """
 
 from __future__ import annotations
@@ -9,18 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, Mean, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
-from finepruner.eval.benchmarks.base import Benchmark, result
+from finepruner.eval.benchmarks.base import Benchmark
 from finepruner.eval.io import read_json
 
 
 def gqa_prediction(text: str) -> str:
     """LLaVA's conversion: only trailing periods stripped, lower-cased."""
     return text.rstrip(".").lower()
-
-
-def _pct(v: list[float]) -> float | None:
-    return 100.0 * sum(v) / len(v) if v else None
 
 
 @register
@@ -40,7 +39,23 @@ class GQA(Benchmark):
     scoring_keys = {"testdev_balanced": ("annotations",)}
     description = "GQA testdev-balanced (12,578); metric: accuracy (exact match)"
 
-    def score(
+    headline = "accuracy"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"accuracy": Mean(binary=True), "binary": Mean(binary=True), "open": Mean(binary=True)}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: an entry of ``testdev_balanced_questions.json`` with its ``question_id``."""
+        types = question.get("types", {})
+        value = {
+            "key": unit_key(question["question_id"]),
+            "score": float(gqa_prediction(answer["text"]) == question["answer"]),
+            "structural": types.get("structural"),
+            "semantic": types.get("semantic"),
+        }
+        return {"accuracy": value, "open" if types.get("structural") == "query" else "binary": value}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -48,54 +63,50 @@ class GQA(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         gt = read_json(self.path(data_root, "annotations"))
-        preds = {str(a["question_id"]): gqa_prediction(a["text"]) for a in answers}
-        scores: list[float] = []
-        binary: list[float] = []
-        open_: list[float] = []
-        structural: dict[str, list[float]] = {}
-        semantic: dict[str, list[float]] = {}
-        missing = 0
+        preds = {str(a["question_id"]): a for a in answers}
+        values, missing = [], 0
         for qid, q in gt.items():
             if not q.get("isBalanced", True):
                 continue
             if qid not in preds:
                 missing += 1
                 continue
-            s = float(preds[qid] == q["answer"])
-            scores.append(s)
-            types = q.get("types", {})
-            (open_ if types.get("structural") == "query" else binary).append(s)
-            if "structural" in types:
-                structural.setdefault(types["structural"], []).append(s)
-            if "semantic" in types:
-                semantic.setdefault(types["semantic"], []).append(s)
+            values.append(self.process_results({**q, "question_id": qid}, preds[qid]))
         counts = {
             "questions": sum(1 for q in gt.values() if q.get("isBalanced", True)),
             "answers": len(answers),
             "missing": missing,
             "unknown": sum(1 for k in preds if k not in gt),
         }
-        acc = _pct(scores)
+        return QuestionResults(self.spec, values, {"counts": counts})
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        metrics = self.aggregate(results)
+        counts = results.info["counts"]
+        acc_values = results.of("accuracy")
+        by_type: dict[str, dict[str, list[Any]]] = {"structural": {}, "semantic": {}}
+        for v in acc_values:
+            for kind, groups in by_type.items():
+                if v.get(kind) is not None:
+                    groups.setdefault(v[kind], []).append(v)
+        mean = self.aggregation()["accuracy"]
         extra = (
             {
-                "warning": f"{missing} balanced questions have no prediction (the official eval.py would "
-                "stop); accuracy is over the answered ones"
+                "warning": f"{counts['missing']} balanced questions have no prediction (the official eval.py "
+                "would stop); accuracy is over the answered ones"
             }
-            if missing and scores
+            if counts["missing"] and acc_values
             else {}
         )
-        return result(
-            self,
-            scored=bool(scores),
-            headline="accuracy",
-            value=acc,
-            accuracy=acc,
-            binary=_pct(binary),
-            open=_pct(open_),
-            per_structural={k: _pct(v) for k, v in sorted(structural.items())},
-            per_semantic={k: _pct(v) for k, v in sorted(semantic.items())},
+        return self.scored_result(
+            results,
+            accuracy=metrics["accuracy"],
+            binary=metrics["binary"],
+            open=metrics["open"],
+            per_structural={k: mean(v) for k, v in sorted(by_type["structural"].items())},
+            per_semantic={k: mean(v) for k, v in sorted(by_type["semantic"].items())},
             counts=counts,
             **extra,
         )

@@ -5,6 +5,9 @@ first missing one, hint prepended, image from base64). Scoring follows the OpenC
 evaluator: rows are grouped by ``index % 1e6``; a group is a hit only if every row is right; each row
 is first resolved by the rules (``can_infer``); rows the rules cannot resolve go to the optional LLM
 judge (the matching prompt, 3 tries, then a seeded random letter), or count as wrong without one.
+
+Per circular group (``process_results``, the unit of the metric): ``circular_accuracy`` ``{key, score
+(hit), category, l2_category, needed_judge, judged}``, aggregated by :class:`Mean`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, Mean, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
 from finepruner.eval.benchmarks.base import LETTER_ANSWER, Benchmark, Sample, result
 from finepruner.eval.errors import DataError
@@ -172,46 +176,68 @@ def judge_extract(
     return letter
 
 
+class JudgeSession:
+    """The judge of one evaluation with its seeded random fallback and call log (one ``random.Random``
+    for the whole evaluation, as the official evaluator's ``random.seed(2680)``)."""
+
+    def __init__(self, judge: Any = None, seed: int = 2680) -> None:
+        self.judge = judge
+        self.rng = random.Random(seed)
+        self.log: list[dict[str, Any]] = []
+
+
+def circular_group(
+    group: list[dict[str, Any]], meta: dict[int, dict[str, str]], session: JudgeSession
+) -> dict[str, int]:
+    """One circular group (its answered rows, ``index`` ascending): ``hit`` (every row right), rows the
+    rules could not resolve (``needed_judge``) and rows sent to the judge (``judged``)."""
+    preds = []
+    hit = 1
+    for r in group:
+        letter = can_infer(r["prediction"], row_options(meta[r["index"]]))
+        preds.append(letter)
+        if letter and letter != meta[r["index"]]["answer"]:
+            return {"hit": 0, "needed_judge": 0, "judged": 0}
+    unresolved = judged = 0
+    for r, letter in zip(group, preds, strict=True):
+        if letter:
+            continue
+        unresolved += 1
+        if session.judge is None:
+            hit = 0
+            break
+        judged += 1
+        m = meta[r["index"]]
+        letter = judge_extract(
+            session.judge, m.get("question", ""), row_options(m), r["prediction"], session.rng, session.log
+        )
+        if letter != m["answer"]:
+            hit = 0
+            break
+    return {"hit": hit, "needed_judge": unresolved, "judged": judged}
+
+
+def circular_groups(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Answered rows (``index``, ``prediction``) by group ``index % 1e6``, groups with a main row only
+    (the official evaluator iterates over main rows), rows and groups in ``index`` order."""
+    by_group: dict[int, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: r["index"]):
+        by_group.setdefault(r["index"] % CIRCULAR, []).append(r)
+    return {idx: g for idx, g in by_group.items() if any(r["index"] == idx for r in g)}
+
+
 def circular_eval(
     rows: list[dict[str, Any]], meta: dict[int, dict[str, str]], judge: Any = None, seed: int = 2680
 ) -> dict[str, Any]:
     """Circular accuracy of answered ``rows`` (``index``, ``prediction``) against ``meta`` (TSV rows)."""
-    rng = random.Random(seed)
-    by_group: dict[int, list[dict[str, Any]]] = {}
-    for r in sorted(rows, key=lambda r: r["index"]):
-        by_group.setdefault(r["index"] % CIRCULAR, []).append(r)
+    session = JudgeSession(judge, seed)
     hits: dict[int, int] = {}
     unresolved = judged = 0
-    judge_log: list[dict[str, Any]] = []
-    for idx, group in by_group.items():
-        if not any(r["index"] == idx for r in group):
-            continue  # the official evaluator iterates over main rows only
-        preds = []
-        hit = 1
-        for r in group:
-            gt = meta[r["index"]]["answer"]
-            letter = can_infer(r["prediction"], row_options(meta[r["index"]]))
-            preds.append(letter)
-            if letter and letter != gt:
-                hit = 0
-                break
-        if hit:
-            for r, letter in zip(group, preds, strict=True):
-                if letter:
-                    continue
-                unresolved += 1
-                if judge is None:
-                    hit = 0
-                    break
-                judged += 1
-                m = meta[r["index"]]
-                letter = judge_extract(
-                    judge, m.get("question", ""), row_options(m), r["prediction"], rng, judge_log
-                )
-                if letter != m["answer"]:
-                    hit = 0
-                    break
-        hits[idx] = hit
+    for idx, group in circular_groups(rows).items():
+        res = circular_group(group, meta, session)
+        hits[idx] = res["hit"]
+        unresolved += res["needed_judge"]
+        judged += res["judged"]
     per_cat: dict[str, list[int]] = {}
     per_l2: dict[str, list[int]] = {}
     for idx, h in hits.items():
@@ -226,7 +252,7 @@ def circular_eval(
         "rows_judged": judged,
         "category": {k: 100.0 * sum(v) / len(v) for k, v in sorted(per_cat.items())},
         "l2_category": {k: 100.0 * sum(v) / len(v) for k, v in sorted(per_l2.items())},
-        "judge_log": judge_log,
+        "judge_log": session.log,
     }
 
 
@@ -272,11 +298,33 @@ class MMBench(Benchmark):
     def check(self, data_root: str | Path, *, inference: bool = True, scoring: bool = True) -> None:
         super().check(data_root, inference=inference, scoring=scoring)
         if inference:
-            rows = read_tsv(self.path(data_root, "questions"))
-            if rows and "image" not in rows[0]:
-                raise DataError(f"{self.path(data_root, 'questions')}: no 'image' column (base64 images)")
+            path = self.path(data_root, "questions")
+            with path.open(encoding="utf-8", newline="") as fh:
+                header = next(csv.reader(fh, delimiter="\t"), [])
+            if header and "image" not in header:
+                raise DataError(f"{path}: no 'image' column (base64 images)")
 
-    def score(
+    headline = "circular_accuracy"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"circular_accuracy": Mean(binary=True)}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: ``{group, meta}`` (the group id and the TSV rows by index); ``answer``: the
+        group's answered rows (``index``, ``prediction``); ``judge``: the evaluation's
+        :class:`JudgeSession` (rules only without one)."""
+        res = circular_group(answer, question["meta"], judge if judge is not None else JudgeSession())
+        main = question["meta"][question["group"]]
+        return {"circular_accuracy": {
+            "key": unit_key(question["group"]),
+            "score": float(res["hit"]),
+            "category": main.get("category") or "unknown",
+            "l2_category": main.get("l2-category") or "unknown",
+            "needed_judge": res["needed_judge"],
+            "judged": res["judged"],
+        }}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -284,7 +332,7 @@ class MMBench(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         tsv = self.path(data_root, "questions")
         meta_rows = read_tsv(tsv)
         meta = {int(r["index"]): r for r in meta_rows}
@@ -305,34 +353,51 @@ class MMBench(Benchmark):
             submission = self.write_submission(
                 known, meta_rows, out_dir / f"{self.name}_{self.split}_{model_id}.tsv"
             )
+        info: dict[str, Any] = {"counts": counts, "submission": str(submission) if submission else None,
+                                "judge_model": getattr(judge, "model", None) if judge is not None else None}
         if not has_gt:
-            return result(
-                self,
-                scored=False,
-                counts=counts,
-                submission=str(submission) if submission else None,
-                reason="no ground-truth answers in the TSV (test split): upload the submission to the "
-                "OpenCompass MMBench server",
-            )
+            info["reason"] = ("no ground-truth answers in the TSV (test split): upload the submission to the "
+                              "OpenCompass MMBench server")
+            return QuestionResults(self.spec, [], info)
         rows = [{"index": int(a["question_id"]), "prediction": str(a["text"])} for a in known]
-        res = circular_eval(rows, meta, judge=judge)
-        judge_log = res.pop("judge_log")
-        if out_dir is not None and judge_log:
+        session = JudgeSession(judge)
+        values = [
+            self.process_results({"group": gid, "meta": meta}, group, judge=session)
+            for gid, group in circular_groups(rows).items()
+        ]
+        if out_dir is not None and session.log:
             from finepruner.eval.io import write_json
 
             write_json(
                 out_dir / f"{self.name}_judge_log.json",
-                {"judge_model": getattr(judge, "model", None), "calls": judge_log},
+                {"judge_model": getattr(judge, "model", None), "calls": session.log},
             )
-        return result(
-            self,
-            scored=res["groups"] > 0,
-            headline="circular_accuracy",
-            value=res["circular_accuracy"],
-            judge_model=getattr(judge, "model", None) if judge is not None else None,
-            submission=str(submission) if submission else None,
-            counts=counts,
-            **res,
+        return QuestionResults(self.spec, values, info)
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        info = results.info
+        if "reason" in info:
+            return result(self, scored=False, counts=info["counts"], submission=info["submission"],
+                          reason=info["reason"])
+        values = results.of("circular_accuracy")
+        mean = self.aggregation()["circular_accuracy"]
+        per: dict[str, dict[str, list[Any]]] = {"category": {}, "l2_category": {}}
+        for v in values:
+            for kind, groups in per.items():
+                groups.setdefault(v[kind], []).append(v)
+        value = mean(values)
+        return self.scored_result(
+            results,
+            judge_model=info["judge_model"],
+            submission=info["submission"],
+            counts=info["counts"],
+            circular_accuracy=value,
+            groups=len(values),
+            hits=int(sum(v["score"] for v in values)),
+            rows_needing_judge=sum(v["needed_judge"] for v in values),
+            rows_judged=sum(v["judged"] for v in values),
+            category={k: mean(v) for k, v in sorted(per["category"].items())},
+            l2_category={k: mean(v) for k, v in sorted(per["l2_category"].items())},
         )
 
     def write_submission(

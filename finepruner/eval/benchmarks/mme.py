@@ -7,6 +7,10 @@ answer pairs per image, the 4-character prefix rule, subtask score = 100 acc + 1
 The official scripts pair *consecutive* answers; finepruner first puts the answers in question-file order
 (matching by ``question_id`` and prompt), so a shuffled answers file still pairs the two questions of an
 image, and warns that the official scripts would score that file differently.
+
+Per question (``process_results``): ``{key (the image), question, stratum (subtask), correct, parsed}``
+under ``total`` and ``perception`` or ``cognition``; :class:`MMEScore` groups an image's two questions
+into one unit (acc over questions, acc+ over complete pairs) and sums the subtask scores.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, MMEScore, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
 from finepruner.eval.benchmarks.base import SHORT_ANSWER, Benchmark, result
 from finepruner.eval.errors import DataError
@@ -77,10 +82,16 @@ def mme_question_for_gt(prompt: str) -> str:
     return prompt
 
 
+def mme_prediction(text: str) -> str:
+    """The parsed prediction of a raw answer as ``calculation.py`` sees it in the converted file: tabs
+    and newlines removed (they would break the TSV), lower-cased, the line's ``\n`` kept."""
+    return mme_parse(text.replace("\t", " ").replace("\n", " ").lower() + "\n")
+
+
 def mme_subtask_score(rows: list[tuple[str, str]]) -> dict[str, Any]:
     """``rows`` = [(gt, prediction)] in file order; acc, acc+ (consecutive pairs) and score (0-200)."""
     gts = [g.lower() for g, _ in rows]
-    preds = [mme_parse(p.replace("\t", " ").replace("\n", " ").lower() + "\n") for _, p in rows]
+    preds = [mme_prediction(p) for _, p in rows]
     correct = [g == p for g, p in zip(gts, preds, strict=True)]
     n_pairs = len(rows) // 2
     acc_plus_hits = sum(1 for i in range(n_pairs) if correct[2 * i] and correct[2 * i + 1])
@@ -132,7 +143,25 @@ class MME(Benchmark):
         """``(question_id, prompt)``: one image (``question_id``) has several questions."""
         return [answer["question_id"], answer.get("prompt")]
 
-    def score(
+    headline = "perception"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"perception": MMEScore(), "cognition": MMEScore(), "total": MMEScore()}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: ``{category, answer (Yes/No)}`` from the ground-truth ``.txt`` line."""
+        parsed = mme_prediction(answer["text"])
+        value = {
+            "key": unit_key(answer["question_id"]),
+            "question": unit_key(answer["question_id"], answer.get("prompt")),
+            "stratum": question["category"],
+            "correct": question["answer"].lower() == parsed,
+            "parsed": parsed,
+        }
+        part = "perception" if question["category"] in PERCEPTION else "cognition"
+        return {part: value, "total": value}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -140,13 +169,13 @@ class MME(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         gt = load_mme_ground_truth(self.path(data_root, "ground_truth"))
         questions_file = self.path(data_root, "questions")
         qs = read_jsonl(questions_file) if questions_file.is_file() else None
         warning = None
         if qs is not None:
-            # acc+ pairs consecutive answers, so put them in question-file order (matching by id)
+            # acc+ pairs the two questions of an image, so put the answers in question-file order
             position = {(q["question_id"], q["text"]): i for i, q in enumerate(qs)}
             ranks = [position.get((a["question_id"], a.get("prompt")), len(qs)) for a in answers]
             known = [r for r in ranks if r < len(qs)]
@@ -156,19 +185,15 @@ class MME(Benchmark):
                     "of an image); LLaVA's scripts pair consecutive answers and would score this file differently"
                 )
                 answers = [a for _, a in sorted(zip(ranks, answers, strict=True), key=lambda t: t[0])]
-        per_cat: dict[str, list[tuple[str, str]]] = {}
+        values = []
         unknown = 0
         for a in answers:
             key = mme_ground_truth_key(a, gt)
             if key is None:
                 unknown += 1
                 continue
-            per_cat.setdefault(key[0], []).append((gt[key], a["text"]))
-        subtasks = {
-            cat: mme_subtask_score(per_cat[cat]) for cat in (*PERCEPTION, *COGNITION) if cat in per_cat
-        }
-        perception = sum(subtasks[c]["score"] for c in PERCEPTION if c in subtasks)
-        cognition = sum(subtasks[c]["score"] for c in COGNITION if c in subtasks)
+            if key[0] in PERCEPTION or key[0] in COGNITION:
+                values.append(self.process_results({"category": key[0], "answer": gt[key]}, a))
         counts = {"answers": len(answers), "unknown": unknown}
         if qs is not None:
             counts = check_answers_coverage(
@@ -177,7 +202,21 @@ class MME(Benchmark):
                 key=lambda a: (a["question_id"], a.get("prompt")),
             )
             counts["unknown"] = max(counts["unknown"], unknown)
-        complete = all(c in subtasks for c in PERCEPTION)
+        info: dict[str, Any] = {"counts": counts}
+        if warning:
+            info["warning"] = warning
+        return QuestionResults(self.spec, values, info)
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        values = results.of("total")
+        subtasks = {}
+        for cat in (*PERCEPTION, *COGNITION):
+            mine = [v for v in values if v["stratum"] == cat]
+            if mine:
+                subtasks[cat] = _subtask_details(mine)
+        metrics = self.aggregate(results)
+        perception, cognition = metrics["perception"], metrics["cognition"]
+        info = results.info
         return result(
             self,
             scored=bool(subtasks),
@@ -185,10 +224,31 @@ class MME(Benchmark):
             value=perception if subtasks else None,
             perception=perception,
             cognition=cognition,
-            total=perception + cognition,
-            perception_complete=complete,
+            total=metrics["total"],
+            perception_complete=all(c in subtasks for c in PERCEPTION),
             cognition_complete=all(c in subtasks for c in COGNITION),
             subtasks=subtasks,
-            counts=counts,
-            **({"warning": warning} if warning else {}),
+            counts=info["counts"],
+            **({"warning": info["warning"]} if "warning" in info else {}),
         )
+
+
+def _subtask_details(values: list[dict[str, Any]]) -> dict[str, Any]:
+    """acc, acc+ and score (0-200) of one subtask's per-question values (the :class:`MMEScore` units)."""
+    units = MMEScore().units(values)
+    correct, n, both, full = units.values.sum(axis=0)
+    acc = 100.0 * correct / n if n else 0.0
+    acc_plus = 100.0 * both / full if full else 0.0
+    out = {
+        "acc": acc,
+        "acc_plus": acc_plus,
+        "score": float(units.value()),
+        "n": int(n),
+        "other": sum(1 for v in values if v["parsed"] == "other"),
+    }
+    single = int(len(units.keys) - full)
+    if single:
+        out["warning"] = (
+            f"{single} image(s) without both questions answered: acc+ uses complete pairs only"
+        )
+    return out

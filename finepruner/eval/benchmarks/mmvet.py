@@ -5,6 +5,10 @@ Inference as ``model_vqa`` (no suffix, 1024 tokens). Scoring writes LLaVA's ``re
 few-shot grader prompt, parse/retry rules (5 tries, temperature +0.5, then 0.0) and capability
 aggregation; without a judge the benchmark is reported as "not scored here". The judge model and all
 its replies are saved with the run.
+
+Per question (``process_results``, with a judge): ``total`` ``{key, score (the mean grade over the runs),
+grades, capability}``, aggregated by :class:`Mean`; the mean over questions of the per-question mean
+grade equals the official mean over runs of each run's total (every run grades the same questions).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, Mean, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
 from finepruner.eval.benchmarks.base import Benchmark, Sample, result
 from finepruner.eval.errors import DataError
@@ -134,7 +139,23 @@ class MMVet(Benchmark):
             )
         return samples
 
-    def score(
+    headline = "total"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"total": Mean()}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: an entry of ``mm-vet.json`` with its ``id`` (``v1_<qid>``); every run's grade."""
+        grades, replies = [], []
+        for run in range(self.num_runs):
+            score, reply = mmvet_grade(judge, question["question"], question["answer"], answer["text"],
+                                       tag=f"run{run}")
+            grades.append(score)
+            replies.append(reply)
+        return {"total": {"key": unit_key(question["id"]), "score": statistics.fmean(grades), "grades": grades,
+                          "replies": replies, "capability": list(question["capability"])}}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -142,16 +163,16 @@ class MMVet(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-        num_runs: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         questions = read_jsonl(self.path(data_root, "questions"))
         counts = check_answers_coverage([q["question_id"] for q in questions], answers)
-        results = {f"v1_{a['question_id']}": a["text"] for a in answers}
+        results = {f"v1_{a['question_id']}": a for a in answers}
         sub = None
         if out_dir is not None:
             sub = out_dir / f"mmvet_results_{model_id}.json"
             sub.parent.mkdir(parents=True, exist_ok=True)
-            sub.write_text(json.dumps(results, indent=2))
+            sub.write_text(json.dumps({k: a["text"] for k, a in results.items()}, indent=2))
+        info: dict[str, Any] = {"counts": counts, "submission": str(sub) if sub else None}
         gt_path = self.path(data_root, "ground_truth")
         if judge is None or not gt_path.is_file():
             why = (
@@ -159,49 +180,44 @@ class MMVet(Benchmark):
                 if judge is None
                 else f"ground truth {gt_path} not found"
             )
-            return result(
-                self,
-                scored=False,
-                submission=str(sub) if sub else None,
-                counts=counts,
-                reason=f"MM-Vet needs an LLM judge: {why}; grade the results file with the official "
-                "MM-Vet evaluator or configure a judge",
-            )
+            info["reason"] = (f"MM-Vet needs an LLM judge: {why}; grade the results file with the official "
+                              "MM-Vet evaluator or configure a judge")
+            return QuestionResults(self.spec, [], info)
         gt = read_json(gt_path)
-        keys = [k for k in gt if k in results]
-        runs = []
-        log: list[dict[str, Any]] = []
-        for run in range(num_runs or self.num_runs):
-            grades = {}
-            for k in keys:
-                score, replies = mmvet_grade(
-                    judge, gt[k]["question"], gt[k]["answer"], results[k], tag=f"run{run}"
-                )
-                grades[k] = score
-                log.append({"run": run, "id": k, "score": score, "replies": replies})
-            runs.append(mmvet_aggregate(grades, gt) if grades else None)
+        values = [self.process_results({**gt[k], "id": k}, results[k], judge=judge) for k in gt if k in results]
         if out_dir is not None:
+            log = [{"run": run, "id": json.loads(v["total"]["key"])[0], "score": v["total"]["grades"][run],
+                    "replies": v["total"]["replies"][run]} for run in range(self.num_runs) for v in values]
             write_json(out_dir / "mmvet_grades.json", {"judge_model": judge.model, "grades": log})
+        info["judge_model"] = judge.model
+        return QuestionResults(self.spec, values, info)
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        info = results.info
+        if "reason" in info:
+            return result(self, scored=False, submission=info["submission"], counts=info["counts"],
+                          reason=info["reason"])
+        values = results.of("total")
+        gt = {json.loads(v["key"])[0]: {"capability": v["capability"]} for v in values}
+        runs = [mmvet_aggregate({json.loads(v["key"])[0]: v["grades"][run] for v in values}, gt) if values else None
+                for run in range(self.num_runs)]
         totals = [r["total"] for r in runs if r]
-        mean = statistics.fmean(totals) if totals else None
         caps = {
             c: statistics.fmean(r["capabilities"][c] for r in runs if r and c in r["capabilities"])
             for c in CAPABILITIES
             if any(r and c in r["capabilities"] for r in runs)
         }
-        return result(
-            self,
-            scored=bool(totals),
-            headline="total",
-            value=mean,
+        mean = self.aggregation()["total"](values)
+        return self.scored_result(
+            results,
             total=mean,
             total_rounded=round(mean, 1) if mean is not None else None,
             std=statistics.pstdev(totals) if len(totals) > 1 else 0.0,
             runs=totals,
             capabilities=caps,
-            judge_model=judge.model,
-            graded=len(keys),
-            submission=str(sub) if sub else None,
-            counts=counts,
-            note=f"MM-Vet graded by {judge.model}; the paper used gpt-4-0613",
+            judge_model=info["judge_model"],
+            graded=len(values),
+            submission=info["submission"],
+            counts=info["counts"],
+            note=f"MM-Vet graded by {info['judge_model']}; the paper used gpt-4-0613",
         )

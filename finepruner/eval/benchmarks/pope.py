@@ -11,6 +11,10 @@ join), so answers in another order, or with a question missing, are silently sco
 labels there. finepruner matches each answer to its label by ``question_id`` (through its position in
 the question file) and adds a ``warning`` when the answer order differs from the question order (where
 the official script would give another number). For answers in question order both agree exactly.
+
+Per question (``process_results``): ``mean_f1`` and ``mean_accuracy``, each ``{key, stratum (split),
+pred, label}``, aggregated by :class:`Confusion` (F1, resp. accuracy, per split, mean over the splits);
+the per-split figures are :func:`pope_metrics` of the same values.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, Confusion, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
 from finepruner.eval.benchmarks.base import Benchmark, result
 from finepruner.eval.errors import DataError
@@ -118,7 +123,22 @@ class Pope(Benchmark):
             raise DataError(f"pope: no coco_pope_<split>.json files in {ann_dir}")
         return files
 
-    def score(
+    headline = "mean_f1"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"mean_f1": Confusion("f1"), "mean_accuracy": Confusion("accuracy")}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: ``{question_id, category, label}`` (the label line of its split)."""
+        value = {
+            "key": unit_key(question["question_id"]),
+            "stratum": question["category"],
+            "pred": pope_parse(answer["text"]),
+            "label": question["label"],
+        }
+        return {"mean_f1": value, "mean_accuracy": value}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -126,7 +146,7 @@ class Pope(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         questions = read_jsonl(self.path(data_root, "questions"))
         category = {q["question_id"]: q.get("category") for q in questions}
         counts = check_answers_coverage(category, answers)
@@ -139,7 +159,8 @@ class Pope(Benchmark):
             seen_per_cat[cat] = seen_per_cat.get(cat, 0) + 1
         known = [a for a in answers if a["question_id"] in position]
         unordered: list[str] = []
-        splits: dict[str, Any] = {}
+        values: list[dict[str, Any]] = []
+        split_notes: dict[str, dict[str, Any]] = {}
         for cat, label_file in self.label_files(data_root).items():
             in_file_order = [a for a in known if category[a["question_id"]] == cat]
             cur = sorted(in_file_order, key=lambda a: position[a["question_id"]])
@@ -148,40 +169,53 @@ class Pope(Benchmark):
             if cur != in_file_order:  # eval_pope.py zips a split's answers in answers-file order
                 unordered.append(cat)
             labels = _read_labels(label_file)
-            pairs = [
-                (pope_parse(a["text"]), labels[position[a["question_id"]][1]])
-                for a in cur
-                if position[a["question_id"]][1] < len(labels)
-            ]
-            splits[cat] = pope_metrics([p for p, _ in pairs], [g for _, g in pairs])
-            splits[cat]["n_labels"] = len(labels)
+            matched = [a for a in cur if position[a["question_id"]][1] < len(labels)]
+            for a in matched:
+                question = {"question_id": a["question_id"], "category": cat,
+                            "label": labels[position[a["question_id"]][1]]}
+                values.append(self.process_results(question, a))
             notes = []
-            if len(pairs) < len(cur):
-                notes.append(f"{len(cur) - len(pairs)} answers have no label line (only {len(labels)})")
+            if len(matched) < len(cur):
+                notes.append(f"{len(cur) - len(matched)} answers have no label line (only {len(labels)})")
             if len(cur) != len(labels):
                 notes.append(
                     f"{len(cur)} answers vs {len(labels)} labels in {label_file.name}; matched by question_id "
                     "(the official script zips in order and would misalign them)"
                 )
-            if notes:
-                splits[cat]["warning"] = "; ".join(notes)
+            split_notes[cat] = {"n_labels": len(labels), **({"warning": "; ".join(notes)} if notes else {})}
         warnings = []
         if unordered:
             warnings.append(
                 f"answers of {', '.join(unordered)} are not in question-file order: matched to the labels by "
                 "question_id; LLaVA's eval_pope.py zips them by position and would score this file differently"
             )
-        f1s = [s["f1"] for s in splits.values() if s["f1"] is not None]
-        mean_f1 = sum(f1s) / len(f1s) if f1s and len(f1s) == len(splits) else None
+        info: dict[str, Any] = {"counts": counts, "splits": split_notes}
+        if warnings:
+            info["warning"] = "; ".join(warnings)
+        if not split_notes:
+            info["reason"] = "no answer belongs to a POPE split"
+        return QuestionResults(self.spec, values, info)
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        info = results.info
+        per_split: dict[str, list[dict[str, Any]]] = {cat: [] for cat in info["splits"]}
+        for v in results.of("mean_f1"):
+            per_split[v["stratum"]].append(v)
+        splits = {}
+        for cat, notes in info["splits"].items():
+            vals = per_split[cat]
+            splits[cat] = pope_metrics([v["pred"] for v in vals], [v["label"] for v in vals])
+            splits[cat].update(notes)
+        metrics = self.aggregate(results)
         return result(
             self,
             scored=bool(splits),
             headline="mean_f1",
-            value=mean_f1,
-            mean_f1=mean_f1,
-            mean_accuracy=(sum(s["accuracy"] for s in splits.values()) / len(splits) if splits else None),
+            value=metrics["mean_f1"],
+            mean_f1=metrics["mean_f1"],
+            mean_accuracy=metrics["mean_accuracy"],
             splits=splits,
-            counts=counts,
-            **({"warning": "; ".join(warnings)} if warnings else {}),
-            **({} if splits else {"reason": "no answer belongs to a POPE split"}),
+            counts=info["counts"],
+            **({"warning": info["warning"]} if "warning" in info else {}),
+            **({"reason": info["reason"]} if "reason" in info else {}),
         )

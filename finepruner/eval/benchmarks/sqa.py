@@ -4,6 +4,9 @@ Inference as ``model_vqa_science --single-pred-prompt``; scoring as ``eval_scien
 parsing (bare letter, ``"B. ..."``, or exactly one ``"The answer is X."``), case-sensitive, over every
 pid of ``pid_splits["test"]`` (missing -> FAILED); the reported number is IMG-Accuracy, over answers
 whose saved ``prompt`` contains ``<image>``.
+
+Per question (``process_results``, every test pid): ``accuracy`` ``{key, score, failed}`` (an unanswered
+pid scores 0, as FAILED), and ``img_accuracy`` with the same value when the answer's prompt has ``<image>``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, Mean, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
-from finepruner.eval.benchmarks.base import LETTER_ANSWER, Benchmark, Sample, index_answers_by_id, result
+from finepruner.eval.benchmarks.base import LETTER_ANSWER, Benchmark, Sample, index_answers_by_id
 from finepruner.eval.errors import DataError
 from finepruner.eval.io import check_answers_coverage, read_json
 
@@ -80,7 +84,21 @@ class ScienceQA(Benchmark):
             )
         return samples
 
-    def score(
+    headline = "img_accuracy"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"img_accuracy": Mean(binary=True), "accuracy": Mean(binary=True)}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: the problem of ``problems.json`` with its ``pid``; ``answer`` None: FAILED."""
+        text = answer["text"] if answer else "FAILED"
+        prompt = answer.get("prompt", "") if answer else "Unknown"
+        letter = sqa_parse(text)
+        ok = sqa_pred_index(letter, len(question["choices"])) == question["answer"]
+        value = {"key": unit_key(question["pid"]), "score": float(ok), "failed": letter == "FAILED"}
+        return {"accuracy": value, **({"img_accuracy": value} if "<image>" in prompt else {})}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -88,38 +106,28 @@ class ScienceQA(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         problems = read_json(self.path(data_root, "problems"))
         test_ids = read_json(self.path(data_root, "pid_splits"))["test"]
         preds = index_answers_by_id(answers)
-        correct = total = img_correct = img_total = failed = 0
-        for pid in test_ids:
-            prob = problems[pid]
-            pred = preds.get(pid)
-            text = pred["text"] if pred else "FAILED"
-            prompt = pred.get("prompt", "") if pred else "Unknown"
-            letter = sqa_parse(text)
-            failed += letter == "FAILED"
-            ok = sqa_pred_index(letter, len(prob["choices"])) == prob["answer"]
-            total += 1
-            correct += ok
-            if "<image>" in prompt:
-                img_total += 1
-                img_correct += ok
-        counts = check_answers_coverage(test_ids, answers)
-        img_acc = 100.0 * img_correct / img_total if img_total else None
-        return result(
-            self,
-            scored=img_total > 0,
-            headline="img_accuracy",
-            value=img_acc,
-            img_accuracy=img_acc,
-            accuracy=100.0 * correct / total if total else None,
-            total=total,
-            correct=correct,
-            img_total=img_total,
-            img_correct=img_correct,
-            failed_parses=failed,
-            counts=counts,
-            **({} if img_total else {"reason": "no answered IMG question"}),
+        values = [self.process_results({**problems[pid], "pid": pid}, preds.get(pid)) for pid in test_ids]
+        info: dict[str, Any] = {"counts": check_answers_coverage(test_ids, answers)}
+        if not any("img_accuracy" in v for v in values):
+            info["reason"] = "no answered IMG question"
+        return QuestionResults(self.spec, values, info)
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        metrics = self.aggregate(results)
+        every, img = results.of("accuracy"), results.of("img_accuracy")
+        return self.scored_result(
+            results,
+            img_accuracy=metrics["img_accuracy"],
+            accuracy=metrics["accuracy"],
+            total=len(every),
+            correct=int(sum(v["score"] for v in every)),
+            img_total=len(img),
+            img_correct=int(sum(v["score"] for v in img)),
+            failed_parses=sum(1 for v in every if v["failed"]),
+            counts=results.info["counts"],
+            **({"reason": results.info["reason"]} if "reason" in results.info else {}),
         )

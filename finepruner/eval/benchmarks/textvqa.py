@@ -3,6 +3,7 @@
 Scoring as LLaVA's ``eval_textvqa.py``: the question is recovered from the saved ``prompt``
 (``prompt_processor``), the annotation found by ``(image_id, question.lower())`` (``question_id`` is the
 image id), then the EvalAI processor on prediction and all 10 answers and leave-one-out accuracy.
+Per answer (``process_results``, answer-driven as ``eval_textvqa.py``): ``accuracy`` ``{key, score}``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, Mean, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
-from finepruner.eval.benchmarks.base import Benchmark, result
+from finepruner.eval.benchmarks.base import Benchmark
 from finepruner.eval.errors import AnswersError
 from finepruner.eval.io import read_json
 from finepruner.eval.normalize import evalai_normalize, leave_one_out_accuracy
@@ -66,7 +68,17 @@ class TextVQA(Benchmark):
         """``(question_id, prompt)``: one image (``question_id``) has several questions."""
         return [answer["question_id"], answer.get("prompt")]
 
-    def score(
+    headline = "accuracy"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"accuracy": Mean()}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: the annotation entry (``answers``: the 10 human answers)."""
+        key = unit_key(answer["question_id"], answer.get("prompt"))
+        return {"accuracy": {"key": key, "score": textvqa_accuracy(answer["text"], question["answers"])}}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -74,29 +86,26 @@ class TextVQA(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         data = read_json(self.path(data_root, "annotations"))["data"]
         ann = {(a["image_id"], a["question"].lower()): a for a in data}
-        scores, unknown = [], 0
+        values, unknown = [], 0
         for a in answers:
             entry = ann.get((a["question_id"], textvqa_question(a.get("prompt", ""))))
             if entry is None:
                 unknown += 1
                 continue
-            scores.append(textvqa_accuracy(a["text"], entry["answers"]))
-        acc = 100.0 * sum(scores) / len(scores) if scores else None
+            values.append(self.process_results(entry, a))
         counts = {
             "questions": len(ann),
             "answers": len(answers),
             "unknown": unknown,
-            "missing": len(ann) - len(scores),
+            "missing": len(ann) - len(values),
         }
-        return result(
-            self,
-            scored=bool(scores),
-            headline="accuracy",
-            value=acc,
-            accuracy=acc,
-            samples=len(scores),
-            counts=counts,
+        return QuestionResults(self.spec, values, {"counts": counts})
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        metrics = self.aggregate(results)
+        return self.scored_result(
+            results, accuracy=metrics["accuracy"], samples=len(results.values), counts=results.info["counts"]
         )

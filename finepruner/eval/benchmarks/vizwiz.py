@@ -3,6 +3,7 @@
 Test: ``convert_vizwiz_for_submission.py`` -- ``[{"image", "answer": EvalAIAnswerProcessor(text)}]`` in
 question-file order, written with ``json.dump`` defaults. Val: questions built from ``val.json`` with the
 same prompt; prediction and every crowd answer go through the EvalAI processor, then leave-one-out.
+Per question of val (``process_results``): ``accuracy`` ``{key, score}``; the test split has none.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, Mean, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
 from finepruner.eval.benchmarks.base import (
     SHORT_ANSWER,
@@ -78,7 +80,18 @@ class VizWiz(Benchmark):
             raise DataError(f"{path}: expected VizWiz's list of {{image, question, answers}}")
         return data
 
-    def score(
+    headline = "accuracy"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"accuracy": Mean()}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: an entry of ``val.json`` with its index ``question_id``."""
+        gts = [evalai_normalize(x["answer"]) for x in question.get("answers", [])]
+        score = leave_one_out_accuracy(evalai_normalize(answer["text"]), gts)
+        return {"accuracy": {"key": unit_key(question["question_id"]), "score": score}}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -86,7 +99,7 @@ class VizWiz(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         if self.split == "test":
             questions = read_jsonl(self.path(data_root, "questions"))
             counts = check_answers_coverage([q["question_id"] for q in questions], answers)
@@ -99,25 +112,25 @@ class VizWiz(Benchmark):
             reason = "VizWiz test labels are private: upload the submission to EvalAI (challenge 2185)"
             if missing:
                 reason += f"; {missing} questions have no answer, the official converter would refuse"
-            return result(
-                self, scored=False, submission=str(sub) if sub else None, reason=reason, counts=counts
-            )
+            info = {"counts": counts, "reason": reason, "submission": str(sub) if sub else None}
+            return QuestionResults(self.spec, [], info)
         ann = self._val_annotations(data_root)
         counts = check_answers_coverage(range(len(ann)), answers)
-        scores = []
+        values = []
         for a in answers:
             qid = a["question_id"]
-            if not isinstance(qid, int) or not 0 <= qid < len(ann):
-                continue
-            gts = [evalai_normalize(x["answer"]) for x in ann[qid].get("answers", [])]
-            scores.append(leave_one_out_accuracy(evalai_normalize(a["text"]), gts))
-        acc = 100.0 * sum(scores) / len(scores) if scores else None
-        return result(
-            self,
-            scored=bool(scores),
-            headline="accuracy",
-            value=acc,
-            accuracy=acc,
-            counts=counts,
+            if isinstance(qid, int) and 0 <= qid < len(ann):
+                values.append(self.process_results({**ann[qid], "question_id": qid}, a))
+        return QuestionResults(self.spec, values, {"counts": counts})
+
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        info = results.info
+        if self.split == "test":
+            return result(self, scored=False, submission=info["submission"], reason=info["reason"],
+                          counts=info["counts"])
+        return self.scored_result(
+            results,
+            accuracy=self.aggregate(results)["accuracy"],
+            counts=info["counts"],
             note="VizWiz val, not the test-dev number of the paper",
         )

@@ -24,16 +24,21 @@ like the official pipeline run on val -- LLaVA's converter, then GT-Vision-Lab's
 regexes' ``\\d`` is ASCII-only (see :mod:`finepruner.eval.normalize`) and ``round`` takes exact ties away
 from zero (:func:`py2_round`). Entries are compared by index (the original compares the answer dicts,
 which differ through ``answer_id`` in every official file).
+
+Per question of val (``process_results``, every annotated question): ``accuracy`` ``{key, score,
+answered, answer_type, question_type}``, aggregated by :class:`Mean` with ``vqaEval.py``'s rounding;
+``answered_accuracy`` over the answered ones. Test-dev has no local per-question results.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+from finepruner.eval.aggregation import Aggregation, Mean, QuestionResults, unit_key
 from finepruner.eval.benchmarks import register
 from finepruner.eval.benchmarks.base import (
     SHORT_ANSWER,
@@ -73,20 +78,6 @@ def vqav2_question_accuracy(prediction: str | None, gt_answers: Sequence[str]) -
     """Official-pipeline accuracy (0-1) of one question: the model's raw ``prediction`` (``None``: no
     answer) through the converter (:func:`vqav2_upload_answer`), then ``vqaEval`` (:func:`vqa_eval_accuracy`)."""
     return vqa_eval_accuracy(vqav2_upload_answer(prediction), gt_answers)
-
-
-def vqav2_val_accuracies(annotations: Sequence[Mapping[str, Any]], answers: list[dict[str, Any]]) -> list[float]:
-    """Accuracy (0-1) of every annotated question, in annotation order; unanswered questions included."""
-    texts = {qid: a["text"] for qid, a in index_answers_by_id(answers).items()}
-    return [
-        vqav2_question_accuracy(texts.get(ann["question_id"]), [x["answer"] for x in ann["answers"]])
-        for ann in annotations
-    ]
-
-
-def _percent(values: list[float]) -> float:
-    """``setAccuracy``: ``round(100 * float(sum(acc)) / len(acc), 2)``."""
-    return py2_round(100 * float(sum(values)) / len(values), 2)
 
 
 def vqav2_submission(all_questions: list[dict[str, Any]], answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,7 +128,24 @@ class VQAv2(Benchmark):
             )
         return samples
 
-    def score(
+    headline = "accuracy"
+
+    def aggregation(self) -> dict[str, Aggregation]:
+        return {"accuracy": Mean(rounding=py2_round), "answered_accuracy": Mean(rounding=py2_round)}
+
+    def process_results(self, question: Any, answer: Any, *, judge: Any = None) -> dict[str, Any]:
+        """``question``: an annotation of ``v2_mscoco_val2014_annotations.json``; ``answer`` None: the
+        converter uploads ``""`` for it, scored like any other."""
+        value = {
+            "key": unit_key(question["question_id"]),
+            "score": vqav2_question_accuracy(None if answer is None else answer["text"],
+                                             [x["answer"] for x in question["answers"]]),
+            "answer_type": question.get("answer_type", "unknown"),
+            "question_type": question.get("question_type", "unknown"),
+        }
+        return {"accuracy": value, **({"answered_accuracy": value} if answer is not None else {})}
+
+    def question_results(
         self,
         answers: list[dict[str, Any]],
         data_root: str | Path,
@@ -145,9 +153,16 @@ class VQAv2(Benchmark):
         out_dir: Path | None = None,
         judge: Any = None,
         model_id: str = "model",
-    ) -> dict[str, Any]:
+    ) -> QuestionResults:
         if self.split == "val":
-            return self._score_val(answers, data_root)
+            annotations = read_json(self.path(data_root, "annotations"))["annotations"]
+            counts = check_answers_coverage([a["question_id"] for a in annotations], answers)
+            by_id = index_answers_by_id(answers)
+            values = [self.process_results(ann, by_id.get(ann["question_id"])) for ann in annotations]
+            info: dict[str, Any] = {"counts": counts}
+            if counts["questions"] == counts["missing"]:
+                info["reason"] = "no annotated question has an answer"
+            return QuestionResults(self.spec, values, info)
         questions = read_jsonl(self.path(data_root, "questions"))
         counts = check_answers_coverage([q["question_id"] for q in questions], answers)
         test_all = self.path(data_root, "test_all")
@@ -165,47 +180,42 @@ class VQAv2(Benchmark):
             sub = out_dir / f"vqav2_test-dev_{model_id}.json"
             sub.parent.mkdir(parents=True, exist_ok=True)
             sub.write_text(json.dumps(vqav2_submission(all_questions, answers)))
-        return result(
-            self,
-            scored=False,
-            submission=str(sub) if sub else None,
-            counts=counts,
-            reason="VQAv2 test-dev is scored by the EvalAI server (challenge 830, phase test-dev); "
+        info = {
+            "counts": counts,
+            "submission": str(sub) if sub else None,
+            "reason": "VQAv2 test-dev is scored by the EvalAI server (challenge 830, phase test-dev); "
             "use split val for a local (different) number",
             **({"note": note} if note else {}),
-        )
+        }
+        return QuestionResults(self.spec, [], info)
 
-    def _score_val(self, answers: list[dict[str, Any]], data_root: str | Path) -> dict[str, Any]:
-        annotations = read_json(self.path(data_root, "annotations"))["annotations"]
-        counts = check_answers_coverage([a["question_id"] for a in annotations], answers)
-        accs = vqav2_val_accuracies(annotations, answers)
-        per_answer_type: dict[str, list[float]] = {}
-        per_question_type: dict[str, list[float]] = {}
-        for ann, acc in zip(annotations, accs):
-            per_answer_type.setdefault(ann.get("answer_type", "unknown"), []).append(acc)
-            per_question_type.setdefault(ann.get("question_type", "unknown"), []).append(acc)
-        answered = counts["questions"] - counts["missing"]
-        if not answered:
-            return result(self, scored=False, counts=counts, reason="no annotated question has an answer")
+    def metrics_from(self, results: QuestionResults) -> dict[str, Any]:
+        info = results.info
+        counts = info["counts"]
+        if self.split != "val":
+            return result(self, scored=False, **info)
+        if "reason" in info:
+            return result(self, scored=False, counts=counts, reason=info["reason"])
+        mean = self.aggregation()["accuracy"]
+        per_answer_type: dict[str, list[Any]] = {}
+        per_question_type: dict[str, list[Any]] = {}
+        for v in results.of("accuracy"):
+            per_answer_type.setdefault(v["answer_type"], []).append(v)
+            per_question_type.setdefault(v["question_type"], []).append(v)
+        metrics = self.aggregate(results)
         extra = {}
         if counts["missing"]:
-            answered_ids = {a["question_id"] for a in answers}
-            answered_accs = [acc for ann, acc in zip(annotations, accs) if ann["question_id"] in answered_ids]
-            extra["answered_accuracy"] = _percent(answered_accs)
+            extra["answered_accuracy"] = metrics["answered_accuracy"]
             extra["warning"] = (
                 f"{counts['missing']} of {counts['questions']} questions have no answer; as in the official "
                 "pipeline they are scored as the empty answer (answered_accuracy: over the answered ones "
                 "only, e.g. for a --limit run)"
             )
-        overall = _percent(accs)
-        return result(
-            self,
-            scored=True,
-            headline="accuracy",
-            value=overall,
-            accuracy=overall,
-            per_answer_type={k: _percent(v) for k, v in sorted(per_answer_type.items())},
-            per_question_type={k: _percent(v) for k, v in sorted(per_question_type.items())},
+        return self.scored_result(
+            results,
+            accuracy=metrics["accuracy"],
+            per_answer_type={k: mean(v) for k, v in sorted(per_answer_type.items())},
+            per_question_type={k: mean(v) for k, v in sorted(per_question_type.items())},
             counts=counts,
             note="VQAv2 val scored like LLaVA's converter + the official vqaEval.py; not comparable to test-dev",
             **extra,
