@@ -269,7 +269,7 @@ def bootstrap_suite(rows: Sequence[dict[str, Any]], resamples: int = 2000, seed:
             if scores.keys != first.keys or scores.strata != first.strata:
                 raise ValueError(f"{bench}: rows answered different questions; bootstrap one suite at a time")
             runs.append(scores.values)
-        draws = bootstrap_metrics(first.kind, runs, first.strata, resamples, seed + i)
+        draws = bootstrap_metrics(first.aggregation, runs, first.strata, resamples, seed + i)
         values[bench] = _percent(bench, draws, first.strata)
     values["mean"] = sum(values[b] for b in benches) / len(benches)
     return SuiteBootstrap(benches=tuple(benches), values=values, resamples=resamples, seed=seed)
