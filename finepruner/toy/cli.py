@@ -37,13 +37,31 @@ def _toy_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """``["lr=1e-3", "lookup_at=answer"]`` -> TrainConfig fields, each converted to its default's type."""
+#: ``toy-train --family``: the module of each toy family's trainer (``TrainConfig``-like dataclass + ``train``).
+FAMILIES: dict[str, tuple[str, str]] = {
+    "llava": ("finepruner.toy.train", "TrainConfig"),
+    "qwen2_5_vl": ("finepruner.toy.qwen_train", "QwenTrainConfig"),
+}
+
+
+def _family(name: str):
+    """(config class, train function) of a toy family."""
+    import importlib
+
+    if name not in FAMILIES:
+        raise SystemExit(f"--family {name!r}: use one of {', '.join(FAMILIES)}")
+    module_name, config_name = FAMILIES[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), module.train
+
+
+def parse_overrides(items: list[str], family: str = "llava") -> dict[str, object]:
+    """``["lr=1e-3", "lookup_at=answer"]`` -> the family's training-config fields, each converted to its
+    default's type."""
     from dataclasses import fields
 
-    from finepruner.toy.train import TrainConfig
-
-    known = {f.name: f for f in fields(TrainConfig)}
+    config_class, _ = _family(family)
+    known = {f.name: f for f in fields(config_class)}
     out: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -80,17 +98,16 @@ def _toy_train_problem(args: argparse.Namespace) -> str | None:
 def _toy_train(args: argparse.Namespace) -> int:
     import sys
 
-    from finepruner.toy.train import TrainConfig, train
-
     problem = _toy_train_problem(args)
     try:
-        overrides = parse_overrides(args.set)
+        config_class, train = _family(args.family)
+        overrides = parse_overrides(args.set, args.family)
     except SystemExit as err:  # parse_overrides names the bad --set item
         problem = problem or str(err)
     if problem:
         print(f"finepruner toy-train: error: {problem}", file=sys.stderr)
         return 2
-    cfg = TrainConfig(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed,
+    cfg = config_class(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed,
                       batch_size=args.batch_size, threads=args.threads, eval_every=args.eval_every,
                       init=args.init, **overrides)
     final = train(cfg)
@@ -108,8 +125,11 @@ def register(subparsers) -> None:
     data.set_defaults(func=_toy_data)
 
     tr = subparsers.add_parser(
-        "toy-train", help="train the toy LLaVA from scratch on synthetic scenes",
-        description="Train the toy LLaVA from scratch (CPU; see docs/toy.md).")
+        "toy-train", help="train a toy model (LLaVA or Qwen2.5-VL) on synthetic scenes",
+        description="Train a toy model on the synthetic scenes (CPU; see docs/toy.md).")
+    tr.add_argument("--family", default="llava", choices=sorted(FAMILIES),
+                    help="which toy to train: the LLaVA (default) or the Qwen2.5-VL (its language model "
+                         "starts from the toy LLaVA's; see docs/toy.md)")
     tr.add_argument("--out", required=True, help="checkpoint folder (saved at every evaluation)")
     tr.add_argument("--minutes", type=float, default=60.0, help="time budget; sets the schedule length")
     tr.add_argument("--steps", type=int, default=None,

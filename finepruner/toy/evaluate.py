@@ -138,23 +138,41 @@ def summary_row(results: dict[str, Any]) -> dict[str, float]:
     return row
 
 
+def suite_visual_tokens(model, processor, root: str | Path) -> int:
+    """Visual tokens the model gets for one image of the toy suite (every toy scene has the same size): the
+    family's prompt and processor, counted on the family's image token (144 on both toys)."""
+    from finepruner.eval import benchmarks
+    from finepruner.eval.runner import Generator
+
+    generator = Generator(model, processor)
+    sample = next(s for s in benchmarks.get("gqa").load(root) if s.has_image)
+    inputs = generator.model_inputs([generator.build_prompt(sample.text, True)], [generator.prepare_image(sample)])
+    return int((inputs["input_ids"] == generator.adapter.image_token_id).sum())
+
+
 def method_params(method: str, tokens: int | None, model, checkpoint: str = "toy",
-                  random_seed: int = 0) -> dict[str, Any]:
-    """Parameters that run ``method`` at ``tokens`` on the toy model (shared by this script and the demo):
+                  random_seed: int = 0, visual_tokens: int | None = None) -> dict[str, Any]:
+    """Parameters that run ``method`` at ``tokens`` on a toy model (shared by this script and the demo):
     the method's ``defaults_for`` the model's shape (``finepruner``: H = heads/4; SparseVLM: the v1.5
-    schedule scaled to the depth), the toy CLIP text tower for CDPruner, ``random_seed`` for random."""
+    schedule scaled to the depth), the toy CLIP text tower for CDPruner when the checkpoint ships one
+    (the toy LLaVA), ``random_seed`` for random. ``visual_tokens``: per image (``suite_visual_tokens``);
+    None reads the LLaVA vision config's fixed grid."""
     from finepruner import methods
     from finepruner.methods.base import ModelShape
 
     config = model.config
-    vision = config.vision_config
+    if visual_tokens is None:
+        vision = config.vision_config
+        visual_tokens = (int(vision.image_size) // int(vision.patch_size)) ** 2
     shape = ModelShape(int(config.text_config.num_hidden_layers), int(config.text_config.num_attention_heads),
-                       (int(vision.image_size) // int(vision.patch_size)) ** 2)
+                       int(visual_tokens))
     params = methods.get(method).defaults_for(shape, {} if tokens is None else {"tokens": tokens})
     if method == "cdpruner":
-        from finepruner.toy.model import load_clip_text
+        from finepruner.toy.model import clip_text_dir, load_clip_text
 
-        params["clip_text"] = load_clip_text(None if checkpoint == "toy" else checkpoint)
+        directory = None if checkpoint == "toy" else checkpoint
+        if clip_text_dir(directory).is_dir():
+            params["clip_text"] = load_clip_text(directory)
     if method == "random":
         params.setdefault("seed", random_seed)
     return params
@@ -182,11 +200,12 @@ def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tu
     from finepruner.sweep.scores import question_scores
 
     grid = [(m, None) if m == "vanilla" else (m, b) for m in methods for b in ([None] if m == "vanilla" else budgets)]
+    visual_tokens = suite_visual_tokens(model, processor, root)
     rows: list[dict[str, Any]] = []
     done: dict[str, dict[str, Any]] = {}
     for method, tokens in tqdm(grid, desc="toy suite", unit="config", disable=not progress):
         try:
-            params = method_params(method, tokens, model, checkpoint, random_seed)
+            params = method_params(method, tokens, model, checkpoint, random_seed, visual_tokens)
             key = _params_key(method, params)
             if key in done:
                 row = {**done[key], "tokens": tokens, "same_as": done[key]["tokens"]}
@@ -330,4 +349,5 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 __all__ = ["BUDGETS", "HEADLINES", "SuiteBootstrap", "bootstrap_suite", "chance_levels", "evaluate_suite",
-           "headline_percent", "json_row", "method_params", "per_type_accuracy", "run_grid", "summary_row"]
+           "headline_percent", "json_row", "method_params", "per_type_accuracy", "run_grid", "suite_visual_tokens",
+           "summary_row"]
