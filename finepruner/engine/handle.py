@@ -78,6 +78,8 @@ class Handle:
         # validate the parameters against the model now, before any expensive work (families whose images
         # have variable counts: against the largest image; each image's own count is checked at its prefill)
         self._check_vision_signals()
+        #: whether kept tokens are renumbered (the method's ``positions`` as the family defines it)
+        self.renumber = self.adapter.renumbers(method)
         self.plan(self.adapter.max_visual_tokens)
         method.check_model(self.adapter.num_heads, self.adapter.num_layers, self.adapter.max_visual_tokens)
         method.bind_model(model)
@@ -164,7 +166,9 @@ class Handle:
             return None
         self._pending = None
         counts = None
-        changed = None
+        changed = self.adapter.prepare_prefill(module, kwargs)  # e.g. Qwen: explicit 3-D positions
+        if changed is not None:
+            kwargs = changed
         if self.adapter.per_image_budget:
             encoded = (self._encoder_outputs or {}).get("image")
             if encoded is None and kwargs.get("pixel_values") is not None:

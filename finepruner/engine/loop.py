@@ -118,15 +118,15 @@ def pruned_forward(
         past = 0
     else:
         past = state.seen
-    if position_ids is None:
-        position_ids = torch.arange(length, device=inputs_embeds.device)[None] + past
-    position_ids = position_ids.expand(batch, -1)
+    position_ids = handle.adapter.lm_positions(position_ids, batch, length, past, inputs_embeds.device)
+    injections = handle.adapter.take_layer_injections(kwargs)  # e.g. Qwen3-VL deepstack (prefill only)
 
     if has_image:
         hidden, all_hidden = _prefill(lm, handle, inputs_embeds, attention_mask, position_ids, cache,
-                                      use_cache, units, image_mask, row_keys, output_hidden_states, kwargs)
+                                      use_cache, units, image_mask, row_keys, output_hidden_states, kwargs,
+                                      injections)
     else:
-        hidden, all_hidden = _decode(lm, state, inputs_embeds, attention_mask, position_ids, cache,
+        hidden, all_hidden = _decode(lm, handle.adapter, state, inputs_embeds, attention_mask, position_ids, cache,
                                      use_cache, output_hidden_states, kwargs)
     hidden = lm.norm(hidden)
     if all_hidden is not None:
@@ -151,13 +151,25 @@ def _record_unpruned(lm, handle: Handle, batch: int, length: int, units: list[Un
     handle._record(kept=[], stats=stats, heads=[], attention=[], merged=[])
 
 
-def _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden):
+def _gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``positions`` [B, L] or [B, L, rows] (mRoPE) at the sequence indices ``index`` [B, k]."""
+    if positions.dim() == 2:
+        return positions.gather(1, index)
+    return positions.gather(1, index[..., None].expand(-1, -1, positions.shape[-1]))
+
+
+def _shifted(positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``positions`` [B, L(, rows)] minus a per-row ``shift`` [B]."""
+    return positions - shift.view(-1, *[1] * (positions.dim() - 1))
+
+
+def _run_layers(lm, adapter, hidden, segments, cache, use_cache, kwargs, all_hidden):
     """Run all layers without pruning; ``segments`` maps each segment's first layer to its
     (position_ids, mask2d) and must contain layer 0."""
     for index, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
         if index in segments:
             position_ids, mask2d = segments[index]
-            embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
+            embeddings = adapter.rotary_embeddings(lm, hidden, position_ids)
             mask = _causal_mask(lm, hidden, mask2d, cache, index)
         if all_hidden is not None:
             all_hidden.append(hidden)
@@ -166,7 +178,8 @@ def _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden):
     return hidden
 
 
-def _decode(lm, state, hidden, attention_mask, position_ids, cache, use_cache, output_hidden_states, kwargs):
+def _decode(lm, adapter, state, hidden, attention_mask, position_ids, cache, use_cache, output_hidden_states,
+            kwargs):
     """Tokens after a pruned prefill: per-segment masks and positions."""
     batch, length = hidden.shape[:2]
     expected = state.seen + length
@@ -191,9 +204,9 @@ def _decode(lm, state, hidden, attention_mask, position_ids, cache, use_cache, o
                 new = torch.ones(batch, expected - state.prompt_length, dtype=prompt.dtype, device=hidden.device)
             mask2d = torch.cat([prompt.to(device=new.device, dtype=new.dtype), new], dim=1)
         shift = segment.position_shift.to(position_ids.device)  # a stage's device (device_map)
-        segments[segment.start] = (position_ids - shift[:, None], mask2d)
+        segments[segment.start] = (_shifted(position_ids, shift), mask2d)
     all_hidden = [] if output_hidden_states else None
-    hidden = _run_layers(lm, hidden, segments, cache, use_cache, kwargs, all_hidden)
+    hidden = _run_layers(lm, adapter, hidden, segments, cache, use_cache, kwargs, all_hidden)
     state.seen = expected
     return hidden, all_hidden
 
@@ -227,7 +240,7 @@ def _keep(tokens: _Tokens, local: torch.Tensor, renumber: bool) -> _Tokens:
     kept_positions = tokens.visual_index.gather(1, local)
     keep_mask.scatter_(1, kept_positions, True)
     keep_index = keep_mask.nonzero()[:, 1].view(batch, -1)
-    position_ids = tokens.position_ids.gather(1, keep_index)
+    position_ids = _gather_positions(tokens.position_ids, keep_index)
     shift = tokens.shift
     if renumber:
         position_ids = position_ids - (~keep_mask).cumsum(dim=1).gather(1, keep_index)
@@ -423,7 +436,7 @@ def _text_embedder(handle: Handle):
 
 
 def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache, units, image_mask, row_keys,
-             output_hidden_states, kwargs):
+             output_hidden_states, kwargs, injections=None):
     """A prompt with images: run the layers and prune at every stage of the method's plan."""
     batch, length, width = hidden.shape
     device = hidden.device
@@ -435,7 +448,7 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
     # reused (from the cache, after RoPE; without a cache, the k_proj output captured while they run)
     key_layers = {s.score_layer for s in stages if s.score_layer is not None and s.score_layer < s.layer}
     cached_keys = cache is not None and use_cache  # then the cache holds them (after RoPE): no hook
-    renumber = handle.method.positions == "renumber"
+    renumber = handle.renumber
     score_impl = getattr(handle.method, "score_impl", "cheap")
 
     tokens = _Tokens(hidden, position_ids, attention_mask, torch.arange(length, device=device).expand(batch, -1),
@@ -453,7 +466,8 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
     instructions = handle._take_instructions(batch)  # instruction texts (methods with needs_instructions)
     stats.selection_seconds += _clock(hidden, handle) - started
     all_hidden = [] if output_hidden_states else None
-    embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
+    adapter = handle.adapter
+    embeddings = adapter.rotary_embeddings(lm, hidden, position_ids)
     mask = _causal_mask(lm, hidden, attention_mask, cache, 0)
 
     for index, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
@@ -492,7 +506,7 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
             tokens, result = _apply_choices(tokens, groups, choices, renumber, row_counters, rows, batch)
             results.append(result)
             segments.append(Segment(index, tokens.mask2d, tokens.hidden.shape[1], tokens.shift))
-            embeddings = lm.rotary_emb(tokens.hidden, position_ids=tokens.position_ids)
+            embeddings = adapter.rotary_embeddings(lm, tokens.hidden, tokens.position_ids)
             mask = _causal_mask(lm, tokens.hidden, tokens.mask2d, cache, index)
         hidden = tokens.hidden
         if index in key_layers:
@@ -512,6 +526,8 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
         finally:
             if capture is not None:
                 capture.remove()
+        if injections is not None:  # added to the visual tokens still present (their source rows)
+            hidden = injections.after_layer(index, hidden, tokens.source_index)
         tokens.hidden = hidden
 
     if cache is not None:
@@ -568,6 +584,11 @@ class _StageInputs:
     rows: torch.Tensor | None  # [B, heads, L] last-query attention
 
 
+def _one_row(positions: torch.Tensor) -> torch.Tensor:
+    """[B, L] positions for ``StageSignals``: as they are (1-D), or the largest of the mRoPE rows."""
+    return positions if positions.dim() == 2 else positions.amax(dim=-1)
+
+
 def _unit_key(row_keys: list[int], unit: Unit) -> int:
     """A unit's seeding key: its sample's key (first image), combined with the image index after it."""
     return row_keys[unit.row] if unit.image == 0 else hash((row_keys[unit.row], unit.image))
@@ -590,7 +611,7 @@ def _select_group(handle: Handle, group: Group, stage, stage_index: int, inputs:
         score_hidden, (cos, sin), score_mask = inputs.score_input
         score_input = (_rows(score_hidden, rows), (_rows(cos, rows), _rows(sin, rows)), _rows(score_mask, rows))
     signals = StageSignals(
-        lm=inputs.lm, hidden=_rows(tokens.hidden, rows), position_ids=_rows(tokens.position_ids, rows),
+        lm=inputs.lm, hidden=_rows(tokens.hidden, rows), position_ids=_rows(_one_row(tokens.position_ids), rows),
         mask2d=_rows(tokens.mask2d, rows), visual_index=visual_index, source_index=_rows(tokens.source_index, rows),
         inputs_embeds=_rows(inputs.prefill.inputs_embeds, rows), input_mask2d=_rows(inputs.prefill.mask2d, rows),
         input_visual_index=torch.stack([inputs.prefill.visual_index[id(u)] for u in group.units]),
@@ -673,7 +694,7 @@ def _apply_whole_batch(tokens: _Tokens, group: Group, choice, renumber: bool, ro
     current = _Tokens(tokens.hidden, tokens.position_ids, tokens.mask2d, tokens.source_index, visual_index,
                       visual_ids, tokens.shift)
     if insert is not None and not renumber:  # merged tokens take their centre's position
-        insert_positions = tokens.position_ids.gather(1, visual_index.gather(1, insert_from))
+        insert_positions = _gather_positions(tokens.position_ids, visual_index.gather(1, insert_from))
     current = _keep(current, local, renumber)
     kept = current.visual_ids
     merged = None

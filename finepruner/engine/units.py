@@ -219,7 +219,7 @@ def rebuild(hidden: torch.Tensor, position_ids: torch.Tensor, mask2d: torch.Tens
                      "inserted_at": inserted_at})
     new_length = max(r["source"].shape[0] for r in rows)
     out_hidden = hidden.new_zeros(batch, new_length, width)
-    out_positions = position_ids.new_full((batch, new_length), PAD_POSITION)
+    out_positions = position_ids.new_full((batch, new_length, *position_ids.shape[2:]), PAD_POSITION)
     mask_dtype = mask2d.dtype if mask2d is not None else torch.long
     out_mask = torch.zeros(batch, new_length, dtype=mask_dtype, device=device)
     out_source = torch.full((batch, new_length), -1, dtype=source_index.dtype, device=device)

@@ -151,6 +151,13 @@ class PruningMethod:
         if positions is not None and positions not in POSITION_MODES:
             raise ValueError(f"{self.name}: positions={positions!r}; allowed: {POSITION_MODES}")
         self.positions: Positions = positions or self.default_positions
+        self._explicit_positions = positions is not None
+
+    @property
+    def explicit_positions(self) -> bool:
+        """Whether ``positions`` was given (not the method's default): families with 3-D positions refuse an
+        explicit ``"renumber"`` and keep original positions otherwise (``ModelAdapter.renumbers``)."""
+        return getattr(self, "_explicit_positions", False)
 
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
         """Stages for a model with ``num_layers`` decoder layers and ``num_visual`` visual tokens per

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,6 +227,8 @@ def load_model(
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
     layout: str = "hf",
+    processor_kwargs: Mapping[str, Any] | None = None,
+    processor: str = "auto",
 ) -> tuple[Any, Any]:
     """Load a local checkpoint of any registered family and its processor (tokenizer padding on the left).
 
@@ -234,7 +237,11 @@ def load_model(
     family's processor (torchvision for LLaVA-OneVision) raises :class:`MissingPackageError` before any
     weight is read. ``dtype`` defaults to the checkpoint's own dtype; ``device`` to CPU. The model is in
     eval mode. ``layout`` selects the image-token layout among the family's ``ModelAdapter.layouts``
-    (``"hf"``: the model's own; LLaVA-NeXT also ``"paper2880"``, ``docs/models.md``).
+    (``"hf"``: the model's own; LLaVA-NeXT also ``"paper2880"``, ``docs/models.md``). ``processor_kwargs``
+    go to the processor's (or image processor's) ``from_pretrained`` (Qwen: ``min_pixels``/``max_pixels``).
+    ``processor`` chooses the processor implementation where a family has two (``ModelAdapter.processors``;
+    Qwen: ``"official"`` needs torchvision, ``"finepruner"`` is ``finepruner.models.qwen_processor``, ``"auto"``
+    the official one when torchvision is installed).
     """
     if attn_implementation not in _ATTN_IMPLEMENTATIONS:
         raise ValueError(
@@ -245,6 +252,7 @@ def load_model(
     directory = resolve_checkpoint(path)
     family = check_checkpoint(directory)
     family.check_layout(layout)
+    family.check_processor_choice(processor)
     model_class = getattr(transformers, family.model_class)
     try:
         model = model_class.from_pretrained(
@@ -253,12 +261,19 @@ def load_model(
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, StrictDataclassError) as err:
         raise ValueError(f"cannot load the model weights of checkpoint {directory}: {err}") from err
     try:
-        processor = AutoProcessor.from_pretrained(directory)
+        loaded = family.load_processor(directory, processor, dict(processor_kwargs or {}))
+    except MissingPackageError:
+        raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         raise ValueError(f"cannot load the tokenizer/processor of checkpoint {directory}: {err}") from err
-    processor.tokenizer.padding_side = "left"
+    loaded.tokenizer.padding_side = "left"
     if layout != family.layouts[0]:
-        family(model).set_layout(processor, layout)
+        family(model).set_layout(loaded, layout)
     if device is not None:
         model.to(device)
-    return model.eval(), processor
+    return model.eval(), loaded
+
+
+def load_auto_processor(directory: Path, kwargs: Mapping[str, Any]) -> Any:
+    """``AutoProcessor.from_pretrained(directory, **kwargs)`` (the families' official processors)."""
+    return AutoProcessor.from_pretrained(directory, **kwargs)

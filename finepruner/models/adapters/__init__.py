@@ -14,6 +14,7 @@ from finepruner.models.adapters.base import (
 from finepruner.models.adapters.llava import LlavaAdapter
 from finepruner.models.adapters.llava_next import LlavaNextAdapter
 from finepruner.models.adapters.llava_onevision import LlavaOnevisionAdapter
+from finepruner.models.adapters.qwen2_5_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
 
 def families() -> list[str]:
@@ -22,6 +23,7 @@ def families() -> list[str]:
 
 
 __all__ = [
-    "ImageSpan", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+    "ImageSpan", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen2_5_VLAdapter",
+    "Qwen2VLAdapter",
     "adapter_class", "adapter_for", "families", "register_adapter", "registered",
 ]

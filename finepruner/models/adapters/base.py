@@ -123,13 +123,20 @@ class ModelAdapter:
     #: the evaluation prompt protocol of :meth:`build_prompt` (recorded in eval runs' config.json).
     conversation: ClassVar[str] = "chat_template"
 
+    #: rows of the language model's position ids: 1 (plain RoPE) or 3 (mRoPE: temporal, height, width).
+    position_rows: ClassVar[int] = 1
+    #: attribute of the inner multimodal model that holds the vision tower.
+    vision_attribute: ClassVar[str] = "vision_tower"
+    #: processor implementations ``load_model(processor=...)`` accepts (``"auto"``: the family's default).
+    processors: ClassVar[tuple[str, ...]] = ("auto", "official")
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         inner = getattr(model, "model", None)
-        if inner is None or not hasattr(inner, "language_model") or not hasattr(inner, "vision_tower"):
+        if inner is None or not hasattr(inner, "language_model") or not hasattr(inner, self.vision_attribute):
             raise TypeError(
                 f"{type(model).__name__} does not have the layout of the {self.family} family "
-                "(expected .model.language_model and .model.vision_tower)"
+                f"(expected .model.language_model and .model.{self.vision_attribute})"
             )
 
     # -- identity -------------------------------------------------------------------------------------
@@ -161,7 +168,7 @@ class ModelAdapter:
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+        return getattr(self.model.model, self.vision_attribute)
 
     @property
     def projector(self) -> nn.Module:
@@ -330,6 +337,35 @@ class ModelAdapter:
     def _apply_layout(self, processor: Any, layout: str) -> None:
         raise NotImplementedError
 
+    # -- positions and layer inputs (engine.loop) -----------------------------------------------------------
+    def lm_positions(self, position_ids: torch.Tensor | None, batch: int, length: int, past: int,
+                     device: torch.device) -> torch.Tensor:
+        """The language model call's position ids in the engine's layout: [B, L] (1-D RoPE) or [B, L, 3]
+        (mRoPE, ``position_rows=3``); None (a call without them) counts on from ``past``."""
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device)[None] + past
+        return position_ids.expand(batch, -1)
+
+    def rotary_embeddings(self, lm: nn.Module, hidden: torch.Tensor,
+                          positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` [B, L, head_dim] of the engine-layout ``positions`` (the model's own rotary module)."""
+        return lm.rotary_emb(hidden, position_ids=positions)
+
+    def renumbers(self, method: Any) -> bool:
+        """Whether the engine renumbers kept tokens' positions for ``method`` (its ``positions``)."""
+        return method.positions == "renumber"
+
+    def prepare_prefill(self, module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """The multimodal model's keyword arguments for a call with images, changed where the family needs
+        it before the call runs (Qwen: explicit 3-D position ids), or None (unchanged)."""
+        return None
+
+    def take_layer_injections(self, kwargs: dict[str, Any]) -> Any:
+        """Pop from the language model call's ``kwargs`` the per-layer additions to the visual tokens'
+        hidden states (Qwen3-VL deepstack) as an object with ``after_layer(index, hidden, source_index)``;
+        None when the family has none."""
+        return None
+
     # -- prompts --------------------------------------------------------------------------------------
     def build_prompt(self, text: str, has_image: bool, processor: Any) -> str:
         """The evaluation prompt of one question: the processor's chat template with one user turn."""
@@ -337,6 +373,23 @@ class ModelAdapter:
         content.append({"type": "text", "text": text})
         conversation = [{"role": "user", "content": content}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    # -- processors -------------------------------------------------------------------------------------
+    @classmethod
+    def check_processor_choice(cls, choice: str) -> None:
+        """A ValueError unless ``load_model(processor=choice)`` is offered by the family."""
+        if choice not in cls.processors:
+            raise ValueError(
+                f"processor={choice!r} is not available on {cls.family_name()}; allowed: {', '.join(cls.processors)}"
+            )
+
+    @classmethod
+    def load_processor(cls, directory: Any, choice: str, kwargs: Mapping[str, Any]) -> Any:
+        """The checkpoint's processor (``choice`` from :attr:`processors`; ``kwargs`` go to its
+        ``from_pretrained``): the official one by default."""
+        from finepruner.models.loading import load_auto_processor
+
+        return load_auto_processor(directory, kwargs)
 
     # -- description ----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,181 @@
+"""Qwen2.5-VL (``model_type="qwen2_5_vl"``) and Qwen2-VL (``"qwen2_vl"``), ``spec/models.md`` §1.3, §2.2.
+
+A ViT of 14-px patches (Qwen2.5: window attention except ``fullatt_block_indexes``) whose merger folds
+2 x 2 patches into one language-model token, no [CLS]; each image has its own number of tokens
+(``(H'/28)(W'/28)`` after ``smart_resize``), written as ``<|vision_start|>`` + N ``<|image_pad|>`` +
+``<|vision_end|>``. Positions are 3-D mRoPE rows (temporal, height, width; ``get_rope_index``): the engine
+carries them as [B, L, 3], gathers the kept tokens' columns (their original 3-D positions, as every
+surveyed port does) and recomputes cos/sin with the model's own rotary module. The text row that
+``generate`` prepends (row 0) only feeds mask construction in transformers; the engine builds its masks
+from explicit 2-D masks and never passes positions to the layers, so it does not carry row 0.
+
+Pre-LLM methods prune at the language model's layer 0, inside the engine's loop: ``input_ids`` and
+``mm_token_type_ids`` are never shortened, so ``get_rope_index`` always sees the full prompt. A prefill
+called without position ids gets them computed here on the full prompt (``prepare_prefill``), and
+``rope_deltas`` is set afresh for every such call. Both Qwen2-VL and Qwen2.5-VL share this code path (the
+same text model, rotary module, placeholders and ``get_rope_index``); only their towers differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from finepruner.models.adapters.base import ModelAdapter, register_adapter
+
+#: Upper bound of one image's tokens used to validate budgets before a prefill: the released checkpoints'
+#: ``max_pixels`` (12,845,056 = 16,384 x 28^2 for Qwen2/2.5-VL; 16,777,216 = 16,384 x 32^2 for Qwen3-VL).
+QWEN_MAX_IMAGE_TOKENS = 16384
+
+
+def torchvision_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(ModelAdapter):
+    """Hugging Face ``Qwen2_5_VLForConditionalGeneration`` (images; video prompts are not pruned)."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
+    model_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
+    config_class: ClassVar[str] = "Qwen2_5_VLConfig"
+    per_image_budget: ClassVar[bool] = True
+    description: ClassVar[str] = ("Qwen2.5-VL (Qwen/Qwen2.5-VL-*-Instruct): window-attention ViT + 2x2 merger, "
+                                  "no [CLS], 3-D mRoPE positions; budgets per image")
+    position_rows: ClassVar[int] = 3
+    vision_attribute: ClassVar[str] = "visual"
+    processors: ClassVar[tuple[str, ...]] = ("auto", "official", "finepruner")
+    encoder_kwargs: ClassVar[tuple[str, ...]] = ("image_grid_thw",)
+    #: whether the vision tower permutes its tokens into attention windows (Qwen2.5-VL).
+    windowed: ClassVar[bool] = True
+
+    # -- parts ----------------------------------------------------------------------------------------
+    @property
+    def projector(self) -> nn.Module:
+        return self.vision_tower.merger
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @classmethod
+    def has_cls(cls, config) -> bool:
+        return False
+
+    @classmethod
+    def crop_tokens(cls, config) -> int:
+        return cls.max_tokens(config)
+
+    @classmethod
+    def max_tokens(cls, config) -> int:
+        """No fixed count: the bound of the released checkpoints' pixel limits (each image's own count is
+        checked at its prefill)."""
+        return QWEN_MAX_IMAGE_TOKENS
+
+    @classmethod
+    def merge_size(cls, config) -> int:
+        return int(config.vision_config.spatial_merge_size)
+
+    # -- positions ------------------------------------------------------------------------------------
+    def lm_positions(self, position_ids: torch.Tensor | None, batch: int, length: int, past: int,
+                     device: torch.device) -> torch.Tensor:
+        """[B, L, 3] mRoPE rows from what the text model accepts: (4, B, L) (``generate``: row 0 is the text
+        row, dropped), (3, B, L), (B, L) (the same row three times) or None (counting on from ``past``)."""
+        if position_ids is None:
+            position_ids = (torch.arange(length, device=device) + past)[None].expand(batch, -1)
+        if position_ids.ndim == 2:
+            return position_ids.expand(batch, -1)[..., None].expand(-1, -1, 3)
+        if position_ids.ndim != 3 or position_ids.shape[0] not in (3, 4):
+            raise ValueError(
+                f"position_ids of shape {tuple(position_ids.shape)}; {self.family} takes (4, B, L), (3, B, L) or (B, L)"
+            )
+        rows = position_ids[1:] if position_ids.shape[0] == 4 else position_ids
+        return rows.expand(3, batch, -1).permute(1, 2, 0)
+
+    def rotary_embeddings(self, lm: nn.Module, hidden: torch.Tensor,
+                          positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return lm.rotary_emb(hidden, positions.permute(2, 0, 1))
+
+    def renumbers(self, method: Any) -> bool:
+        """Never: kept tokens keep their original 3-D positions. A method whose official default is to
+        renumber (PDrop, the pre-LLM methods) keeps them too, as every Qwen port does (``spec/models.md``
+        §2.2); an explicit ``positions="renumber"`` is refused, since a contiguous renumbering of mRoPE
+        rows would destroy the image's 2-D layout and the text row alone does not reach the rotary
+        embeddings."""
+        if method.positions == "renumber" and getattr(method, "explicit_positions", False):
+            raise ValueError(
+                f"{method.name}: positions='renumber' is not defined on {self.family} (3-D mRoPE positions: "
+                "renumbering them contiguously would destroy each image's 2-D layout, spec/models.md §2.2); "
+                "use positions='original' (the default here, as every published Qwen port)"
+            )
+        return False
+
+    def prepare_prefill(self, module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """Explicit 4-row position ids for a prefill called without them (``model(**inputs)``): the model's
+        ``get_rope_index`` on the full prompt plus the text row ``cumsum - 1`` (padding at 1), as ``generate``
+        builds them; ``rope_deltas`` is set from this prompt (never left over from an earlier request)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if kwargs.get("position_ids") is not None or (cache is not None and cache.get_seq_length() > 0):
+            return None
+        input_ids, types = kwargs.get("input_ids"), kwargs.get("mm_token_type_ids")
+        if input_ids is None or types is None or kwargs.get("image_grid_thw") is None:
+            module.rope_deltas = None
+            return None
+        mask = kwargs.get("attention_mask")
+        rows, deltas = module.get_rope_index(
+            input_ids, mm_token_type_ids=types, image_grid_thw=kwargs.get("image_grid_thw"),
+            video_grid_thw=kwargs.get("video_grid_thw"), attention_mask=mask,
+            **({"second_per_grid_ts": kwargs["second_per_grid_ts"]} if kwargs.get("second_per_grid_ts") is not None
+               else {}))
+        module.rope_deltas = deltas
+        if mask is None:
+            text = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        else:
+            text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return {**kwargs, "position_ids": torch.cat([text[None].to(rows.dtype), rows], dim=0)}
+
+    # -- vision-side signals ----------------------------------------------------------------------------
+    def vision_signals_supported(self) -> frozenset[str]:
+        """Each image's merged features (the language model's input rows, ``projected_features``)."""
+        return frozenset({"projected_features"})
+
+    def vision_unsupported_reason(self) -> str:
+        return ("the Qwen vision tower has no [CLS] token: [CLS]-query signals (VisionZip, PruMerge) have no "
+                "defined value, and the patch-grid signals of HiPrune and pooling are not mapped through the 2x2 "
+                "merger")
+
+    # -- processors -------------------------------------------------------------------------------------
+    @classmethod
+    def load_processor(cls, directory: Path, choice: str, kwargs: Mapping[str, Any]) -> Any:
+        """The official processor when torchvision is installed (``"auto"``) or asked for (``"official"``:
+        without torchvision a ``MissingPackageError``), else ``finepruner.models.qwen_processor`` (images
+        only; ``kwargs`` such as ``min_pixels``/``max_pixels`` go to its image processor)."""
+        from finepruner.models.loading import MissingPackageError, load_auto_processor
+        from finepruner.models.qwen_processor import QwenImageProcessor
+
+        if choice == "official" and not torchvision_available():
+            raise MissingPackageError(
+                f"checkpoint {directory}: the official {cls.family_name()} processor needs torchvision, which is "
+                "not installed: pip install finepruner[qwen] (or processor='finepruner', images only)"
+            )
+        if choice == "official" or (choice == "auto" and torchvision_available()):
+            return load_auto_processor(directory, kwargs)
+        return QwenImageProcessor.from_pretrained(directory, **kwargs)
+
+
+@register_adapter
+class Qwen2VLAdapter(Qwen2_5_VLAdapter):
+    """Hugging Face ``Qwen2VLForConditionalGeneration``: the Qwen2.5-VL path with a full-attention tower."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
+    model_class: ClassVar[str] = "Qwen2VLForConditionalGeneration"
+    config_class: ClassVar[str] = "Qwen2VLConfig"
+    description: ClassVar[str] = ("Qwen2-VL (Qwen/Qwen2-VL-*-Instruct): ViT + 2x2 merger, no [CLS], 3-D mRoPE "
+                                  "positions; budgets per image")
+    windowed: ClassVar[bool] = False
