@@ -6,7 +6,7 @@ import pytest
 
 from finepruner.bench import runner
 from finepruner.cli import build_parser
-from finepruner.methods.spec import parse_method_spec, parse_value
+from finepruner.methods.spec import parse_method_spec, parse_params, parse_value
 
 
 def test_values():
@@ -36,16 +36,26 @@ def test_bad_specs(spec, message):
 
 
 def test_every_command_parses_the_same_way():
-    """bench's --methods and eval's --param values go through the same parser as show's --method."""
+    """bench's --methods, eval's --method and --param, and sweep's --param go through the same parser as
+    show's --method."""
     spec = "sparsevlm:layers=[1,2,4],keeps=[40,20,10],version=2.0"
     assert runner.parse_method(spec) == parse_method_spec(spec)
     with pytest.raises(ValueError, match="nope"):
         runner.parse_method("nope")  # bench also checks the name against the registry
-    from finepruner.eval.cli import parse_key_values
+    from finepruner.eval.cli import method_and_params
 
     args = build_parser("eval").parse_args(["eval", "--model", "m", "--bench", "pope", "--data-root", "d",
                                             "--out", "o", "--param", "layers=[1,2,4]", "--param", "version=2.0"])
-    assert parse_key_values(args.param, "--param") == {"layers": [1, 2, 4], "version": 2.0}
+    assert parse_params(args.param, "--param") == {"layers": [1, 2, 4], "version": 2.0}
+    assert method_and_params("sparsevlm:layers=[1,2,4]", ["version=2.0"], tokens=64) == (
+        "sparsevlm", {"layers": [1, 2, 4], "version": 2.0, "tokens": 64})
+    assert method_and_params(spec, None) == parse_method_spec(spec)
+    from finepruner.sweep.cli import _options
+
+    sweep_args = build_parser("sweep").parse_args(["sweep", "c.yaml", "--param", "cdpruner.keeps=[40,20]"])
+    assert _options(sweep_args).overrides == parse_params(["cdpruner.keeps=[40,20]"])
+    with pytest.raises(ValueError, match="--param expects key=value, got 'K'"):
+        parse_params(["K"])
 
 
 def test_method_registry_refuses_duplicate_names():

@@ -65,7 +65,7 @@ sys.exit(main(argv))
 
 def _args(tmp_path: Path, runs: str) -> list[str]:
     return ["sweep", str(tmp_path / "crash.yaml"), "--model", "toy", "--data-root", str(tmp_path / "data"),
-            "--runs", str(tmp_path / runs), "--no-probe", "--no-progress"]
+            "--runs", str(tmp_path / runs), "--no-progress"]
 
 
 def _killed(tmp_path: Path, mode: str, n: int) -> None:

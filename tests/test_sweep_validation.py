@@ -132,7 +132,7 @@ def test_incomplete_cell_is_not_complete_and_reruns(tmp_path):
     sweep = parse_sweep({"name": "t", "benchmarks": ["pope"], "settings": {"max_new_tokens": 2, "batch_size": 2},
                          "grid": [{"method": "fastv", "tokens": 16, "K": 1}]})
     opts = sweep_runner.SweepOptions(data_root=str(tmp_path / "data"), runs_dir=str(tmp_path / "runs"),
-                                     model_id="tiny", progress=False, probe_efficiency=False)
+                                     model_id="tiny", progress=False)
     (cell,) = sweep.cells("tiny")
     result = sweep_runner.run_sweep(sweep, opts, model=model, processor=processor)
     assert (result.completed, result.failed) == (0, 1)

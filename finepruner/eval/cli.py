@@ -11,17 +11,23 @@ from typing import Any
 from finepruner.eval.errors import EvalError
 
 
-def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
-    """``--param key=value`` items -> ``{key: value}``, values as ``finepruner.methods.spec.parse_value``."""
-    from finepruner.methods.spec import parse_value
+def method_and_params(
+    method: str | None, param_items: list[str] | None, tokens: int | None = None, K: int | None = None
+) -> tuple[str | None, dict[str, Any]]:
+    """``--method NAME[:KEY=VALUE,...]`` with ``--param``/``--tokens``/``--K`` -> ``(name, params)``, all
+    through ``finepruner.methods.spec``; a parameter given twice with different values is an error."""
+    from finepruner.methods.spec import parse_method_spec, parse_params
 
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise EvalError(f"{flag} expects key=value, got {item!r}")
-        out[key.strip()] = parse_value(value)
-    return out
+    name, params = (None, {}) if method is None else parse_method_spec(method)
+    extra = parse_params(param_items, "--param")
+    if tokens is not None:
+        extra["tokens"] = tokens
+    if K is not None:
+        extra["K"] = K
+    clash = sorted(k for k in extra if k in params and params[k] != extra[k])
+    if clash:
+        raise EvalError(f"--method {method} sets {', '.join(clash)}, which --param/--tokens/--K set differently")
+    return name, {**params, **extra}
 
 
 def parse_files(items: list[str] | None) -> dict[str, dict[str, str]]:
@@ -68,7 +74,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
     p.add_argument("--max-new-tokens", type=int, help="override the benchmark's max_new_tokens")
-    p.add_argument("--method", help="pruning method (see finepruner.methods.available()); default: none")
+    p.add_argument("--method", metavar="NAME[:KEY=VALUE,...]",
+                   help="pruning method (see finepruner.methods.available()), optionally with its parameters, "
+                   "e.g. finepruner:tokens=64,heads=16; default: none")
     p.add_argument("--tokens", type=int, help="visual-token budget of the method")
     p.add_argument("--K", type=int, help="method parameter K (e.g. the pruning layer)")
     p.add_argument(
@@ -79,6 +87,12 @@ def register(subparsers: Any) -> None:
         action="append",
         metavar="BENCH.KEY=PATH",
         help="override a benchmark file, relative to its folder or absolute (repeatable)",
+    )
+    p.add_argument(
+        "--processor-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="keyword argument of the model's processor (repeatable; e.g. min_pixels=200704 on Qwen-VL)",
     )
     p.add_argument(
         "--image-aspect-ratio",
@@ -147,18 +161,16 @@ def run_eval(args: argparse.Namespace) -> int:
 
     try:
         _check_model_id(args.model_id)
-        params = parse_key_values(args.param, "--param")
-        if args.tokens is not None:
-            params["tokens"] = args.tokens
-        if args.K is not None:
-            params["K"] = args.K
+        from finepruner.methods.spec import parse_params
+
+        method, params = method_and_params(args.method, args.param, args.tokens, args.K)
         config = EvalConfig(
             benches=args.bench,
             data_root=args.data_root,
             out=args.out,
             model=args.model,
             model_id=args.model_id,
-            method=args.method,
+            method=method,
             method_params=params,
             batch_size=args.batch_size,
             limit=args.limit,
@@ -166,6 +178,7 @@ def run_eval(args: argparse.Namespace) -> int:
             image_aspect_ratio=args.image_aspect_ratio,
             layout=args.layout,
             files=parse_files(args.file),
+            processor_kwargs=parse_params(args.processor_arg, "--processor-arg"),
             dtype=args.dtype,
             device=args.device,
             judge_model=args.judge_model,

@@ -12,13 +12,18 @@ Run directory layout (``--out DIR``)::
                                  --limit), ``missing`` (of those, without an answer), ``errors`` (answers
                                  recorded as errors, retried on resume) and ``complete`` (both are 0)
     DIR/<bench>/submission/      official upload/result files where a server or a judge is needed
+
+``evaluate`` returns an :class:`EvalResult`: the resolved configuration (what ``config.json`` holds), and
+per benchmark its metrics, its per-question results (``Benchmark.question_results``), the per-sample
+efficiency figures of the pruning handle and its timing. Callers (the sweep) use it directly; the
+files above are for users and for resuming, never read back.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 
 from finepruner.eval import benchmarks
+from finepruner.eval.aggregation import QuestionResults
 from finepruner.eval.benchmarks.base import Benchmark, Sample
 from finepruner.eval.distributed import DistContext, contiguous_chunk, init_distributed
 from finepruner.eval.errors import DataError, EvalError
@@ -40,7 +46,11 @@ from finepruner.eval.io import (
 )
 from finepruner.eval.prompting import IMAGE_ASPECT_RATIOS, expand2square, image_background
 
-NO_METHOD = (None, "", "none", "vanilla")
+#: ``--method`` values that apply nothing (plain transformers). ``vanilla`` goes through the engine, which
+#: then prunes nothing and records the prefill's tokens and FLOPs.
+NO_METHOD = (None, "", "none")
+#: Methods that take no parameter.
+PARAMETERLESS = (*NO_METHOD, "vanilla")
 
 
 @dataclass
@@ -64,6 +74,9 @@ class EvalConfig:
     #: LLaVA-NeXT, ``"paper2880"`` (the papers' fixed 5 x 576 tokens, ``docs/models.md``).
     layout: str = "hf"
     files: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: extra keyword arguments of the model's processor (``--processor-arg``, e.g. Qwen's ``min_pixels``),
+    #: passed to ``load_model(..., processor_kwargs=...)``.
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     device: str | None = None
     judge_model: str | None = None
@@ -90,7 +103,7 @@ class EvalConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise EvalError(f"{flag} must be an integer >= {minimum}, got {value!r}")
-        if self.method in NO_METHOD and self.method_params:
+        if self.method in PARAMETERLESS and self.method_params:
             from finepruner import methods
 
             raise EvalError(
@@ -118,6 +131,8 @@ class EvalConfig:
                 check(value)
             except ValueError as err:
                 raise EvalError(f"{flag}: {err}") from err
+        if self.processor_kwargs and not isinstance(self.processor_kwargs, Mapping):
+            raise EvalError(f"--processor-arg: expected KEY=VALUE items, got {self.processor_kwargs!r}")
 
     def resolved_model_id(self) -> str:
         if self.model_id:
@@ -140,6 +155,7 @@ def prune_summary(handle: Any) -> dict[str, Any] | None:
     }
     return {
         "average_visual_tokens": stats.average_visual_tokens,
+        "visual_tokens": list(stats.visual_tokens),
         "prefill_tflops": per_sample.get("language_model"),
         "prefill_tflops_with_vision": per_sample.get("total"),
         "paper_tflops": flops.get("paper_tflops_per_sample"),
@@ -147,16 +163,26 @@ def prune_summary(handle: Any) -> dict[str, Any] | None:
     }
 
 
-def efficiency_summary(answers: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Means of the per-sample ``prune`` figures over the answers that carry them (None if none do)."""
+def sample_efficiency(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-sample ``prune`` figures of the answers that carry them (samples with an image)."""
     rows = [(a.get("metadata") or {}).get("prune") for a in answers]
-    rows = [r for r in rows if r]
+    return [r for r in rows if r]
+
+
+def efficiency_summary(answers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Means of the per-sample ``prune`` figures over the answers that carry them (None if none do);
+    per-layer lists (``visual_tokens``) are averaged layer by layer when every sample has the same depth."""
+    rows = sample_efficiency(answers)
     if not rows:
         return None
     summary: dict[str, Any] = {"samples": len(rows)}
     for key in rows[0]:
         values = [r[key] for r in rows if r.get(key) is not None]
-        summary[f"mean_{key}"] = sum(values) / len(values) if values else None
+        if values and all(isinstance(v, list) for v in values):
+            depth = {len(v) for v in values}
+            summary[f"mean_{key}"] = [sum(col) / len(col) for col in zip(*values)] if len(depth) == 1 else None
+        else:
+            summary[f"mean_{key}"] = sum(values) / len(values) if values else None
     return summary
 
 
@@ -385,6 +411,27 @@ def run_benchmark(
     }
 
 
+def score_benchmark_results(
+    bench: Benchmark,
+    answers: list[dict[str, Any]],
+    data_root: str | Path,
+    bench_dir: Path | None,
+    *,
+    judge: Any = None,
+    model_id: str = "model",
+    source: str | Path = "answers",
+) -> tuple[dict[str, Any], QuestionResults]:
+    """Score ``answers`` (read from ``source``, named in errors): the metrics, with the error count
+    (samples whose image could not be read), and the per-question results they were computed from;
+    malformed or duplicate answers raise ``AnswersError``."""
+    validate_answers(answers, source, identity=bench.answer_identity)
+    out_dir = bench_dir / "submission" if bench_dir is not None else None
+    results = bench.question_results(answers, data_root, out_dir=out_dir, judge=judge, model_id=model_id)
+    metrics = bench.metrics_from(results)
+    metrics["errors"] = sum(1 for a in answers if (a.get("metadata") or {}).get("error"))
+    return metrics, results
+
+
 def score_benchmark(
     bench: Benchmark,
     answers: list[dict[str, Any]],
@@ -395,13 +442,10 @@ def score_benchmark(
     model_id: str = "model",
     source: str | Path = "answers",
 ) -> dict[str, Any]:
-    """Score ``answers`` (read from ``source``, named in errors) and add the error count (samples whose
-    image could not be read); malformed or duplicate answers raise ``AnswersError``."""
-    validate_answers(answers, source, identity=bench.answer_identity)
-    out_dir = bench_dir / "submission" if bench_dir is not None else None
-    metrics = bench.score(answers, data_root, out_dir=out_dir, judge=judge, model_id=model_id)
-    metrics["errors"] = sum(1 for a in answers if (a.get("metadata") or {}).get("error"))
-    return metrics
+    """The metrics of :func:`score_benchmark_results`."""
+    return score_benchmark_results(
+        bench, answers, data_root, bench_dir, judge=judge, model_id=model_id, source=source
+    )[0]
 
 
 def _check_config_compatible(run_dir: Path, config: EvalConfig) -> None:
@@ -409,7 +453,8 @@ def _check_config_compatible(run_dir: Path, config: EvalConfig) -> None:
     if not old_path.is_file():
         return
     old = json.loads(old_path.read_text())
-    for key in ("model_id", "method", "method_params", "image_aspect_ratio", "layout", "max_new_tokens"):
+    for key in ("model_id", "method", "method_params", "image_aspect_ratio", "layout", "max_new_tokens",
+                "processor_kwargs"):
         new_value = config.resolved_model_id() if key == "model_id" else getattr(config, key)
         if key in old and old[key] != new_value:
             raise EvalError(
@@ -418,9 +463,11 @@ def _check_config_compatible(run_dir: Path, config: EvalConfig) -> None:
             )
 
 
-def build_method(method: str | None, params: Mapping[str, Any]) -> Any:
+def build_method(method: str | None, params: Mapping[str, Any], shape: Any = None) -> Any:
     """The pruning method instance of ``--method``/its parameters (None for no method), built before the
-    model loads so that an unknown method or a bad parameter fails early (the constructors validate)."""
+    model loads so that an unknown method or a bad parameter fails early: the constructors validate, and
+    with ``shape`` (the model's ``ModelShape`` from its ``config.json``) the method's plan and model
+    checks run as well (as ``finepruner.sweep.config.check_method_params`` does for ``finepruner sweep``)."""
     if method in NO_METHOD:
         return None
     from finepruner import methods
@@ -433,9 +480,28 @@ def build_method(method: str | None, params: Mapping[str, Any]) -> Any:
         if isinstance(value, str | Path) and not Path(value).expanduser().exists():
             raise EvalError(f"--method {method}: {key}={value}: no such {kind}")
     try:
-        return methods.create(method, **params)
+        instance = methods.create(method, **params)
+        if shape is not None:  # the plan and model checks ``apply`` would run after the load
+            instance.plan(shape.num_layers, shape.num_visual)
+            instance.check_model(shape.num_heads, shape.num_layers, shape.num_visual)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise EvalError(f"--method {method}: {err}") from err
+    return instance
+
+
+def model_shape_of(config: EvalConfig, model: Any = None) -> Any:
+    """The ``ModelShape`` (decoder layers, heads, visual tokens) of the run's model: of ``model`` when
+    given, else from the checkpoint's ``config.json`` (no weight is read)."""
+    if model is not None:
+        from finepruner.models.adapters import adapter_for
+
+        return type(adapter_for(model)).shape_of(model.config)
+    from finepruner.sweep.config import SweepConfigError, model_shape
+
+    try:
+        return model_shape(str(config.model))
+    except SweepConfigError as err:
+        raise EvalError(str(err)) from err
 
 
 def _apply_method(model: Any, method: Any, processor: Any = None) -> Any:
@@ -452,16 +518,63 @@ def _apply_method(model: Any, method: Any, processor: Any = None) -> Any:
         raise EvalError(f"--method {method.name}: {err}") from err
 
 
+@dataclass
+class BenchmarkRun:
+    """One benchmark of an evaluation, as ``evaluate`` recorded it (rank 0)."""
+
+    spec: str
+    #: the scorer's output plus the run's counts (``expected``, ``missing``, ``complete``, ...), as
+    #: ``<bench>/metrics.json``
+    metrics: dict[str, Any]
+    #: every scored question's ``process_results`` values (``Benchmark.question_results``)
+    results: QuestionResults
+    #: the pruning handle's figures of every sample with an image, in question order (``prune_summary``)
+    efficiency: list[dict[str, Any]]
+    #: generation time and counts of this process (``run_benchmark``)
+    timing: dict[str, Any]
+    answers_file: Path
+
+    @property
+    def efficiency_summary(self) -> dict[str, Any] | None:
+        """Means over the samples (``metrics["efficiency"]``)."""
+        return self.metrics.get("efficiency")
+
+
+@dataclass
+class EvalResult(Mapping[str, dict[str, Any]]):
+    """What one ``evaluate`` call produced: a mapping ``{bench spec: metrics}`` (empty on ranks other than
+    0), with the resolved configuration and, per benchmark, its :class:`BenchmarkRun`."""
+
+    config: EvalConfig
+    #: the resolved configuration as written to ``config.json`` (family, decoding, versions, ...)
+    record: dict[str, Any]
+    runs: dict[str, BenchmarkRun] = field(default_factory=dict)
+    #: ``model_load_seconds`` and, per benchmark, its timing (``timing.json``)
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, spec: str) -> dict[str, Any]:
+        return self.runs[spec].metrics
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+
 def evaluate(
     config: EvalConfig,
     model: Any = None,
     processor: Any = None,
     on_batch: Callable[[str, int], None] | None = None,
-) -> dict[str, Any]:
-    """Run every benchmark of ``config``; returns ``{bench: metrics}`` on rank 0 (``{}`` elsewhere).
+) -> EvalResult:
+    """Run every benchmark of ``config``; returns an :class:`EvalResult` (``{bench: metrics}`` on rank 0,
+    empty elsewhere).
 
-    Data paths are checked before the model is loaded. Pass ``model``/``processor`` to evaluate an
-    in-memory model (``config.model`` is then only recorded).
+    Before the model is loaded: the options, the data paths, every question file, and the method with its
+    parameters against the model's shape (decoder layers, heads, visual tokens, from ``config.json``).
+    Each benchmark's data is read once for generation and once for scoring. Pass
+    ``model``/``processor`` to evaluate an in-memory model (``config.model`` is then only recorded).
     """
     config.check()
     benches = [
@@ -493,7 +606,9 @@ def evaluate(
     family.check_layout(config.layout)
     if config.image_aspect_ratio is None:  # the family's protocol, recorded (and compared on resume) as such
         config = replace(config, image_aspect_ratio=family.default_image_aspect_ratio)
-    method = build_method(config.method, config.method_params)
+    method = build_method(
+        config.method, config.method_params, None if config.method in NO_METHOD else model_shape_of(config, model)
+    )
     run_dir = Path(config.out)
     ctx = init_distributed()
     try:
@@ -506,13 +621,16 @@ def evaluate(
         if model is None:
             from finepruner.models.loading import load_model
 
+            extra = {"processor_kwargs": dict(config.processor_kwargs)} if config.processor_kwargs else {}
             model, processor = load_model(
-                config.model, dtype=config.dtype, device=config.device or ctx.default_device(), layout=config.layout
+                config.model, dtype=config.dtype, device=config.device or ctx.default_device(),
+                layout=config.layout, **extra,
             )
         load_seconds = time.perf_counter() - t0
         handle = _apply_method(model, method, processor)
+        record = _config_record(config, benches, ctx, family)
         if ctx.is_main:
-            write_json(run_dir / "config.json", _config_record(config, benches, ctx, family))
+            write_json(run_dir / "config.json", record)
         generator = Generator(model, processor, config.image_aspect_ratio)
         generator.handle = handle
         from finepruner.eval.judge import judge_from_settings
@@ -524,8 +642,8 @@ def evaluate(
             if ctx.is_main
             else None
         )
+        out = EvalResult(config=config, record=record, timing={"model_load_seconds": load_seconds, "benchmarks": {}})
         all_metrics: dict[str, Any] = {}
-        timing: dict[str, Any] = {"model_load_seconds": load_seconds, "benchmarks": {}}
         try:
             for bench in benches:
                 bench_dir = run_dir / bench.spec.replace(":", "_")
@@ -548,7 +666,7 @@ def evaluate(
                 if ctx.is_main:
                     samples = samples_of[bench.spec]
                     answers = merge_answers(bench_dir, samples)
-                    metrics = score_benchmark(
+                    metrics, results = score_benchmark_results(
                         bench,
                         answers,
                         config.data_root,
@@ -565,14 +683,18 @@ def evaluate(
                     metrics["limit"] = config.limit
                     write_json(bench_dir / "metrics.json", metrics)
                     all_metrics[bench.spec] = metrics
-                    timing["benchmarks"][bench.spec] = stats
+                    out.timing["benchmarks"][bench.spec] = stats
+                    out.runs[bench.spec] = BenchmarkRun(
+                        spec=bench.spec, metrics=metrics, results=results, efficiency=sample_efficiency(answers),
+                        timing=stats, answers_file=bench_dir / "answers.jsonl",
+                    )
                     write_json(run_dir / "metrics.json", all_metrics)
-                    write_json(run_dir / "timing.json", timing)
+                    write_json(run_dir / "timing.json", out.timing)
                 ctx.barrier()
         finally:
             if handle is not None:
                 handle.remove()
-        return all_metrics
+        return out
     finally:
         ctx.close()
 

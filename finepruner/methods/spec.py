@@ -1,5 +1,6 @@
 """Method specs on the command line: ``name`` or ``name:key=value,key=value`` (one parser for every
-command: ``bench --methods``, ``show --method``, and the values of ``eval --param``)."""
+command: ``bench --methods``, ``show --method``, ``eval --method``, and the repeatable ``KEY=VALUE``
+items of ``eval --param``, ``eval --processor-arg`` and ``sweep --param``)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,26 @@ def split_top_level(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def _item(item: str) -> tuple[str, Any] | None:
+    """One ``key=value`` item -> ``(key, value)`` (value as :func:`parse_value`), None when malformed."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        return None
+    return key.strip(), parse_value(value.strip())
+
+
+def parse_params(items: list[str] | None, flag: str = "--param") -> dict[str, Any]:
+    """Repeated ``KEY=VALUE`` options (``--param heads=16 --param layers=[1,2]``) -> ``{key: value}``;
+    raises ``ValueError`` naming ``flag`` for an item without ``=`` or without a key."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        parsed = _item(item)
+        if parsed is None:
+            raise ValueError(f"{flag} expects key=value, got {item!r}")
+        out[parsed[0]] = parsed[1]
+    return out
+
+
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"finepruner:tokens=64,heads=16,strategy=sparsity"`` -> ``("finepruner", {...})``.
 
@@ -46,8 +67,8 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"method spec {spec!r} has no method name")
     params: dict[str, Any] = {}
     for item in split_top_level(rest):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        parsed = _item(item)
+        if parsed is None:
             raise ValueError(f"method spec {spec!r}: expected key=value, got {item!r}")
-        params[key.strip()] = parse_value(value.strip())
+        params[parsed[0]] = parsed[1]
     return name, params

@@ -40,7 +40,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="rerun (and rescore) complete cells too")
     p.add_argument("--reclaim", action="store_true", help="take over cells marked running by other sessions")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed cell")
-    p.add_argument("--no-probe", action="store_true", help="skip the one-prefill FLOPs probe per cell")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--verbose", action="store_true", help="show each cell's question progress bar")
     p.add_argument("--worker-session", help=argparse.SUPPRESS)
@@ -48,7 +47,7 @@ def register(subparsers: Any) -> None:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from finepruner.eval.cli import parse_key_values
+    from finepruner.methods.spec import parse_params
     from finepruner.sweep.config import parse_filters
     from finepruner.sweep.runner import SweepOptions
 
@@ -58,9 +57,9 @@ def _options(args: argparse.Namespace) -> Any:
     return SweepOptions(
         data_root=args.data_root or "", runs_dir=args.runs, model=args.model, model_id=args.model_id,
         store=args.store, only=only, exclude=parse_filters(args.exclude),
-        overrides=parse_key_values(args.param, "--param"), batch_size=args.batch_size, limit=args.limit,
+        overrides=parse_params(args.param, "--param"), batch_size=args.batch_size, limit=args.limit,
         dtype=args.dtype, device=args.device, force=args.force, reclaim=args.reclaim, fail_fast=args.fail_fast,
-        progress=not args.no_progress, eval_progress=args.verbose, probe_efficiency=not args.no_probe,
+        progress=not args.no_progress, eval_progress=args.verbose,
         session=args.worker_session,
     )
 
@@ -175,7 +174,7 @@ def _reconstruct_argv(args: argparse.Namespace) -> list[str]:
         for v in values or []:
             out += [flag, v]
     for flag, on in (("--force", args.force), ("--reclaim", args.reclaim), ("--fail-fast", args.fail_fast),
-                     ("--no-probe", args.no_probe), ("--verbose", args.verbose)):
+                     ("--verbose", args.verbose)):
         if on:
             out.append(flag)
     return out

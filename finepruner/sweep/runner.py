@@ -7,6 +7,9 @@
   pending cell from the store; a crash in one cell marks it ``failed`` and the worker goes on.
 * Under ``torchrun`` every rank walks the same cells and each cell's questions are sharded across ranks
   (rank 0 scores and writes the store).
+* What a cell stores is what ``evaluate`` returned (``finepruner.eval.runner.EvalResult``): its metrics,
+  per-question results, efficiency (means of the per-sample figures the eval recorded), timing and
+  resolved configuration; nothing is read back from the run folder and no sample is generated again.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ class SweepOptions:
     fail_fast: bool = False
     progress: bool = True
     eval_progress: bool = False
-    probe_efficiency: bool = True
     session: str | None = None
 
     @property
@@ -114,61 +116,20 @@ class IncompleteCell(RuntimeError):
     """A cell whose run ended without an answer for every question (or with error records)."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def collect_efficiency(run_dir: Path, spec: str, metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Efficiency figures and timing of a finished cell, read generically from its run folder: any
-    ``efficiency``/``*flops*``/``latency``/``memory`` entries of the metrics or timing files, plus the
-    generation time and throughput."""
-    timing_all = _read_json(run_dir / "timing.json")
-    timing = dict((timing_all.get("benchmarks") or {}).get(spec) or {})
-    if "model_load_seconds" in timing_all:
-        timing["model_load_seconds"] = timing_all["model_load_seconds"]
-    efficiency: dict[str, Any] = {}
-    for source in (metrics, timing_all, timing):
-        for key, value in source.items():
-            low = key.lower()
-            if low == "efficiency" and isinstance(value, dict):
-                efficiency.update(value)
-            elif "flops" in low or "latency" in low or "memory" in low or low.endswith("_per_second"):
-                efficiency[key] = value
-    return efficiency, timing
-
-
-def probe_efficiency(model: Any, processor: Any, cell: Cell, data_root: str | Path) -> dict[str, Any]:
-    """Token counts per layer and analytic FLOPs of one prefill (the benchmark's first question with an
-    image), from ``handle.stats`` (``finepruner.bench.flops``)."""
-    import finepruner
-    from finepruner.eval import benchmarks
-    from finepruner.eval.runner import NO_METHOD, Generator
-
-    files = (cell.settings.get("files") or {}).get(benchmarks.parse_spec(cell.benchmark)[0])
-    bench = benchmarks.get(cell.benchmark, files=files)
-    sample = next((s for s in bench.load(data_root) if s.has_image), None)
-    if sample is None:
-        return {}
-    generator = Generator(model, processor, cell.settings.get("image_aspect_ratio"))
-    method = "vanilla" if cell.method in NO_METHOD else cell.method
-    with finepruner.apply(model, method, processor=processor, **dict(cell.params)) as handle:
-        generator.generate([sample.text], [generator.prepare_image(sample)], max_new_tokens=1)
-    if handle.stats is None:
-        return {}
-    stats = handle.stats.as_dict()
-    out: dict[str, Any] = {"probe_question_id": sample.question_id, "visual_tokens": stats["visual_tokens"],
-                           "sequence_length": stats["sequence_length"],
-                           "average_visual_tokens": stats["average_visual_tokens"],
-                           "selection_seconds": stats["selection_seconds"]}
-    flops = stats.get("flops")
-    if flops:
-        batch = max(1, int(flops.get("batch") or 1))
-        out["flops"] = flops
-        out["tflops"] = flops["language_model"] / batch / 1e12
-        out["paper_tflops"] = flops.get("paper_tflops_per_sample")
+def cell_efficiency(run: Any) -> dict[str, Any]:
+    """A cell's stored efficiency figures from its ``BenchmarkRun``: the means of the per-sample figures
+    (``metrics["efficiency"]``), under the report's names as well (``tflops``: language-model prefill
+    TFLOPs per sample, multiply-add = 2; ``paper_tflops``: the papers' count; ``visual_tokens``: tokens
+    entering each decoder layer), and the generation throughput."""
+    summary = dict(run.efficiency_summary or {})
+    out: dict[str, Any] = dict(summary)
+    for name, key in (("tflops", "mean_prefill_tflops"), ("paper_tflops", "mean_paper_tflops"),
+                      ("visual_tokens", "mean_visual_tokens"), ("average_visual_tokens", "mean_average_visual_tokens"),
+                      ("selection_seconds", "mean_selection_seconds")):
+        if summary.get(key) is not None:
+            out[name] = summary[key]
+    if run.timing.get("questions_per_second") is not None:
+        out["questions_per_second"] = run.timing["questions_per_second"]
     return out
 
 
@@ -236,29 +197,25 @@ def run_sweep(
                 progress=opts.eval_progress,
             )
             try:
-                all_metrics = evaluate(
+                evaluated = evaluate(
                     config, model=model, processor=processor,
                     on_batch=(lambda _spec, b, _c=cell: on_batch(_c, b)) if on_batch else None,
                 )
                 if rank == 0:
-                    spec = next(iter(all_metrics))
-                    metrics = all_metrics[spec]
+                    spec = next(iter(evaluated))
+                    metrics = evaluated[spec]
                     if not metrics.get("complete"):  # evaluate's own count (limit applied)
                         raise IncompleteCell(
                             f"incomplete: {metrics.get('missing')} of {metrics.get('expected')} questions without "
                             f"an answer, {metrics.get('errors')} answers recorded as errors; not stored as "
                             "complete (the next sweep reruns the cell)"
                         )
-                    efficiency, timing = collect_efficiency(run_dir, spec, metrics)
-                    if opts.probe_efficiency:
-                        try:
-                            efficiency.update(probe_efficiency(model, processor, cell, opts.data_root))
-                        except Exception as err:  # efficiency is auxiliary: never lose the accuracy run
-                            efficiency["probe_error"] = f"{type(err).__name__}: {err}"
+                    run = evaluated.runs[spec]
+                    timing = {**run.timing, "model_load_seconds": evaluated.timing["model_load_seconds"]}
                     store.complete(
-                        cell.run_id, metrics=metrics, run_dir=run_dir, answers_path=metrics.get("answers_file"),
-                        efficiency=efficiency, timing=timing, config=_read_json(run_dir / "config.json"),
-                        version=version,
+                        cell.run_id, metrics=metrics, run_dir=run_dir, answers_path=run.answers_file,
+                        efficiency=cell_efficiency(run), timing=timing, config=evaluated.record,
+                        version=version, results=run.results.to_json(),
                     )
                 result.completed += 1
             except KeyboardInterrupt:
