@@ -68,3 +68,12 @@ def test_method_registry_refuses_duplicate_names():
     with pytest.raises(ValueError, match="method name 'fastv' is claimed by FastV and"):
         methods._unique_names((FastV, OtherFastV))
     assert sorted(methods._unique_names((FastV,))) == sorted(["fastv", *getattr(FastV, "aliases", ())])
+
+
+def test_strategy_registry_refuses_duplicate_names():
+    from finepruner.heads import registry
+
+    first = next(iter(registry.REGISTRY.values()))
+    with pytest.raises(ValueError, match=f"strategy name {first.name!r} is used twice"):
+        registry._unique((first, first))
+    assert list(registry._unique(tuple(registry.REGISTRY.values()))) == list(registry.REGISTRY)

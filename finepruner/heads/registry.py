@@ -176,4 +176,14 @@ _ENTRIES = (
     ),
 )
 
-REGISTRY: Mapping[str, Strategy] = MappingProxyType({entry.name: entry for entry in _ENTRIES})
+def _unique(entries: tuple[Strategy, ...]) -> dict[str, Strategy]:
+    """``{name: strategy}``; a name used twice is a ``ValueError`` naming it."""
+    out: dict[str, Strategy] = {}
+    for entry in entries:
+        if entry.name in out:
+            raise ValueError(f"head-selection strategy name {entry.name!r} is used twice")
+        out[entry.name] = entry
+    return out
+
+
+REGISTRY: Mapping[str, Strategy] = MappingProxyType(_unique(_ENTRIES))
