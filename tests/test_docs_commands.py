@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from finepruner import cli, methods
-from finepruner.methods.spec import parse_value
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -65,9 +64,10 @@ def test_documented_command_parses(where: str, words: str):
     assert callable(args.func)
     if argv[0] == "eval" and args.method:
         # the method's own validation, as eval runs it before loading the model
-        params = {key: parse_value(value) for key, _, value in (item.partition("=") for item in args.param or [])}
-        params.update({k: v for k, v in (("tokens", args.tokens), ("K", args.K)) if v is not None})
+        from finepruner.eval.cli import method_and_params
+
         try:
-            methods.create(args.method, **params)
+            name, params = method_and_params(args.method, args.param, args.tokens, args.K)
+            methods.create(name, **params)
         except ValueError as err:
             raise AssertionError(f"{where}: `finepruner {words}`: {err}") from err
