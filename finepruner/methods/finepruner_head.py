@@ -4,11 +4,14 @@ The original FinePruner-Head system: after ``K`` layers keep the visual tokens w
 last-query attention averaged over the H heads a strategy picks for this sample, instead of all heads.
 Head statistics are float32 on the attention renormalised over the visual tokens by default;
 ``definitions="original"`` reproduces the original double-softmax formulas (``docs/heads.md``).
+``query="instruction"`` (an extension from the toy head study, ``docs/head_study.md``) ranks from every
+instruction token instead of the last one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,32 @@ import torch
 from finepruner.methods.base import ModelShape, Positions, Stage, StageContext
 from finepruner.methods.fastv import Budget, FastV, ScoreImpl
 from finepruner.methods.head_guided import HeadGuidance
+
+#: Where the ranking attention comes from: the last prompt token, or every instruction token (max).
+QUERIES: tuple[str, ...] = ("last", "instruction")
+
+
+def instruction_attention(ctx: StageContext) -> torch.Tensor:
+    """[B, heads, V] float32: for each head and current visual token, the largest attention it receives
+    from a real text token after the selection's last visual token (the instruction and the template
+    tail, padding excluded), at the stage's score layer (``StageSignals.query_attention``)."""
+    signals = ctx.signals
+    visual, length = signals.input_visual_index, signals.inputs_embeds.shape[1]
+    last = visual[:, -1:]
+    span = max(1, length - 1 - int(last.min()))
+    text = last + 1 + torch.arange(span, device=visual.device)[None]
+    valid = text < length
+    text = text.clamp(max=length - 1)
+    if signals.input_mask2d is not None:
+        valid &= signals.input_mask2d.gather(1, text).bool()
+    if signals.input_image_mask is not None:
+        valid &= ~signals.input_image_mask.gather(1, text)
+    query = signals.current_index(text).clamp(min=0)  # text tokens are never pruned
+    rows = signals.query_attention(query)  # [B, H, Q, L]
+    current = signals.visual_index
+    heads = rows.shape[1]
+    attention = rows.gather(3, current[:, None, None, :].expand(-1, heads, query.shape[1], -1))
+    return attention.masked_fill(~valid[:, None, :, None], 0.0).amax(dim=2)
 
 
 class FinePrunerHead(FastV):
@@ -39,6 +68,10 @@ class FinePrunerHead(FastV):
         seed: seed of the ``random`` strategy (a control).
         options: further strategy options, e.g. ``{"k": 10}`` for ``top_k_sum`` or
             ``{"min_heads": 4, "max_heads": 24}`` for the dynamic selectors.
+        query: ``"last"`` (default, the original and FastV: the last prompt token's attention) or
+            ``"instruction"``: for each head and visual token, the largest attention it receives from any
+            text token after the image (the instruction and the template tail), so that the token naming
+            an object can rank it (an extension, not in the original system: ``docs/head_study.md``).
 
     The original system counts ``tokens`` as a layer average: use ``budget="average"`` to reproduce it
     (K=2 on 32 layers keeps 166/98/30 tokens for 192/128/64). The dynamic selector receives the kept
@@ -64,17 +97,31 @@ class FinePrunerHead(FastV):
         options: Mapping[str, Any] | None = None,
         score_impl: ScoreImpl = "cheap",
         weighting: str = "none",
+        query: str = "last",
     ) -> None:
         super().__init__(tokens=tokens, ratio=ratio, K=K, budget=budget, positions=positions, score_impl=score_impl)
         self.guidance = HeadGuidance.from_params(
             strategy, heads, aggregation, heads_from, definitions, seed, options, weighting
         )
+        if query not in QUERIES:
+            raise ValueError(f"{self.name}: query={query!r}; allowed: {QUERIES}")
+        if query == "instruction" and strategy == "sparsevlm_priority":
+            raise ValueError(f"{self.name}: strategy='sparsevlm_priority' corrects the last query's RoPE "
+                             "gravity and needs query='last'")
+        self.query = query
 
     def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
         self.guidance.check_model(num_heads, num_layers, num_visual, layer=self.K - 1)
 
+    def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        stages = super().plan(num_layers, num_visual)
+        if self.query == "instruction":  # rows of chosen queries, not the engine's last-query row
+            stages = [replace(stage, last_query=False) for stage in stages]
+        return stages
+
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        return self.guidance.select_tokens(ctx, stage.keep)
+        attention = instruction_attention(ctx) if self.query == "instruction" else None
+        return self.guidance.select_tokens(ctx, stage.keep, attention)
 
     @classmethod
     def defaults_for(cls, shape: ModelShape, params: Mapping) -> dict:

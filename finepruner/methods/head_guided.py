@@ -93,11 +93,12 @@ class HeadGuidance:
             extra["seed"] = seed
         return cls(strategy, heads, aggregation, heads_from, extra, weighting)
 
-    def select_tokens(self, ctx: StageContext, keep: int) -> torch.Tensor:
+    def select_tokens(self, ctx: StageContext, keep: int, attention: torch.Tensor | None = None) -> torch.Tensor:
         """Kept visual tokens of a stage: top-``keep`` of the guided token scores (heads recorded in
-        ``ctx.heads`` unless every head is used)."""
+        ``ctx.heads`` unless every head is used), ranked on ``attention`` [B, heads, V] (default: the
+        stage's last-query row ``ctx.attention``)."""
         extra = {"kept_tokens": keep} if self.strategy == "dynamic" else None
-        attention = ctx.attention
+        attention = ctx.attention if attention is None else attention
         if self.strategy == "sparsevlm_priority" and self.options.get("gravity", "rope") == "rope":
             attention = attention / last_query_gravity(ctx)[:, None, :]  # SparseVLM v2.0 (methods.md §2.3 (a))
             extra = {"gravity": "none"}  # already corrected: rank and average the corrected rows
