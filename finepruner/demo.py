@@ -1,11 +1,13 @@
-"""``finepruner demo``: every registered method at low budgets on the shipped toy model, compared at equal cost.
+"""``finepruner demo``: every registered method at low budgets on the shipped toy models, compared at equal cost.
 
-Runs vanilla and each method at 4 / 8 / 16 / 32 of the toy model's 144 visual tokens (``DEMO_BUDGETS``) over
-a toy suite of ``DEMO_N`` images per benchmark, through the real loaders, generation and scorers. Prints,
-per configuration, the headline of each benchmark, the suite mean with its 95% bootstrap interval, the
-layer-averaged visual tokens and the analytic language-model prefill GFLOPs per sample; then the spread
-between the best and the worst method at the lowest budget with its paired interval. Draws the suite mean
-against prefill GFLOPs with the intervals as error bars (``docs/toy.md``).
+Runs vanilla and each method at 4 / 8 / 16 / 32 of 144 visual tokens (``DEMO_BUDGETS``) on each shipped toy
+(``TOYS``: the toy LLaVA and the toy Qwen2.5-VL, both 144 visual tokens per scene) over a toy suite of
+``DEMO_N`` images per benchmark, through the real loaders, generation and scorers. Prints one table: per
+toy and configuration, the headline of each benchmark, the suite mean with its 95% bootstrap interval, the
+layer-averaged visual tokens and the analytic language-model prefill GFLOPs per sample; then, per toy, the
+spread between the best and the worst method at the lowest budget with its paired interval. Draws one
+figure, a panel per toy: the suite mean against prefill GFLOPs with the intervals as error bars
+(``docs/toy.md``). A method a family does not support is a "not reachable" row with the reason.
 
 Prefill FLOPs, not the budget, are the x axis: each method defines "N tokens" differently (kept after layer
 K, entering the LLM, layer average), so equal N is not equal cost, while the FLOPs count what each
@@ -23,8 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import finepruner
-from finepruner.toy.evaluate import SuiteBootstrap, bootstrap_suite, json_row, run_grid
+from finepruner.toy.evaluate import SuiteBootstrap, bootstrap_suite, json_row, run_grid, suite_visual_tokens
 from finepruner.toy.suite import BENCHMARKS, DEFAULT_N, DEFAULT_SEED, build_default_suite, load_suite_meta
+
+#: The shipped toys: name -> (table label, title); ``toy_checkpoint`` gives what ``load_model`` takes.
+TOYS: dict[str, tuple[str, str]] = {
+    "llava": ("llava", "toy LLaVA"),
+    "qwen2_5_vl": ("qwen2.5", "toy Qwen2.5-VL"),
+}
+
+
+def toy_checkpoint(toy: str) -> str:
+    """What ``finepruner.load_model`` (and ``run_grid``'s ``checkpoint``) takes for a shipped toy."""
+    if toy == "llava":
+        return "toy"
+    from finepruner.toy.qwen_model import qwen_checkpoint_dir
+
+    return str(qwen_checkpoint_dir())
 
 #: Budgets of the demo, of the toy model's 144 visual tokens (2.8-22%; LLaVA's 64 of 576 is 11%).
 DEMO_BUDGETS = (4, 8, 16, 32)
@@ -85,13 +102,13 @@ def _interval(values: list[float]) -> str:
 def print_table(rows: list[dict[str, Any]], chance: dict[str, float]) -> None:
     """Headline (%) per benchmark, suite mean with its 95% interval, layer-averaged visual tokens and
     prefill GFLOPs per configuration."""
-    head = (f"{'method':<11}{'tokens':>7}{'avg vis':>8}{'GFLOPs':>8}" + "".join(f"{b:>9}" for b in BENCHMARKS)
-            + f"{'mean':>7}  95% interval")
+    head = (f"{'toy':<9}{'method':<11}{'tokens':>7}{'avg vis':>8}{'GFLOPs':>8}"
+            + "".join(f"{b:>9}" for b in BENCHMARKS) + f"{'mean':>7}  95% interval")
     print(head)
     print("-" * len(head))
-    print(f"{'(chance)':<11}{'':>7}{'':>8}{'':>8}" + "".join(f"{chance[b]:>9.1f}" for b in BENCHMARKS))
+    print(f"{'-':<9}{'(chance)':<11}{'':>7}{'':>8}{'':>8}" + "".join(f"{chance[b]:>9.1f}" for b in BENCHMARKS))
     for row in rows:
-        label = f"{row['method']:<11}{row['tokens'] or '-':>7}"
+        label = f"{TOYS[row.get('toy', 'llava')][0]:<9}{row['method']:<11}{row['tokens'] or '-':>7}"
         if "error" in row:
             print(f"{label}  not reachable on this model: {row['error'].split(';')[0]}")
             continue
@@ -105,16 +122,15 @@ def print_table(rows: list[dict[str, Any]], chance: dict[str, float]) -> None:
 def print_spread(spread: dict[str, Any] | None, what: str) -> None:
     if spread is None:
         return
-    print(f"at {spread['budget']} tokens, {what}: best {spread['best']} {spread['best_mean']:.1f} "
+    print(f"{what}, at {spread['budget']} tokens: best {spread['best']} {spread['best_mean']:.1f} "
           f"{_interval(spread['best_interval'])}, worst {spread['worst']} {spread['worst_mean']:.1f} "
           f"{_interval(spread['worst_interval'])}; spread {spread['spread']:.1f}, paired 95% interval "
           f"{_interval(spread['spread_interval'])}")
 
 
-def plot(rows: list[dict[str, Any]], path: Path, num_visual: int, n: int) -> None:
-    """Suite mean against prefill GFLOPs with 95% intervals, one colour per method, vanilla as reference;
-    each point annotated with its budget(s)."""
-    from finepruner.report.plots import CostPoint, plot_cost
+def cost_points(rows: list[dict[str, Any]], num_visual: int) -> tuple[list[Any], Any]:
+    """One toy's rows as ``CostPoint``s (each annotated with its budget(s)) and the vanilla reference."""
+    from finepruner.report.plots import CostPoint
 
     notes: dict[tuple[str, int | None], list[str]] = {}
     for r in rows:
@@ -131,10 +147,51 @@ def plot(rows: list[dict[str, Any]], path: Path, num_visual: int, n: int) -> Non
                                   note=f"({num_visual} tokens, {point.x:.3f} GFLOPs; 95% interval shaded)")
         else:
             points.append(point)
-    plot_cost(points, path, xlabel="language-model prefill GFLOPs per sample (analytic)",
-              ylabel="toy suite mean accuracy (%), 95% interval",
-              title=f"finepruner demo: toy LLaVA, {n} images per benchmark; labels = token budget",
-              reference=reference)
+    return points, reference
+
+
+def plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path, num_visual: int, n: int) -> None:
+    """One figure, a panel per toy (shared y axis): the suite mean against prefill GFLOPs with 95% intervals,
+    one colour per method (the same in every panel), vanilla as the dashed reference."""
+    from finepruner.report.plots import cost_figure
+
+    if len(panels) == 1:
+        from finepruner.report.plots import plot_cost
+
+        title, rows = panels[0]
+        points, reference = cost_points(rows, num_visual)
+        plot_cost(points, path, xlabel="language-model prefill GFLOPs per sample (analytic)",
+                  ylabel="toy suite mean accuracy (%), 95% interval",
+                  title=f"finepruner demo: {title}, {n} images per benchmark; labels = token budget",
+                  reference=reference)
+        return
+    # cost_figure draws one panel per figure: render each and place them side by side in one image
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    images = []
+    for title, rows in panels:
+        points, reference = cost_points(rows, num_visual)
+        fig = cost_figure(points, xlabel="language-model prefill GFLOPs per sample (analytic)",
+                          ylabel="toy suite mean accuracy (%), 95% interval",
+                          title=f"{title}, {n} images per benchmark; labels = token budget", reference=reference)
+        ax = fig.axes[0]
+        ax.set_ylim(0, 100)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        buffer.seek(0)
+        images.append(Image.open(buffer).convert("RGB"))
+    width = sum(im.width for im in images)
+    height = max(im.height for im in images)
+    canvas = Image.new("RGB", (width, height), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    canvas.save(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,41 +211,56 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     start = time.time()
-    model, processor = finepruner.load_model("toy")
-    vision = model.config.vision_config
-    num_visual = (vision.image_size // vision.patch_size) ** 2
     methods = args.methods or finepruner.methods.available()
     methods = ["vanilla", *[m for m in methods if m != "vanilla"]]
+    toys = list(dict.fromkeys(args.toys))
+    rows: list[dict[str, Any]] = []
+    num_visual: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="finepruner-demo-") as tmp:  # the suite lives for the run only
         root = build_default_suite(Path(tmp), n=args.n, seed=args.seed)
         suite_meta = load_suite_meta(root)
-        rows = run_grid(model, processor, root, methods, tuple(args.budgets), progress=True)
+        for toy in toys:
+            checkpoint = toy_checkpoint(toy)
+            model, processor = finepruner.load_model(checkpoint)
+            num_visual[toy] = suite_visual_tokens(model, processor, root)
+            for row in run_grid(model, processor, root, methods, tuple(args.budgets), checkpoint=checkpoint,
+                                progress=True):
+                rows.append({"toy": toy, **row})
     chance = chance_percent(suite_meta["chance"])
-    boot, ran = attach_intervals(rows, args.resamples, args.bootstrap_seed)
+    boots = {}
+    for toy in toys:  # one paired bootstrap per toy (its rows share the draws)
+        boots[toy] = attach_intervals([r for r in rows if r["toy"] == toy], args.resamples, args.bootstrap_seed)
     meta = suite_meta["benchmarks"]
     sizes = ", ".join(f"{meta[b]['questions']} {b}" for b in BENCHMARKS)
-    print(f"\ntoy LLaVA ({num_visual} visual tokens), toy suite n={args.n} seed={args.seed} ({sizes} questions); "
-          f"headline metrics in %; mean = mean of the four, 95% interval from {args.resamples} bootstrap resamples; "
-          "GFLOPs = analytic language-model prefill per sample")
+    print("\n" + " and ".join(f"{TOYS[t][1]} ({num_visual[t]} visual tokens)" for t in toys)
+          + f", toy suite n={args.n} seed={args.seed} ({sizes} questions); headline metrics in %; mean = mean "
+          f"of the four, 95% interval from {args.resamples} bootstrap resamples; GFLOPs = analytic "
+          "language-model prefill per sample")
     print_table(rows, chance)
     lowest = min(args.budgets)
-    spreads = [spread_at(lowest, boot, ran), spread_at(lowest, boot, ran, exclude=CONTROLS)]
+    spreads: dict[str, list[dict[str, Any] | None]] = {}
     print()
-    print_spread(spreads[0], "all methods")
-    if spreads[1] is not None and spreads[1] != spreads[0]:
-        print_spread(spreads[1], f"without the baselines ({', '.join(CONTROLS)})")
+    for toy in toys:
+        boot, ran = boots[toy]
+        spreads[toy] = [spread_at(lowest, boot, ran), spread_at(lowest, boot, ran, exclude=CONTROLS)]
+        print_spread(spreads[toy][0], f"{TOYS[toy][1]}, all methods")
+        if spreads[toy][1] is not None and spreads[toy][1] != spreads[toy][0]:
+            print_spread(spreads[toy][1], f"{TOYS[toy][1]}, without the baselines ({', '.join(CONTROLS)})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, out, num_visual, args.n)
+    plot([(TOYS[t][1], [r for r in rows if r["toy"] == t]) for t in toys], out, num_visual[toys[0]], args.n)
     print(f"\nwrote {out}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        first = toys[0]
         Path(args.json).write_text(json.dumps({
             "n": args.n, "seed": args.seed, "budgets": list(args.budgets), "resamples": args.resamples,
-            "bootstrap_seed": args.bootstrap_seed, "rows": [json_row(r) for r in rows],
-            "spread_at_lowest_budget": spreads[0], "spread_without_baselines": spreads[1],
+            "bootstrap_seed": args.bootstrap_seed, "toys": toys, "visual_tokens": num_visual,
+            "rows": [json_row(r) for r in rows],
+            "spread_at_lowest_budget": spreads[first][0], "spread_without_baselines": spreads[first][1],
+            "spreads": {t: {"all": spreads[t][0], "without_baselines": spreads[t][1]} for t in toys},
         }, indent=1) + "\n")
         print(f"wrote {args.json}")
-    print(f"{len(ran)} configurations run in {time.time() - start:.0f} s")
+    print(f"{sum(len(boots[t][1]) for t in toys)} configurations run in {time.time() - start:.0f} s")
     return 0
 
 
@@ -204,7 +276,9 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="every method at four low budgets on the embedded toy model")
+    parser = subparsers.add_parser("demo", help="every method at four low budgets on the embedded toy models")
+    parser.add_argument("--toys", nargs="+", choices=sorted(TOYS), default=list(TOYS),
+                        help="which shipped toys to run (default: both, one table and one figure)")
     parser.add_argument("--methods", nargs="*", help="methods to run (default: every registered method)")
     parser.add_argument("--budgets", nargs="+", type=_positive, default=list(DEMO_BUDGETS),
                         help=f"visual-token budgets, as each method defines them (default {list(DEMO_BUDGETS)})")

@@ -21,12 +21,12 @@ INTERVAL = re.compile(r"(-?\d+\.\d) +\[(-?\d+\.\d), (-?\d+\.\d)\]")
 
 def test_demo_prints_table_and_writes_plot(tmp_path, capsys):
     out, report = tmp_path / "demo.png", tmp_path / "demo.json"
-    code = main(["demo", "--methods", "fastv", "divprune", "pdrop", "random", "sparsevlm",
+    code = main(["demo", "--toys", "llava", "--methods", "fastv", "divprune", "pdrop", "random", "sparsevlm",
                  "--budgets", "4", "8", "15", "16", "--n", "2", "--threads", "1",
                  "--resamples", "200", "--out", str(out), "--json", str(report)])
     assert code == 0
     printed = capsys.readouterr().out
-    lines = {tuple(line.split()[:2]): line for line in printed.splitlines() if len(line.split()) > 1}
+    lines = {tuple(line.split()[1:3]): line for line in printed.splitlines() if line.startswith("llava ")}
     vanilla = lines[("vanilla", "-")]
     assert "144.0" in vanilla  # every visual token, layer average
     mean, low, high = map(float, INTERVAL.search(vanilla).groups())
@@ -36,10 +36,10 @@ def test_demo_prints_table_and_writes_plot(tmp_path, capsys):
     # the 64-of-576 schedule, which runs once
     assert "not reachable" in lines[("sparsevlm", "4")] and "not reachable" in lines[("sparsevlm", "8")]
     assert "same parameters as 15" in lines[("sparsevlm", "16")]
-    gflops = {key: float(line.split()[3]) for key, line in lines.items()
+    gflops = {key: float(line.split()[4]) for key, line in lines.items()
               if key[0] in ("vanilla", "fastv", "random", "sparsevlm") and INTERVAL.search(line)}
     assert gflops[("random", "4")] < gflops[("random", "8")] < gflops[("fastv", "4")] < gflops[("vanilla", "-")]
-    assert "at 4 tokens, all methods: best fastv" in printed and "worst random" in printed
+    assert "toy LLaVA, all methods, at 4 tokens: best fastv" in printed and "worst random" in printed
     assert "without the baselines (random, pool)" in printed
 
     data = json.loads(report.read_text())
