@@ -6,9 +6,10 @@ the benchmark's own scorer and adds the toy breakdown: accuracy per question typ
 ``method=`` applies a pruning method (``finepruner.apply``) for the whole run.
 
 ``run_grid`` runs every method at every budget (the demo's and ``docs/toy.md``'s tables) and keeps each
-row's per-question units (``finepruner.sweep.scores``); ``bootstrap_suite`` resamples them, with the same
-indices for every row (``finepruner.sweep.stats.bootstrap_metrics``), into 95% intervals of each row's
-headlines and suite mean, and paired intervals of the difference between two rows.
+row's per-question units (each benchmark's ``units`` of the results it was scored from);
+``bootstrap_suite`` resamples them, with the same indices for every row
+(``finepruner.sweep.stats.bootstrap_metrics``), into 95% intervals of each row's headlines and suite mean,
+and paired intervals of the difference between two rows.
 
 ``python -m finepruner.toy.evaluate`` prints the vanilla / pruned table of ``docs/toy.md``.
 """
@@ -99,7 +100,7 @@ def evaluate_suite(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Answer and score the toy suite at ``root``; returns ``{bench: {...}}`` (headline, per-type accuracy,
-    metrics, answers, efficiency) plus ``"seconds"``.
+    metrics, answers, their per-question ``results``, efficiency) plus ``"seconds"``.
 
     ``max_new_tokens`` defaults to each benchmark's own (128 / 1024; the toy model stops after one
     word). ``limit`` keeps the first questions of each benchmark (scores then cover those only).
@@ -123,11 +124,12 @@ def evaluate_suite(
             for i in range(0, len(samples), batch_size):
                 answers += generator.answer_batch(samples[i:i + batch_size],
                                                   max_new_tokens or bench.max_new_tokens, "toy")
-            metrics = bench.score(answers, root)
+            question_results = bench.question_results(answers, root)
+            metrics = bench.metrics_from(question_results)
             results[name] = {"headline": headline_percent(name, metrics),
                              "per_type": per_type_accuracy(name, answers, meta), "metrics": metrics,
                              "questions": len(answers), "efficiency": efficiency_summary(answers),
-                             "answers": answers}
+                             "answers": answers, "results": question_results}
     results["seconds"] = time.time() - t0
     return results
 
@@ -197,7 +199,7 @@ def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tu
     ``"same_as"`` = that budget."""
     from tqdm import tqdm
 
-    from finepruner.sweep.scores import question_scores
+    from finepruner.eval import benchmarks
 
     grid = [(m, None) if m == "vanilla" else (m, b) for m in methods for b in ([None] if m == "vanilla" else budgets)]
     visual_tokens = suite_visual_tokens(model, processor, root)
@@ -223,7 +225,7 @@ def run_grid(model, processor, root: str | Path, methods: list[str], budgets: tu
                    "prefill_gflops": 1e3 * sum(e["mean_prefill_tflops"] for e in efficiency) / len(efficiency),
                    "average_visual_tokens": sum(e["mean_average_visual_tokens"] for e in efficiency)
                    / len(efficiency),
-                   "scores": {b: question_scores(b, res[b]["answers"], root) for b in BENCHMARKS}}
+                   "scores": {b: benchmarks.get(b).units(res[b]["results"]) for b in BENCHMARKS}}
             done[key] = row
         rows.append(row)
         if on_row is not None:
