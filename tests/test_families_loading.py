@@ -44,7 +44,7 @@ def onevision_checkpoint(tmp_path_factory):
 
 
 def test_families_are_exported():
-    assert families() == ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl"]
+    assert families() == ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
     assert finepruner.models.families is families
 
 

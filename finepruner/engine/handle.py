@@ -88,9 +88,10 @@ class Handle:
     def _check_vision_signals(self) -> None:
         """A ValueError when the method reads a vision-side signal this model family does not provide."""
         supported = self.adapter.vision_signals_supported()
-        if supported is None or not self.method.needs_vision:
+        needs = self.method.required_vision(self.model)
+        if supported is None or not needs:
             return
-        missing = sorted(set(self.method.needs_vision) - supported)
+        missing = sorted(set(needs) - supported)
         if missing:
             raise ValueError(
                 f"{self.method.name} reads the vision signal(s) {', '.join(missing)}, which finepruner does not "
@@ -113,7 +114,7 @@ class Handle:
         supported = self.adapter.vision_signals_supported()
         # families with per-image budgets give projected features from the language model's input itself
         if needs and (supported is None or needs - {"projected_features"}):
-            self._vision = VisionCapture(self.adapter, self.method.needs_vision)
+            self._vision = self.adapter.make_vision_capture(self.method.needs_vision)
 
     def remove(self) -> None:
         """Restore the model: the original forward, no hooks, no attributes left behind."""

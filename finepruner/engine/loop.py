@@ -359,7 +359,7 @@ def _group_vision(handle: Handle, groups: list[Group], batch: int, inputs_embeds
             "with the same number of images)"
         )
     prompts = handle._take_prompt_ids()
-    images = handle._take_image_vision() if handle.adapter.packs_crops else None
+    images = handle._take_image_vision() if handle.adapter.signals_per_image else None
     handle._discard_vision()
     image_of = _encoded_image_of(groups, batch, len(images)) if images is not None else {}
     embed = _text_embedder(handle)

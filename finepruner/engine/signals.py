@@ -45,6 +45,17 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
+def _heads(attn: nn.Module, projected: torch.Tensor, norm: str) -> torch.Tensor:
+    """[B, L, heads * d] projections -> [B, heads, L, d], with the attention's per-head RMSNorm where it has one
+    (``q_norm``/``k_norm``: Qwen3-VL normalises q and k over ``head_dim`` before RoPE, ``spec/models.md`` §3)."""
+    batch, length = projected.shape[:2]
+    heads = projected.view(batch, length, -1, attn.head_dim)
+    module = getattr(attn, norm, None)
+    if module is not None:
+        heads = module(heads)
+    return heads.transpose(1, 2)
+
+
 def _scoring_keys(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -62,9 +73,8 @@ def _scoring_keys(
         attn = layer.self_attn
         if keys is None:
             keys = attn.k_proj(layer.input_layernorm(hidden))
-        batch, length, _ = hidden.shape
         cos, sin = position_embeddings
-        key = keys.view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        key = _heads(attn, keys, "k_norm")
         key = _rope(key.float(), cos.float(), sin.float())
     groups = num_query_heads // key.shape[1]
     return key.repeat_interleave(groups, dim=1) if groups > 1 else key
@@ -100,11 +110,9 @@ def last_query_attention(
         eager attention (causal: the last query sees every key).
     """
     attn = layer.self_attn
-    batch = hidden.shape[0]
-    head_dim = attn.head_dim
     hidden, cos, sin, mask2d, keys, rotated_keys = _to(execution_device(attn.q_proj), hidden, *position_embeddings,
                                                        mask2d, keys, rotated_keys)
-    query = attn.q_proj(layer.input_layernorm(hidden[:, -1:])).view(batch, 1, -1, head_dim).transpose(1, 2)
+    query = _heads(attn, attn.q_proj(layer.input_layernorm(hidden[:, -1:])), "q_norm")
     query = _rope(query.float(), cos[:, -1:].float(), sin[:, -1:].float())
     key = _scoring_keys(layer, hidden, (cos, sin), keys, rotated_keys, query.shape[1])
     logits = (query @ key.transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, L]
@@ -128,13 +136,12 @@ def eager_last_query_attention(
     Returns [B, heads, L] float32, equal to ``last_query_attention`` up to rounding.
     """
     attn = layer.self_attn
-    batch, length, _ = hidden.shape
-    head_dim = attn.head_dim
+    length = hidden.shape[1]
     hidden, cos, sin, mask2d = _to(execution_device(attn.q_proj), hidden, *position_embeddings, mask2d)
     position_embeddings = (cos, sin)
     normed = layer.input_layernorm(hidden)
-    query = attn.q_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    query = _heads(attn, attn.q_proj(normed), "q_norm")
+    key = _heads(attn, attn.k_proj(normed), "k_norm")
     cos, sin = (t.to(query.dtype) for t in position_embeddings)
     query, key = _rope(query, cos, sin), _rope(key, cos, sin)
     groups = query.shape[1] // key.shape[1]
@@ -175,14 +182,12 @@ def query_attention(
         and 0 on padded keys: rows of the layer's eager attention, without the L x L matrix.
     """
     attn = layer.self_attn
-    batch, length, width = hidden.shape
-    head_dim = attn.head_dim
+    length, width = hidden.shape[1:]
     hidden, cos, sin, mask2d, query_index, keys, rotated_keys = _to(
         execution_device(attn.q_proj), hidden, *position_embeddings, mask2d, query_index, keys, rotated_keys)
     position_embeddings = (cos, sin)
-    count = query_index.shape[1]
     rows = hidden.gather(1, query_index[..., None].expand(-1, -1, width))
-    query = attn.q_proj(layer.input_layernorm(rows)).view(batch, count, -1, head_dim).transpose(1, 2)
+    query = _heads(attn, attn.q_proj(layer.input_layernorm(rows)), "q_norm")
     cos, sin = position_embeddings
     query_cos = cos.gather(1, query_index[..., None].expand(-1, -1, cos.shape[-1]))
     query_sin = sin.gather(1, query_index[..., None].expand(-1, -1, sin.shape[-1]))

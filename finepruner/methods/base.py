@@ -172,6 +172,11 @@ class PruningMethod:
     def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
         """Further validation against the model (e.g. head counts, calibration files); default: none."""
 
+    def required_vision(self, model: nn.Module) -> tuple[str, ...]:
+        """The vision signals the method will read on ``model`` (checked at ``apply`` before ``bind_model``);
+        default: ``needs_vision``."""
+        return tuple(self.needs_vision)
+
     def bind_model(self, model: nn.Module) -> None:
         """Called by ``apply`` once the plan is validated, with the model the method is applied to: resolve
         model-side resources (CDPruner: the CLIP text tower shipped in the model's folder); default: none."""

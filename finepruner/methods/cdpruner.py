@@ -299,6 +299,11 @@ class CDPruner(PruningMethod):
         folder (``SHIPPED_CLIP_SUBDIR``), or raise the error that asks for ``clip_model``. The relevance rule
         is chosen here (``relevance``): the ``"llm"`` rule needs no CLIP tower."""
         self._rule = self._relevance_rule(model)
+        needs = self.required_vision(model)
+        if needs != type(self).needs_vision:  # only then an instance value (describe() lists it)
+            self.needs_vision = needs
+        else:
+            vars(self).pop("needs_vision", None)
         if self._rule == "llm":
             return
         if self._clip is not None and self._clip_from_model is None:
@@ -309,6 +314,22 @@ class CDPruner(PruningMethod):
         if folder != self._clip_from_model:
             self._clip, self._clip_from_model = load_clip_text(folder), folder
             self.clip_model = str(folder)
+
+    def required_vision(self, model) -> tuple[str, ...]:
+        """With the ``"llm"`` relevance on a family whose capture has no CLIP-side features (Qwen), only the
+        projected features; otherwise ``needs_vision`` (the CLIP rule, and NeXT/OneVision whose capture also
+        marks the newline tokens)."""
+        from finepruner.models.adapters import adapter_for  # no import cycle
+
+        needs = type(self).needs_vision
+        try:
+            adapter = adapter_for(model)
+        except ValueError:
+            return needs
+        supported = adapter.vision_signals_supported()
+        if supported is not None and not set(needs) <= supported and self._relevance_rule(model) == "llm":
+            return ("projected_features",)
+        return needs
 
     def _relevance_rule(self, model) -> str:
         """``"clip"`` or ``"llm"`` for ``model`` (``relevance``), or a ValueError naming why."""
@@ -326,7 +347,7 @@ class CDPruner(PruningMethod):
                 "(SigLIP) and no matching CLIP text tower ships with it (spec/models.md §5.2); use relevance='llm' "
                 "(the default there): the instruction's language-model input embeddings against the projected tokens"
             )
-        if rule == "llm" and not adapter.packs_crops:
+        if rule == "llm" and not adapter.signals_per_image:
             raise ValueError(
                 f"{self.name}: relevance='llm' is available on LLaVA-NeXT and OneVision; {adapter.family} uses the "
                 "CLIP text tower (relevance='clip' or 'auto')"
@@ -339,7 +360,8 @@ class CDPruner(PruningMethod):
         return [Stage(layer=0, keep=None)]  # newline tokens (NeXT, OneVision) are kept on top of ``tokens``
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
-        vision = ctx.require_vision(self.name, "projected_features", "post_layernorm_features")
+        needs = ("projected_features",) if self._rule == "llm" else ("projected_features", "post_layernorm_features")
+        vision = ctx.require_vision(self.name, *needs)
         if vision.newline_mask is not None or self.budget_scope != "image" or self._rule != "clip":
             return self._select_images(ctx, vision)
         stage = replace(stage, keep=self.tokens if self.tokens is not None else max(1, ctx.num_visual // 4))

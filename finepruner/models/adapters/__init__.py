@@ -15,6 +15,7 @@ from finepruner.models.adapters.llava import LlavaAdapter
 from finepruner.models.adapters.llava_next import LlavaNextAdapter
 from finepruner.models.adapters.llava_onevision import LlavaOnevisionAdapter
 from finepruner.models.adapters.qwen2_5_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from finepruner.models.adapters.qwen3_vl import Qwen3VLAdapter
 
 
 def families() -> list[str]:
@@ -24,6 +25,6 @@ def families() -> list[str]:
 
 __all__ = [
     "ImageSpan", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen2_5_VLAdapter",
-    "Qwen2VLAdapter",
+    "Qwen2VLAdapter", "Qwen3VLAdapter",
     "adapter_class", "adapter_for", "families", "register_adapter", "registered",
 ]

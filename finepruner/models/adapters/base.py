@@ -308,6 +308,18 @@ class ModelAdapter:
     def vision_unsupported_reason(self) -> str:
         return ""
 
+    @property
+    def signals_per_image(self) -> bool:
+        """Whether the vision capture gives its signals per encoded image (``take_images``): families that
+        pack crops, and towers that encode every image at its own resolution (Qwen)."""
+        return self.packs_crops
+
+    def make_vision_capture(self, needs: tuple[str, ...]) -> Any:
+        """The hooks that record the vision signals ``needs`` (``engine.vision.VisionCapture``)."""
+        from finepruner.engine.vision import VisionCapture  # the engine imports the adapters
+
+        return VisionCapture(self, needs)
+
     def image_layouts(self, encoding: Mapping[str, Any], patches: int) -> list[PackedLayout] | None:
         """Each encoded image's ``PackedLayout``, in encoding order, for one ``get_image_features`` call whose
         arguments are ``encoding`` (``image_sizes``, ``batch_num_images``, ``vision_aspect_ratio``, ...) and

@@ -142,13 +142,38 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     # -- vision-side signals ----------------------------------------------------------------------------
     def vision_signals_supported(self) -> frozenset[str]:
-        """Each image's merged features (the language model's input rows, ``projected_features``)."""
-        return frozenset({"projected_features"})
+        """Per image (``adapters.qwen_vision``): the attention each merged token receives in the last vision
+        block as ``cls_attention`` (no [CLS]; un-permuted from the window order), the merged tokens as
+        ``patch_features`` and the language model's input rows as ``projected_features``."""
+        from finepruner.models.adapters.qwen_vision import QWEN_SIGNALS
+
+        return QWEN_SIGNALS
 
     def vision_unsupported_reason(self) -> str:
-        return ("the Qwen vision tower has no [CLS] token: [CLS]-query signals (VisionZip, PruMerge) have no "
-                "defined value, and the patch-grid signals of HiPrune and pooling are not mapped through the 2x2 "
-                "merger")
+        return ("the Qwen vision tower has no [CLS] token: [CLS]-query signals (VisionZip's summed [CLS] row and "
+                "[CLS] vector, PruMerge's [CLS] row) have no defined value, and HiPrune's per-layer received "
+                "attention and pre-merger CLIP-style features (CDPruner's CLIP relevance) are not provided")
+
+    @property
+    def signals_per_image(self) -> bool:
+        return True
+
+    def make_vision_capture(self, needs: tuple[str, ...]) -> Any:
+        from finepruner.models.adapters.qwen_vision import QwenVisionCapture
+
+        return QwenVisionCapture(self, needs)
+
+    def window_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """The tower's merged-token order (``window_index``) for images ``grid_thw``; None when the tower
+        keeps raster order (no windows)."""
+        if not self.windowed:
+            return None
+        from transformers.vision_utils import get_vision_window_index
+
+        vision = self.vision_config
+        order, _ = get_vision_window_index(grid_thw, spatial_merge_size=int(vision.spatial_merge_size),
+                                           window_size=int(vision.window_size), patch_size=int(vision.patch_size))
+        return order.cpu()
 
     # -- processors -------------------------------------------------------------------------------------
     @classmethod
