@@ -5,8 +5,13 @@ BIN := $(VENV)/bin
 # CPU machines must get exactly this torch (a local CPU wheel); GPU users may override, e.g. TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.finepruner-installed
+# lmms-eval for the plugin and its tests (tests/test_lmms_*.py): the release the plugin is written for, without
+# its dependencies (its torchvision does not import beside the CPU torch), then what its command line imports
+# (constraints/lmms-cpu.txt), with the torch already in $(VENV) pinned.
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
+LMMS_STAMP := $(VENV)/.finepruner-lmms-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install lmms clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,13 +22,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(LMMS_STAMP): $(STAMP) constraints/lmms-cpu.txt
+	$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL_SPEC)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(BIN)/python -m pip install -q -r constraints/lmms-cpu.txt -c $(VENV)/torch-pin.txt
+	touch $(LMMS_STAMP)
+
+lmms: $(LMMS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/finepruner demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check finepruner tests benchmarks
 
-test: lint
+test: lint lmms
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:
