@@ -211,3 +211,38 @@ def test_text_only_and_mixed_batches_and_multi_image_refusal(data_root):
     finally:
         pruned.close()
     assert pruned.handle is None
+
+
+def test_a_llava_next_checkpoint_answers_as_finepruner_eval_does(tmp_path):
+    """No family branches: a saved tiny LLaVA-NeXT (chat-template prompt, anyres images, per-image budget)
+    through ``pretrained=DIR`` gives ``finepruner eval``'s answers and figures on the same POPE questions."""
+    from eval_fixtures import make_pope
+
+    from finepruner.models.tiny_families import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(seed=0)
+    checkpoint = tmp_path / "next"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    root = tmp_path / "eval"
+    make_pope(root)
+    run = tmp_path / "run"
+    assert main(["eval", "--model", str(checkpoint), "--data-root", str(root), "--bench", "pope", "--method",
+                 "fastv:tokens=8", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(run),
+                 "--no-progress"]) == 0
+    reference = [json.loads(x) for x in (run / "pope" / "answers.jsonl").read_text().splitlines()]
+    pruned = PrunedModel(ModelArgs.from_kwargs({"pretrained": str(checkpoint), "method": "fastv", "tokens": 8,
+                                                "batch_size": 2}))
+    try:
+        assert pruned.family.family_name() == "llava_next" and pruned.generator.image_aspect_ratio == "original"
+        requests = [Request(d["question"] + SUFFIX, [Image.open(d["image"])], 3, group=split,
+                            key={"task": split, "doc_id": i})
+                    for split in ("adversarial", "random", "popular")
+                    for i, d in enumerate(lmms_tasks.pope_docs(split)(root))]
+        answers = pruned.answer(requests)
+    finally:
+        pruned.close()
+    assert answers == [a["text"] for a in reference]
+    assert [{k: v for k, v in s["prune"].items() if "seconds" not in k} for s in pruned.samples] == [
+        {k: v for k, v in a["metadata"]["prune"].items() if "seconds" not in k} for a in reference]
+    assert all(s["kept"] == [8] for s in pruned.samples)  # one image per sample: 8 per image
