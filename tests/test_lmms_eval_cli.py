@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 import finepruner
 from finepruner.cli import main
 from finepruner.integrations.lmms_tasks import write_lmms_tasks
+from finepruner.toy.scenes import generate_scene
 from finepruner.toy.suite import POPE_ID_BASE, write_suite
 
 HAVE_LMMS = importlib.util.find_spec("lmms_eval") is not None
@@ -45,6 +47,12 @@ def test_entry_point_registers_the_model():
     from finepruner.integrations.lmms_eval import FinePruner
 
     assert get_model("finepruner") is FinePruner
+    # also when the plugin module is imported before lmms-eval's registry (no import cycle)
+    check = ("import finepruner.integrations.lmms_eval as p; from lmms_eval.models import get_model; "
+             "assert get_model('finepruner') is p.FinePruner")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "Failed to load model entry-point" not in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_bad_model_args_fail_before_the_model_loads(monkeypatch):
@@ -57,7 +65,48 @@ def test_bad_model_args_fail_before_the_model_loads(monkeypatch):
         cls.create_from_arg_string("pretrained=toy,method=fastv,tokenz=16", {"batch_size": "2", "device": None})
     with pytest.raises(ValueError, match="batch_size must be an integer"):
         cls.create_from_arg_string("pretrained=toy,method=fastv,tokens=16", {"batch_size": "auto"})
+    with pytest.raises(ValueError, match="pretrained=PATH is required"):
+        cls.create_from_arg_string("method=fastv,tokens=16", {})
     assert loads == []
+
+
+def test_generate_until_reads_lmms_instances(tmp_path):
+    """In process, with lmms-eval's own ``Instance``: the task's visuals, ``until`` and ``max_new_tokens``,
+    sampling requests answered greedily (and recorded), text-only documents, and ``stats_path``."""
+    from lmms_eval.api.instance import Instance
+
+    from finepruner.integrations.lmms_eval import FinePruner
+
+    image = generate_scene(random.Random(0)).render()
+    docs = {"t": {"test": [{"q": "How many circles are there?"}, {"q": "Is there a red square in the image?"}]},
+            "u": {"test": [{"q": "hello"}]}}
+
+    def visuals(doc):
+        return [] if doc["q"] == "hello" else [image]
+
+    def instance(task, doc_id, gen_kwargs):
+        text = docs[task]["test"][doc_id]["q"] + "\nAnswer the question using a single word or phrase."
+        return Instance(request_type="generate_until", arguments=(text, gen_kwargs, visuals, doc_id, task, "test"),
+                        idx=0, metadata={"task": task, "doc_id": doc_id, "repeats": 1})
+
+    model = FinePruner.create_from_arg_string(f"pretrained=toy,method=fastv,tokens=16,stats_path={tmp_path}/s.json",
+                                              {"batch_size": 2})
+    model.task_dict = docs
+    greedy = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+    sampled = {"max_new_tokens": 4, "temperature": 0.7, "until": "e"}  # a stop string that cuts "yes"/"blue"
+    answers = model.generate_until([instance("t", 0, greedy), instance("t", 1, sampled), instance("t", 1, greedy),
+                                    instance("u", 0, greedy)])
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+    assert answers[1] == answers[2].split("e")[0].strip() and answers[2] in ("yes", "no")
+    assert model.ignored_gen_kwargs == {"t": {"temperature": 0.7}}
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert [(r["task"], r["doc_id"], r["image"]) for r in record["samples"]] == [("t", 0, True), ("t", 1, True),
+                                                                               ("u", 0, False)]
+    assert record["tasks"]["t"]["mean_kept"] == [16] and "mean_kept" not in record["tasks"]["u"]
+    assert record["ignored_gen_kwargs"] == {"t": {"temperature": 0.7}} and record["world_size"] == 1
+    with pytest.raises(NotImplementedError, match="generate_until tasks only"):
+        model.loglikelihood([])
+    model.runtime.close()
 
 
 @pytest.fixture(scope="module")

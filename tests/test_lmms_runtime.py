@@ -99,6 +99,18 @@ def test_missing_checkpoint_is_named(tmp_path):
         validate(ModelArgs(pretrained=str(tmp_path / "nope")))
 
 
+def test_device_defaults_to_the_local_rank_gpu_else_cpu(monkeypatch):
+    import torch
+
+    from finepruner.integrations.runtime import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (resolve_device(None), resolve_device("cuda"), resolve_device("cuda:1")) == ("cuda:3", "cuda:3", "cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (resolve_device(None), resolve_device("cpu")) == ("cpu", "cpu")
+
+
 def test_truncate_and_greedy_conflicts():
     assert truncate("yes\n\nUSER: more", ["\n\n"]) == "yes"
     assert truncate("red. blue", [".", "blue", ""]) == "red"

@@ -1,8 +1,8 @@
 """The ``finepruner`` model of lmms-eval 0.7.x: any lmms-eval image task, on a pruned model of any family.
 
 Spec ``eval_protocol.md`` §15.3-15.4. Installed with ``pip install finepruner[lmms]``, the package's entry
-point (group ``lmms_eval.models``, object :data:`MANIFEST`) registers the model in lmms-eval's model
-registry; then::
+point (group ``lmms_eval.models``, :func:`finepruner.integrations.lmms_eval_models`) registers the model in
+lmms-eval's model registry; then::
 
     lmms-eval --model finepruner --model_args pretrained=PATH,method=fastv,tokens=64 \\
         --tasks mme,gqa --batch_size 8 --output_path logs/
@@ -31,13 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from finepruner.integrations.runtime import ModelArgs, PrunedModel, Request, greedy_conflicts
 
-MODEL_ID = "finepruner"
-#: The entry point's object (``[project.entry-points."lmms_eval.models"]`` in pyproject.toml).
-MANIFEST = ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.FinePruner")
 #: lmms-eval's default ``max_new_tokens`` for a task that sets none (its stock LLaVA wrapper's).
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -62,7 +58,7 @@ class FinePruner(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, **kwargs: Any) -> None:
+    def __init__(self, pretrained: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         self.args = ModelArgs.from_kwargs({"pretrained": pretrained, **kwargs})
         self.runtime = PrunedModel(self.args)

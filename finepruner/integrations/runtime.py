@@ -27,7 +27,7 @@ MODEL_KEYS: dict[str, str] = {
     "method": "pruning method (finepruner.methods.available()), or a spec 'name:key=value'",
     "batch_size": "questions per generate call (integer >= 1)",
     "max_batch_size": "accepted and ignored (lmms-eval passes it)",
-    "device": "cpu, cuda, cuda:N or mps (default: cuda:LOCAL_RANK when CUDA is available, else cpu)",
+    "device": "cpu, cuda, cuda:N or mps (default, and plain cuda: cuda:LOCAL_RANK when CUDA is available, else cpu)",
     "dtype": "float16, bfloat16 or float32 (default: the checkpoint's)",
     "attn_implementation": "sdpa (default), eager, flash_attention_2, ...",
     "image_aspect_ratio": "pad or original (default: the family's evaluation protocol)",
@@ -156,13 +156,14 @@ def validate(args: ModelArgs) -> Any:
     return family
 
 
-def default_device() -> str:
-    """``cuda:LOCAL_RANK`` when CUDA is available (one process per GPU under torchrun/accelerate), else cpu."""
+def resolve_device(device: str | None) -> str:
+    """The device of this process: ``device`` as given, except that none or a bare ``cuda`` means
+    ``cuda:LOCAL_RANK`` (one process per GPU under torchrun/accelerate) when CUDA is available; else cpu."""
     import torch
 
-    if torch.cuda.is_available():
+    if device in (None, "cuda") and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+    return device or "cpu"
 
 
 @dataclass
@@ -213,7 +214,7 @@ class PrunedModel:
         self.args = args
         if model is None:
             self.family = validate(args)
-            device = args.device or default_device()
+            device = resolve_device(args.device)
             options: dict[str, Any] = {}
             if args.processor_kwargs:
                 options["processor_kwargs"] = dict(args.processor_kwargs)
