@@ -1,4 +1,5 @@
-"""The embedded default toy world: synthetic scenes, a toy benchmark suite and a tiny trained LLaVA.
+"""The embedded default toy world: synthetic scenes, a toy benchmark suite, a tiny trained LLaVA and a tiny
+trained Qwen2.5-VL.
 
 Public API::
 
@@ -9,6 +10,7 @@ Public API::
     toy.benchmark_chance()                      # headline metric of trivial answerers per benchmark
     toy.BUDGETS                                 # (16, 32, 48) of 144 tokens = 64/128/192 of 576
     model, processor = finepruner.load_model("toy")
+    model, processor = finepruner.load_model(toy.qwen_checkpoint_dir())   # the toy Qwen2.5-VL
     toy.clip_text_dir()                         # CDPruner's clip_model= for the toy model
     toy.evaluate_suite(model, processor, root, method="fastv", method_params={"tokens": 16})
 
@@ -16,6 +18,7 @@ See ``docs/toy.md``.
 """
 
 from finepruner.toy.model import checkpoint_dir, clip_text_dir, load_clip_text
+from finepruner.toy.qwen_model import qwen_checkpoint_dir
 from finepruner.toy.scenes import generate_scene, generate_scenes
 from finepruner.toy.suite import (
     BENCHMARKS,
@@ -53,5 +56,6 @@ __all__ = [
     "generate_scenes",
     "load_clip_text",
     "load_suite_meta",
+    "qwen_checkpoint_dir",
     "write_suite",
 ]

@@ -41,7 +41,15 @@ from finepruner.toy.qwen_model import (
 )
 from finepruner.toy.scenes import Scene, generate_scene
 from finepruner.toy.text import user_text
-from finepruner.toy.train import accuracy_by_type, chance_by_type, eval_set, sample_turns
+from finepruner.toy.train import (
+    accuracy_by_type,
+    chance_by_type,
+    eval_set,
+    lookup_loss,
+    naming_positions,
+    relevant_patches,
+    sample_turns,
+)
 
 STAGES = ("distill", "joint")
 
@@ -62,6 +70,9 @@ class QwenTrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     distill: float = 1.0
+    aux_lookup: float = 0.3
+    lookup_layer: int = 1
+    lookup_heads: int = 4
     eval_every: float = 300.0
     eval_scenes: int = 60
     threads: int = 1
@@ -115,10 +126,14 @@ def make_batch(rng: random.Random, parts: ToyQwenParts, teacher_processor, cfg: 
              "teacher_pixel_values": teacher_processor.image_processor(images, return_tensors="pt")["pixel_values"]}
     if cfg.stage == "distill":
         return batch
-    seqs = []
-    for s in scenes:
+    seqs, lookups = [], []
+    for b, s in enumerate(scenes):
         qs = sample_turns(s, rng, cfg.turns)
-        seqs.append(encode_conversation(tok, [(user_text(q.text, q.options), q.answer) for q in qs], n_tokens))
+        ids, labels = encode_conversation(tok, [(user_text(q.text, q.options), q.answer) for q in qs], n_tokens)
+        seqs.append((ids, labels))
+        for pos, q in zip(naming_positions(tok.convert_ids_to_tokens(ids), labels, qs), qs, strict=True):
+            if patches := relevant_patches(s, q):  # merged tokens are the 12 x 12 cells in raster order
+                lookups.append((b, pos, patches))
     width = max(len(i) for i, _ in seqs)
     input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
@@ -129,7 +144,7 @@ def make_batch(rng: random.Random, parts: ToyQwenParts, teacher_processor, cfg: 
         mask[b, : len(i)] = 1
     image_id = tok.convert_tokens_to_ids(IMAGE_PAD)
     batch.update(input_ids=input_ids, attention_mask=mask, labels=labels,
-                 mm_token_type_ids=(input_ids == image_id).long())
+                 mm_token_type_ids=(input_ids == image_id).long(), lookups=lookups)
     return batch
 
 
@@ -226,6 +241,11 @@ def train(cfg: QwenTrainConfig, log=print) -> dict:
 
     captured: dict = {}
     model.model.visual.register_forward_hook(lambda m, a, o: captured.__setitem__("v", o.pooler_output))
+    lookup_attention = model.model.language_model.layers[cfg.lookup_layer].self_attn
+    lookup_attention.register_forward_hook(
+        lambda m, a, kw, o: captured.update(hidden=kw["hidden_states"] if "hidden_states" in kw else a[0],
+                                            rope=kw["position_embeddings"]), with_kwargs=True)
+    image_token_id = model.config.image_token_id
     data_rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     held_out = eval_set(10_000 + cfg.seed, cfg.eval_scenes)
@@ -284,6 +304,12 @@ def train(cfg: QwenTrainConfig, log=print) -> dict:
             student, loss_lm = captured["v"], outputs.loss
         loss_distill = F.mse_loss(student, target) / target.pow(2).mean()
         loss = loss_lm + cfg.distill * loss_distill
+        if cfg.stage == "joint" and cfg.aux_lookup and batch["lookups"]:
+            # the toy LLaVA's lookup supervision (train.lookup_loss), here under 3-D positions: the rotary
+            # cos/sin the layer received are the mRoPE rows already recomposed into one (B, L, head_dim) pair
+            loss_lookup = lookup_loss(captured, lookup_attention, batch, image_token_id, cfg.lookup_heads)
+            loss = loss + cfg.aux_lookup * loss_lookup
+            running["lookup"] += float(loss_lookup.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
