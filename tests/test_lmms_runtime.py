@@ -212,8 +212,12 @@ def test_text_only_and_mixed_batches_and_multi_image_refusal(data_root):
     try:
         mixed = pruned.answer([Request("How many circles are there?" + SUFFIX, [image], 8, key={"doc_id": 0}),
                                Request("What shape is the red object?" + SUFFIX, [], 8, key={"doc_id": 1})])
-        alone = pruned.answer([Request("How many circles are there?" + SUFFIX, [image], 8, key={"doc_id": 2})])
-        assert mixed[0] == alone[0] and isinstance(mixed[1], str)
+        calls = []
+        lazy = Request("How many circles are there?" + SUFFIX, lambda: calls.append(1) or [image], 8,
+                       key={"doc_id": 2})
+        assert calls == []  # images are decoded when their batch runs
+        alone = pruned.answer([lazy])
+        assert calls == [1] and mixed[0] == alone[0] and isinstance(mixed[1], str)
         assert [s["image"] for s in pruned.samples] == [True, False, True]
         assert "prune" not in pruned.samples[1] and pruned.samples[0]["kept"] == [16]
         with pytest.raises(ValueError, match="has 2 images; .* at most one image"):

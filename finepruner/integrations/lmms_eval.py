@@ -100,8 +100,9 @@ class FinePruner(lmms):
         until = gen_kwargs.get("until") or []
         if isinstance(until, str):
             until = [until]
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
-        visuals = [v for v in (visuals or []) if v is not None]
+        def visuals() -> list[Any]:  # decoded when the request's batch runs
+            return list(doc_to_visual(self.task_dict[task][split][doc_id]) or []) if doc_to_visual else []
+
         max_new_tokens = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         return Request(text=context, images=visuals, max_new_tokens=max_new_tokens, until=list(until),
                        group=f"{task}/{split}", key={"task": task, "doc_id": doc_id})

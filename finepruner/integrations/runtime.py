@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,16 +168,26 @@ def resolve_device(device: str | None) -> str:
 
 @dataclass
 class Request:
-    """One question: the USER text (no image token), its images (0 or 1), the generation budget, stop
-    strings, the batch group it may share a generate call with (a task), and a key recorded with its
-    statistics (e.g. task and document id)."""
+    """One question: the USER text (no image token), its images (0 or 1: a sequence, or a function that
+    returns it, called when the question's batch is answered, so that a large task's images are not all
+    decoded at once), the generation budget, stop strings, the batch group it may share a generate call
+    with (a task), and a key recorded with its statistics (e.g. task and document id)."""
 
     text: str
-    images: Sequence[Any] = ()
+    images: Sequence[Any] | Callable[[], Sequence[Any]] = ()
     max_new_tokens: int = 128
     until: Sequence[str] = ()
     group: str = ""
     key: Mapping[str, Any] = field(default_factory=dict)
+
+    def visuals(self) -> list[Any]:
+        """The question's images; more than one is a ``ValueError``."""
+        images = self.images() if callable(self.images) else self.images
+        images = [v for v in (images or []) if v is not None]
+        if len(images) > 1:
+            raise ValueError(f"request {dict(self.key) or self.text[:40]!r} has {len(images)} images; "
+                             "finepruner's harness model answers questions with at most one image")
+        return images
 
 
 def truncate(text: str, until: Sequence[str]) -> str:
@@ -272,10 +282,6 @@ class PrunedModel:
         """Greedy answers of ``requests``, in order; each answered question's statistics go to ``samples``."""
         from finepruner.eval.runner import prune_summary
 
-        for req in requests:
-            if len(req.images) > 1:
-                raise ValueError(f"request {dict(req.key) or req.text[:40]!r} has {len(req.images)} images; "
-                                 "finepruner's harness model answers questions with at most one image")
         size = batch_size or self.args.batch_size
         answers: list[str | None] = [None] * len(requests)
         from tqdm import tqdm
@@ -283,12 +289,13 @@ class PrunedModel:
         bar = tqdm(total=len(requests), desc="finepruner", unit="q", disable=not progress, dynamic_ncols=True)
         start = time.perf_counter()
         for batch in self.batches(requests, size):
-            with_image = [i for i in batch if requests[i].images]
-            without = [i for i in batch if not requests[i].images]
+            visuals = {i: requests[i].visuals() for i in batch}
+            with_image = [i for i in batch if visuals[i]]
+            without = [i for i in batch if not visuals[i]]
             for rows, has_image in ((with_image, True), (without, False)):
                 if not rows:
                     continue
-                images = [self._image(requests[i].images[0]) for i in rows] if has_image else None
+                images = [self._image(visuals[i][0]) for i in rows] if has_image else None
                 texts = self.generator.generate([requests[i].text for i in rows], images,
                                                 requests[rows[0]].max_new_tokens)
                 summary = prune_summary(self.handle) if has_image and self.handle is not None else None
