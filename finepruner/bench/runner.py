@@ -252,10 +252,13 @@ def run_variant(model, inputs: dict, variant: Variant, params: dict, decode_step
             token = out.logits[:, -1:].argmax(-1)
             mask = inputs["attention_mask"]
             del out
+            last = adapter.decode_positions(inputs)  # Qwen-VL: decode calls need explicit 3-D positions
             cpu_decode_started, decode_started = _cpu_clock(device), _now(device)
-            for _ in range(decode_steps):
+            for index in range(decode_steps):
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-                step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+                positions = {} if last is None else {"position_ids": last + index + 1}
+                step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1,
+                             **positions)
                 token = step.logits[:, -1:].argmax(-1)
             decode = (_now(device) - decode_started) / max(1, decode_steps)
             cpu_decoded = _cpu_clock(device)
