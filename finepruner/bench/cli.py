@@ -25,6 +25,7 @@ from finepruner.bench.report import markdown_table, plot_png, ratio_table
 from finepruner.bench.shapes import (
     INSTRUCTION,
     MODEL_NAMES,
+    QWEN_SHAPES,
     SHAPES,
     clip_text_for,
     load_bench_model,
@@ -32,6 +33,7 @@ from finepruner.bench.shapes import (
     synthetic_visual_tokens,
     toy_available,
 )
+from finepruner.models.adapters import adapter_for
 
 #: Attention implementations the bench accepts (the model's ``attn_implementation``).
 ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -101,7 +103,7 @@ def register(subparsers) -> None:
 
 
 def _check_model(name: str) -> None:
-    if name in SHAPES or name == "tiny":
+    if name in SHAPES or name in QWEN_SHAPES or name == "tiny":
         return
     if name == "toy":
         if not toy_available():
@@ -241,7 +243,8 @@ def main(args: argparse.Namespace) -> int:
                   if methods.get(s.split(":")[0]).scores_attention and "score_impl" not in s]
     notes: list[str] = []
     clip_text = None
-    if any(s.split(":")[0] == "cdpruner" for s in specs) and not args.clip_model:
+    clip_relevance = adapter_for(model).has_cls(model.config)  # else CDPruner's LLM-embedding relevance
+    if any(s.split(":")[0] == "cdpruner" for s in specs) and not args.clip_model and clip_relevance:
         clip_text = clip_text_for(model, args.model)
         if clip_text is None:
             specs = [s for s in specs if s.split(":")[0] != "cdpruner"]
@@ -252,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
             notes.append("cdpruner: a random CLIP text tower (sized like the real one for named shapes)")
 
     def extra(method: str) -> dict:
-        if method == "cdpruner":
+        if method == "cdpruner" and clip_relevance:
             return {"clip_model": args.clip_model} if args.clip_model else {"clip_text": clip_text}
         return {}
 

@@ -147,15 +147,20 @@ class VisionShape:
         )
 
 
-def _has_cls(config: Any) -> bool:
-    """The family adapter's answer (``ModelAdapter.has_cls``); True (CLIP) for an unregistered family."""
+def _family(config: Any):
+    """The adapter class of the configuration's family, or None for an unregistered one."""
     from finepruner.models.adapters import adapter_class
 
     try:
-        family = adapter_class(getattr(config, "model_type", None))
+        return adapter_class(getattr(config, "model_type", None))
     except ValueError:
-        return True
-    return bool(family.has_cls(config))
+        return None
+
+
+def _has_cls(config: Any) -> bool:
+    """The family adapter's answer (``ModelAdapter.has_cls``); True (CLIP) for an unregistered family."""
+    family = _family(config)
+    return True if family is None else bool(family.has_cls(config))
 
 
 # -- language model -----------------------------------------------------------------------------------
@@ -263,6 +268,59 @@ def projector_flops(shape: VisionShape, images: int = 1) -> int:
     return images * 2 * shape.projected * (width * d + d * d)
 
 
+# -- Qwen-VL towers: every image at its own grid, 2x2 mergers (spec/models.md §1.3-§1.4) --------------
+@dataclass(frozen=True)
+class MergerVisionShape:
+    """A Qwen-VL vision tower: a ViT over each image's patches (Conv3d patch embedding of ``temporal_patch``
+    frames), blocks with full attention per frame or windowed attention, and MLP mergers that fold
+    ``merge x merge`` patches into one language-model token (``mergers``: the main one plus Qwen3-VL's
+    deepstack mergers, all of the same shape)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    patch: int
+    temporal_patch: int
+    channels: int
+    merge: int
+    out_hidden: int
+    gated: bool = False  # Qwen2.5-VL's SwiGLU MLP (gate, up, down); Qwen2/Qwen3-VL: two matrices
+    window: int | None = None  # merged tokens per attention-window side (Qwen2.5-VL: 112 px / 28 = 4)
+    full_layers: tuple[int, ...] = ()  # the full-attention blocks of a windowed tower
+    mergers: int = 1
+
+
+def _window_sides(side: int, window: int) -> list[int]:
+    """Window extents along one axis of ``side`` merged tokens (full windows, then the remainder)."""
+    return [window] * (side // window) + ([side % window] if side % window else [])
+
+
+def merger_vision_flops(shape: MergerVisionShape, grids: Sequence[Sequence[int]]) -> dict:
+    """FLOPs of one tower call on images of patch grids ``grids`` [(t, h, w), ...] (2 FLOPs per multiply-add):
+    ``total`` (patch embedding + every block), ``merger`` (all mergers), ``per_layer`` (the blocks' linear and
+    MLP parts summed over images: attention differs between windowed and full blocks)."""
+    d, m, unit = shape.hidden, shape.intermediate, shape.merge * shape.merge
+    embed = linear = full_pairs = window_pairs = 0
+    merged = 0
+    for t, h, w in ((int(a), int(b), int(c)) for a, b, c in grids):
+        n = t * h * w
+        merged += n // unit
+        embed += 2 * n * shape.channels * shape.temporal_patch * shape.patch * shape.patch * d
+        linear += 2 * n * 4 * d * d + 2 * (3 if shape.gated else 2) * n * d * m
+        full_pairs += t * (h * w) ** 2  # full attention: each frame's patches (cu_seqlens per frame)
+        if shape.window is not None:
+            rows, cols = _window_sides(h // shape.merge, shape.window), _window_sides(w // shape.merge, shape.window)
+            window_pairs += t * sum((a * b * unit) ** 2 for a in rows for b in cols)
+    full = range(shape.layers) if shape.window is None else [i for i in shape.full_layers if i < shape.layers]
+    windowed = shape.layers - len(full)
+    attention = 2 * 2 * d * (len(full) * full_pairs + windowed * window_pairs)
+    width = unit * d
+    merger = shape.mergers * 2 * merged * (width * width + width * shape.out_hidden)
+    return {"per_layer": linear, "embedding": embed, "attention": attention, "layers_run": shape.layers,
+            "layers_used": shape.layers, "merger": merger, "tokens": merged,
+            "total": embed + shape.layers * linear + attention}
+
+
 # -- one prefill, as PruneStats sees it ---------------------------------------------------------------
 def prefill_report(
     config: Any,
@@ -273,8 +331,12 @@ def prefill_report(
     score_impl: str = "cheap",
     score_keys_reused: Sequence[bool] = (),
     crops: int | None = None,
+    vision_grids: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Everything about one prefill's FLOPs, JSON-serialisable (``PruneStats.flops``).
+
+    Families whose tower encodes every image at its own grid (Qwen-VL: ``ModelAdapter.vision_flops``) count
+    the tower and the merger(s) from ``vision_grids`` (the patch grids ``(t, h, w)`` the tower encoded).
 
     ``config`` is the model's multimodal configuration (or a bare text config: the vision fields are
     then None). ``crops``: vision-tower crops encoded in this prefill over the whole batch (LLaVA-NeXT /
@@ -300,7 +362,13 @@ def prefill_report(
         "projector": None,
         "total": lm["total"],
     }
-    if getattr(config, "vision_config", None) is not None and (visual_tokens or crops):
+    family = _family(config)
+    custom = family.vision_flops(config, visual_tokens, batch, crops, vision_grids) if family is not None else None
+    if custom is not None:
+        report.update(vision_tower=custom["total"], vision_layers_run=custom["layers_run"],
+                      vision_layers_used=custom["layers_used"], vision_crops=custom["images"],
+                      projector=custom["merger"], total=lm["total"] + custom["total"] + custom["merger"])
+    elif getattr(config, "vision_config", None) is not None and (visual_tokens or crops):
         vision = VisionShape.from_config(config)
         if crops is None:
             crops = batch * max(1, round(visual_tokens[0] / vision.projected))
@@ -316,6 +384,10 @@ def shape_dict(config: Any) -> dict:
     """The decoder and vision shapes of a model's configuration as plain dicts (recorded with bench
     results)."""
     out = {"decoder": asdict(DecoderShape.from_config(config))}
-    if getattr(config, "vision_config", None) is not None:
+    family = _family(config)
+    merger = family.merger_vision_shape(config) if family is not None else None
+    if merger is not None:
+        out["vision"] = asdict(merger)
+    elif getattr(config, "vision_config", None) is not None:
         out["vision"] = asdict(VisionShape.from_config(config))
     return out

@@ -10,6 +10,14 @@ patches, ``image_grid_pinpoints=[[672, 672]]``); their synthetic image is a squa
 576 + 2 x 2 tiles 2,304 + 48 newlines = 2,928 visual tokens, 5 crops through the tower (the closest HF
 layout to the papers' 2,880, which drop unpadding and newlines). ``tiny`` is ``build_tiny_llava()``'s
 default (64 visual tokens), for tests.
+
+Qwen-VL (``QWEN_SHAPES``, ``spec/models.md`` §1.3-§1.4; sizes of the released checkpoints' config.json):
+``qwen2.5-vl-7b`` (Qwen2.5-VL-7B-Instruct: 32-block windowed ViT of 1280, 28-layer decoder of 3584 with
+28/4 heads) and ``qwen3-vl-8b`` (Qwen3-VL-8B-Instruct: 27-block ViT of 1152 with deepstack at blocks 8,
+16, 24; 36-layer decoder of 4096 with 32/8 heads and q/k norm), and ``qwen-medium``, a CPU-sized Qwen2.5-VL
+(``medium``'s decoder, a 4-block windowed ViT of 256). Their synthetic image is a 1008 x 1008 square:
+36 x 36 = 1,296 visual tokens (CDPruner's Qwen2.5-VL setting, §5.1), written as the processor would
+(``<|vision_start|>``, the image tokens, ``<|vision_end|>``, ``mm_token_type_ids``, ``image_grid_thw``).
 """
 
 from __future__ import annotations
@@ -68,8 +76,58 @@ SHAPES: dict[str, Shape] = {
                            image=(672, 672)),
     "next-medium": Shape(**_MEDIUM, model_type="llava_next", pinpoints=((672, 672),), image=(672, 672)),
 }
+
+
+@dataclass(frozen=True)
+class QwenShape:
+    """A Qwen-VL layout: ``model_type`` (``qwen2_5_vl``, ``qwen3_vl``), the text config and the vision config
+    (keyword arguments of the family's configuration classes), and the synthetic image side in pixels."""
+
+    model_type: str
+    text: tuple[tuple[str, object], ...]
+    vision: tuple[tuple[str, object], ...]
+    image: int = 1008
+    #: image, video, vision-start and vision-end token ids (the checkpoints'; within ``vocab_size``)
+    token_ids: tuple[int, int, int, int] = (151655, 151656, 151652, 151653)
+
+    def config(self):
+        """The family's multimodal configuration."""
+        config_class = getattr(transformers, adapter_class(self.model_type).config_class)
+        image, video, start, end = self.token_ids
+        return config_class(text_config=dict(self.text), vision_config=dict(self.vision), image_token_id=image,
+                            video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
+
+
+def _items(**values) -> tuple[tuple[str, object], ...]:
+    return tuple(values.items())
+
+
+QWEN_SHAPES: dict[str, QwenShape] = {
+    "qwen2.5-vl-7b": QwenShape("qwen2_5_vl", _items(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    ), _items(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+              tokens_per_second=2, hidden_act="silu")),
+    "qwen3-vl-8b": QwenShape("qwen3_vl", _items(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True,
+                         "rope_theta": 5000000.0},
+    ), _items(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+              spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+              deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"), image=1024),
+    "qwen-medium": QwenShape("qwen2_5_vl", _items(
+        vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
+    ), _items(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=1024, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[3]),
+        token_ids=(32000, 32001, 32002, 32003)),
+}
 #: Every model name ``finepruner bench --model`` accepts besides a local checkpoint directory.
-MODEL_NAMES: tuple[str, ...] = (*SHAPES, "toy", "tiny")
+MODEL_NAMES: tuple[str, ...] = (*SHAPES, *QWEN_SHAPES, "toy", "tiny")
 
 
 def shape_config(shape: Shape):
@@ -97,8 +155,8 @@ def shape_config(shape: Shape):
 
 def build_shape(name: str, dtype: torch.dtype, device: str, attn: str = "sdpa", seed: int = 0):
     """A random-weight model of a named shape, built directly on ``device`` in ``dtype``."""
-    shape = SHAPES[name]
-    config = shape_config(shape)
+    shape = SHAPES[name] if name in SHAPES else QWEN_SHAPES[name]
+    config = shape_config(shape) if isinstance(shape, Shape) else shape.config()
     config._attn_implementation = attn
     model_class = getattr(transformers, adapter_class(shape.model_type).model_class)
     torch.manual_seed(seed)
@@ -116,7 +174,7 @@ def build_shape(name: str, dtype: torch.dtype, device: str, attn: str = "sdpa", 
 def load_bench_model(name: str, dtype: torch.dtype, device: str, attn: str = "sdpa", seed: int = 0):
     """``(model, tokenizer or None, description)`` for ``--model``: a named shape, ``toy``, ``tiny`` or a
     local llava-hf checkpoint directory."""
-    if name in SHAPES:
+    if name in SHAPES or name in QWEN_SHAPES:
         return build_shape(name, dtype, device, attn, seed), None, f"{name} shape, random weights"
     if name == "tiny":
         from finepruner.models.tiny import build_tiny_llava
@@ -152,6 +210,8 @@ def clip_text_for(model, shape_name: str | None):
     except ImportError:
         return None
     vision_hidden = int(model.config.vision_config.hidden_size)
+    if shape_name in QWEN_SHAPES:  # CDPruner's relevance there is the LLM-embedding rule: no CLIP tower
+        return None
     if shape_name in SHAPES:
         hidden, layers, heads, projection = SHAPES[shape_name].clip_text
         return build_tiny_clip_text(vision_hidden, projection_dim=projection, hidden=hidden, layers=layers,
@@ -187,7 +247,9 @@ def anyres_crops(config, height: int, width: int) -> int:
 
 def synthetic_crops(inputs: dict) -> int:
     """Crops through the vision tower for the synthetic ``inputs`` of :func:`synthetic_inputs` (whole
-    batch; no image of them is padded): images x crops per image."""
+    batch; no image of them is padded): images x crops per image (Qwen-VL: the images)."""
+    if "image_grid_thw" in inputs:
+        return int(inputs["image_grid_thw"].shape[0])
     pixels = inputs["pixel_values"]
     return int(pixels.shape[0] * (pixels.shape[1] if pixels.dim() == 5 else 1))
 
@@ -217,6 +279,8 @@ def synthetic_inputs(model, batch: int, system_tokens: int, text_tokens: int, de
     own packing: 2,928 for a 672-px square on 336-px crops)."""
     adapter = adapter_for(model)
     config = model.config
+    if adapter.position_rows == 3:
+        return _qwen_inputs(model, batch, system_tokens, text_tokens, device, dtype, seed)
     vocab = int(config.text_config.vocab_size)
     image_id = adapter.image_token_id
     generator = torch.Generator().manual_seed(seed)
@@ -249,4 +313,49 @@ def synthetic_inputs(model, batch: int, system_tokens: int, text_tokens: int, de
         "attention_mask": torch.ones_like(ids).to(device),
         "pixel_values": pixels.to(device=device, dtype=dtype),
         **extra,
+    }
+
+
+def qwen_image_side(config) -> int:
+    """The synthetic image side (pixels) for a Qwen-VL configuration: its named shape's, else 1008 (Qwen2/2.5,
+    36 x 36 tokens) or 1024 (patch 16: 32 x 32)."""
+    for shape in QWEN_SHAPES.values():
+        if shape.model_type == config.model_type and dict(shape.vision).get("depth") == config.vision_config.depth:
+            return shape.image
+    return 1024 if int(config.vision_config.patch_size) == 16 else 1008
+
+
+def _qwen_inputs(model, batch: int, system_tokens: int, text_tokens: int, device: str, dtype: torch.dtype,
+                 seed: int) -> dict:
+    """Qwen-VL inputs as its processor gives them for one square image per sample: ``system_tokens`` random
+    ids, ``<|vision_start|>``, the image's (side / 28)^2 tokens (Qwen3: / 32), ``<|vision_end|>``,
+    ``text_tokens`` random ids; ``pixel_values`` [patches, C * T * P * P], ``image_grid_thw`` and
+    ``mm_token_type_ids``."""
+    config = model.config
+    vision = config.vision_config
+    patch, merge, temporal = int(vision.patch_size), int(vision.spatial_merge_size), int(vision.temporal_patch_size)
+    grid = qwen_image_side(config) // patch
+    count = grid * grid // (merge * merge)
+    generator = torch.Generator().manual_seed(seed)
+    special = {int(config.image_token_id), int(config.video_token_id), int(config.vision_start_token_id),
+               int(config.vision_end_token_id)}
+    vocab = int(config.text_config.vocab_size)
+
+    def random_ids(length: int) -> torch.Tensor:
+        ids = torch.randint(5, min(vocab, 151000), (batch, length), generator=generator)
+        for token in special:
+            ids = torch.where(ids == token, torch.full_like(ids, 5), ids)
+        return ids
+
+    ids = torch.cat([random_ids(system_tokens), torch.full((batch, 1), int(config.vision_start_token_id)),
+                     torch.full((batch, count), int(config.image_token_id)),
+                     torch.full((batch, 1), int(config.vision_end_token_id)), random_ids(text_tokens)], dim=1)
+    channels = int(getattr(vision, "in_channels", 3))
+    pixels = torch.randn(batch * grid * grid, channels * temporal * patch * patch, generator=generator)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "mm_token_type_ids": (ids == int(config.image_token_id)).long().to(device),
+        "pixel_values": pixels.to(device=device, dtype=dtype),
+        "image_grid_thw": torch.tensor([[1, grid, grid]] * batch).to(device),
     }

@@ -62,6 +62,7 @@ class Handle:
         # prefill took the count starts a new one (generate(use_cache=False) reuses the same encoding)
         self._crops: int | None = None
         self._crops_taken = False
+        self._grids: list[tuple[int, int, int]] = []
         self._vision: VisionCapture | None = None  # vision-side hooks for methods with ``needs_vision``
         # generate(use_cache=False) passes the same pre-encoded images (``mm_encoder_outputs``) to every
         # step, which re-prunes the whole prompt: the signals taken at the first step serve the later ones
@@ -109,7 +110,7 @@ class Handle:
         lm.forward = functools.partial(pruned_forward, lm, self)
         setattr(lm, _HANDLE_ATTRIBUTE, self)
         self._hook = self.adapter.llava_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
-        self._tower_hook = self.adapter.vision_tower.register_forward_pre_hook(self._count_crops)
+        self._tower_hook = self.adapter.vision_tower.register_forward_pre_hook(self._count_crops, with_kwargs=True)
         needs = set(self.method.needs_vision)
         supported = self.adapter.vision_signals_supported()
         # families with per-image budgets give projected features from the language model's input itself
@@ -225,11 +226,17 @@ class Handle:
             keys = list(range(shape[0]))
         return image_mask, keys, counts
 
-    def _count_crops(self, module, args) -> None:
-        """Pre-hook on the vision tower: count the crops (images, or anyres base + tiles) it encodes."""
+    def _count_crops(self, module, args, kwargs) -> None:
+        """Pre-hook on the vision tower: count the crops (images, or anyres base + tiles) it encodes; towers
+        that encode every image at its own grid (Qwen) count images and record their patch grids."""
         if self._crops_taken or self._crops is None:
-            self._crops, self._crops_taken = 0, False
-        pixels = args[0] if args else None
+            self._crops, self._crops_taken, self._grids = 0, False, []
+        grids = self.adapter.tower_grids(args, kwargs)
+        if grids is not None:
+            self._crops += len(grids)
+            self._grids.extend(grids)
+            return
+        pixels = args[0] if args else kwargs.get("pixel_values")
         if isinstance(pixels, torch.Tensor):
             self._crops += int(pixels.shape[0])
 
@@ -237,6 +244,10 @@ class Handle:
         """Crops encoded for this prefill's images (None when the tower did not run under this handle)."""
         self._crops_taken = True
         return self._crops
+
+    def _taken_grids(self) -> list[tuple[int, int, int]] | None:
+        """The patch grids of the crops ``_take_crops`` counted (towers with per-image grids), else None."""
+        return list(self._grids) if self._grids else None
 
     def _discard_vision(self) -> None:
         """Drop the vision signals captured for this prefill (a prefill that does not use them)."""

@@ -146,7 +146,7 @@ def _record_unpruned(lm, handle: Handle, batch: int, length: int, units: list[Un
     num_visual = max(row_visual_totals(units, batch))
     layers = int(lm.config.num_hidden_layers)
     stats = PruneStats(sequence_length=[length] * layers, visual_tokens=[num_visual] * layers, batch=batch,
-                       crops=handle._take_crops(),
+                       crops=handle._take_crops(), vision_grids=handle._taken_grids(),
                        config=handle.model.config)
     handle._record(kept=[], stats=stats, heads=[], attention=[], merged=[])
 
@@ -459,7 +459,8 @@ def _prefill(lm, handle, hidden, attention_mask, position_ids, cache, use_cache,
     segments = [Segment(0, attention_mask, length, tokens.shift)]
     saved_inputs: dict[int, tuple] = {}
     saved_keys: dict[int, torch.Tensor] = {}
-    stats = PruneStats(batch=batch, score_impl=score_impl, config=handle.model.config, crops=handle._take_crops())
+    stats = PruneStats(batch=batch, score_impl=score_impl, config=handle.model.config, crops=handle._take_crops(),
+                       vision_grids=handle._taken_grids())
     results: list[_StageResult] = []
     started = _clock(hidden, handle)
     vision = _group_vision(handle, groups, batch, hidden, prefill.visual_index)

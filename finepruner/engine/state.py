@@ -67,7 +67,10 @@ class PruneStats:
         crops: vision-tower crops encoded in the prefill over the whole batch (LLaVA-NeXT/OneVision: base +
             anyres tiles of every image, padded crops of ``pixel_values`` excluded; OneVision multi-image
             samples: one per image); None: inferred from ``visual_tokens[0]`` (one crop per image's 576
-            tokens, exact on LLaVA-1.5). Used by ``flops`` for the vision tower and projector.
+            tokens, exact on LLaVA-1.5). Used by ``flops`` for the vision tower and projector. Qwen-VL: the
+            images encoded.
+        vision_grids: Qwen-VL: the patch grid ``(t, h, w)`` of every image the tower encoded (its FLOPs
+            depend on each image's grid and attention windows); None on the other families.
         config: the model's multimodal configuration (for ``flops``); not serialised.
     """
 
@@ -79,6 +82,7 @@ class PruneStats:
     score_keys_reused: list[bool] = field(default_factory=list)
     score_impl: str = "cheap"
     crops: int | None = None
+    vision_grids: list[tuple[int, int, int]] | None = None
     config: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -95,7 +99,8 @@ class PruneStats:
         from finepruner.bench.flops import prefill_report  # pure Python, imported lazily
 
         return prefill_report(self.config, self.sequence_length, self.visual_tokens, self.batch,
-                              self.score_lengths, self.score_impl, self.score_keys_reused, crops=self.crops)
+                              self.score_lengths, self.score_impl, self.score_keys_reused, crops=self.crops,
+                              vision_grids=self.vision_grids)
 
     def as_dict(self) -> dict:
         flops = self.flops

@@ -403,6 +403,30 @@ class ModelAdapter:
 
         return load_auto_processor(directory, kwargs)
 
+    # -- FLOPs ------------------------------------------------------------------------------------------
+    @classmethod
+    def merger_vision_shape(cls, config) -> Any:
+        """``bench.flops.MergerVisionShape`` of a tower that encodes every image at its own grid (Qwen-VL);
+        None for towers counted per fixed-size crop (``bench.flops.VisionShape``: CLIP, SigLIP)."""
+        return None
+
+    @classmethod
+    def vision_flops(cls, config, visual_tokens: Sequence[int], batch: int, crops: int | None,
+                     grids: Sequence[Sequence[int]] | None) -> dict | None:
+        """The tower's and merger's FLOPs of one prefill when the family counts them itself (Qwen-VL), as
+        ``bench.flops.merger_vision_flops`` plus ``images``; None: the per-crop model of ``bench.flops``."""
+        return None
+
+    def tower_grids(self, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[int, int, int]] | None:
+        """The patch grids ``(t, h, w)`` of one vision-tower call (its arguments), for towers that encode every
+        image at its own grid; None for towers of fixed-size crops (counted by ``pixel_values.shape[0]``)."""
+        return None
+
+    def decode_positions(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Position ids of the last prompt token for manual decode calls (each step passes ``last + step``);
+        None where the model counts positions on from the attention mask (1-D RoPE families)."""
+        return None
+
     # -- description ----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, "layers": self.num_layers, "heads": self.num_heads,

@@ -175,6 +175,52 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                                            window_size=int(vision.window_size), patch_size=int(vision.patch_size))
         return order.cpu()
 
+    # -- FLOPs and manual decoding ----------------------------------------------------------------------
+    @classmethod
+    def merger_vision_shape(cls, config) -> Any:
+        """The tower's shape for ``bench.flops.merger_vision_flops``: Qwen2.5-VL's SwiGLU blocks, 112-px windows
+        except ``fullatt_block_indexes``, one merger."""
+        from finepruner.bench.flops import MergerVisionShape
+
+        vision = config.vision_config
+        merge = int(vision.spatial_merge_size)
+        return MergerVisionShape(
+            hidden=int(vision.hidden_size), intermediate=int(vision.intermediate_size), layers=int(vision.depth),
+            patch=int(vision.patch_size), temporal_patch=int(vision.temporal_patch_size),
+            channels=int(vision.in_channels), merge=merge, out_hidden=int(vision.out_hidden_size), gated=True,
+            window=int(vision.window_size) // merge // int(vision.patch_size),
+            full_layers=tuple(int(i) for i in vision.fullatt_block_indexes),
+        )
+
+    @classmethod
+    def vision_flops(cls, config, visual_tokens, batch, crops, grids) -> dict | None:
+        """Tower and merger FLOPs from the encoded images' grids; without them (a prefill the handle did not
+        see encode), one square image of ``visual_tokens[0]`` tokens per sample."""
+        from finepruner.bench.flops import merger_vision_flops
+
+        shape = cls.merger_vision_shape(config)
+        if not grids:
+            if not visual_tokens or not visual_tokens[0]:
+                return None
+            side = max(1, round(int(visual_tokens[0]) ** 0.5)) * shape.merge
+            grids = [(1, side, side)] * (crops or batch)
+        report = merger_vision_flops(shape, grids)
+        report["images"] = len(grids)
+        return report
+
+    def tower_grids(self, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[int, int, int]] | None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        return None if grid is None else [tuple(int(v) for v in row) for row in grid.tolist()]
+
+    def decode_positions(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """[4, B, 1] position ids of each sample's last prompt token (the text row and the three mRoPE rows of
+        ``get_rope_index`` on the prompt): a manual decode call must pass ``last + step`` (transformers 5.24
+        cannot derive them from the attention mask, ``spec/models.md`` §2.2)."""
+        prepared = self.prepare_prefill(self.llava_model, dict(inputs))
+        if prepared is None:
+            return None
+        return prepared["position_ids"][:, :, -1:]
+
     # -- processors -------------------------------------------------------------------------------------
     @classmethod
     def load_processor(cls, directory: Path, choice: str, kwargs: Mapping[str, Any]) -> Any:
@@ -204,3 +250,16 @@ class Qwen2VLAdapter(Qwen2_5_VLAdapter):
     description: ClassVar[str] = ("Qwen2-VL (Qwen/Qwen2-VL-*-Instruct): ViT + 2x2 merger, no [CLS], 3-D mRoPE "
                                   "positions; budgets per image")
     windowed: ClassVar[bool] = False
+
+    @classmethod
+    def merger_vision_shape(cls, config) -> Any:
+        """Qwen2-VL's tower: full attention in every block, two-matrix MLPs of ``mlp_ratio``, one merger to the
+        language model's width (``vision_config.hidden_size``)."""
+        from finepruner.bench.flops import MergerVisionShape
+
+        vision = config.vision_config
+        return MergerVisionShape(
+            hidden=int(vision.embed_dim), intermediate=int(vision.embed_dim * vision.mlp_ratio),
+            layers=int(vision.depth), patch=int(vision.patch_size), temporal_patch=int(vision.temporal_patch_size),
+            channels=int(vision.in_channels), merge=int(vision.spatial_merge_size), out_hidden=int(vision.hidden_size),
+        )

@@ -67,6 +67,20 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
                                   "interleaved 3-D mRoPE, q/k norm; budgets per image")
     windowed: ClassVar[bool] = False
 
+    @classmethod
+    def merger_vision_shape(cls, config) -> Any:
+        """Qwen3-VL's tower: full attention, two-matrix MLPs, the main merger and one deepstack merger per
+        ``deepstack_visual_indexes`` entry (the learned position-embedding lookup has no matrix product)."""
+        from finepruner.bench.flops import MergerVisionShape
+
+        vision = config.vision_config
+        return MergerVisionShape(
+            hidden=int(vision.hidden_size), intermediate=int(vision.intermediate_size), layers=int(vision.depth),
+            patch=int(vision.patch_size), temporal_patch=int(vision.temporal_patch_size),
+            channels=int(vision.in_channels), merge=int(vision.spatial_merge_size),
+            out_hidden=int(vision.out_hidden_size), mergers=1 + len(vision.deepstack_visual_indexes),
+        )
+
     def take_layer_injections(self, kwargs: dict[str, Any]) -> DeepstackInjections | None:
         """Pop ``visual_pos_masks``/``deepstack_visual_embeds`` (the text model's deepstack inputs) from the
         call's ``kwargs``; the levels of a prefill with images, else None."""
