@@ -297,7 +297,7 @@ class Handle:
             return None
         explicit, prompts = pending
         texts = explicit if explicit is not None else decode_instructions(
-            self._tokenizer, prompts, self.adapter.image_token_id)
+            self._tokenizer, prompts, self.adapter.image_token_id, self.adapter.instruction_stop)
         texts = repeat_for_batch(texts, batch)
         if explicit is not None and len(explicit) != batch and len(prompts) == batch:
             repeat = batch // len(explicit)

@@ -63,14 +63,19 @@ def as_tokenizer(value: Any, name: str = "processor") -> Any:
     return tokenizer
 
 
-def decode_instructions(tokenizer: Any, prompt_ids: Sequence[Sequence[int]], image_token_id: int) -> list[str]:
+def decode_instructions(tokenizer: Any, prompt_ids: Sequence[Sequence[int]], image_token_id: int,
+                        stop_token: str | None = None) -> list[str]:
     """Each prompt's instruction: its tokens after the last ``<image>`` token (all of them when it has
-    none), decoded with ``skip_special_tokens=True``, then ``instruction_from_prompt``."""
+    none), up to the first ``stop_token`` after it (the end of the user turn in chat templates that mark it,
+    e.g. Qwen's ``<|im_end|>``), decoded with ``skip_special_tokens=True``, then ``instruction_from_prompt``."""
+    stop = None if stop_token is None else tokenizer.convert_tokens_to_ids(stop_token)
     texts = []
     for ids in prompt_ids:
         ids = list(ids)
         images = [i for i, t in enumerate(ids) if t == image_token_id]
         tail = ids[images[-1] + 1:] if images else ids
+        if stop is not None and stop in tail:
+            tail = tail[:tail.index(stop)]
         texts.append(instruction_from_prompt(tokenizer.decode(tail, skip_special_tokens=True)))
     return texts
 

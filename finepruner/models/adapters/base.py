@@ -122,6 +122,9 @@ class ModelAdapter:
     default_image_aspect_ratio: ClassVar[str] = "original"
     #: the evaluation prompt protocol of :meth:`build_prompt` (recorded in eval runs' config.json).
     conversation: ClassVar[str] = "chat_template"
+    #: the token that ends the user turn in the family's chat template, where the instruction text (CDPruner's
+    #: relevance) stops; None: the whole prompt tail after the last image token (cut at ``ASSISTANT:``).
+    instruction_stop: ClassVar[str | None] = None
 
     #: rows of the language model's position ids: 1 (plain RoPE) or 3 (mRoPE: temporal, height, width).
     position_rows: ClassVar[int] = 1

@@ -54,6 +54,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     encoder_kwargs: ClassVar[tuple[str, ...]] = ("image_grid_thw",)
     #: whether the vision tower permutes its tokens into attention windows (Qwen2.5-VL).
     windowed: ClassVar[bool] = True
+    instruction_stop: ClassVar[str | None] = "<|im_end|>"
 
     # -- parts ----------------------------------------------------------------------------------------
     @property
