@@ -199,3 +199,18 @@ def test_fastv_with_q_k_norm_keeps_the_top_tokens_by_eager_attention():
         with finepruner.apply(model, "fastv", tokens=4, K=2) as handle, torch.no_grad():
             model(**inputs)
         assert handle.kept[0][0].tolist() == torch.cat(expected).tolist()
+
+
+def test_beam_search_and_several_sequences_equal_transformers():
+    """generate repeats positions (dim 1 of the 3-D tensor), encoder outputs and deepstack levels for beams;
+    keep-all through two stages changes nothing and a pre-LLM method keeps the same tokens in every copy."""
+    model, processor = tiny()
+    inputs = inputs_for(processor, [0, 1])
+    options = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 3}
+    reference = generate(model, inputs, **options)
+    with finepruner.apply(model, KeepAll((0, 2))):
+        assert_same(generate(model, inputs, **options), reference)
+    with finepruner.apply(model, "vispruner", tokens=4) as handle:
+        generate(model, inputs, **options)
+    kept = handle.kept[0]
+    assert torch.equal(kept[0], kept[1]) and torch.equal(kept[2], kept[3]) and kept.shape == (4, 4)
