@@ -7,7 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.finepruner-installed
 # lmms-eval for the plugin and its tests (tests/test_lmms_*.py): the release the plugin is written for, without
 # its dependencies (its torchvision does not import beside the CPU torch), then what its command line imports
-# (constraints/lmms-cpu.txt), with the torch already in $(VENV) pinned.
+# (constraints/lmms-cpu.txt), with the torch already in $(VENV) pinned. pip then reports lmms-eval's other
+# requirements (torchvision, wandb, ...) as not installed: expected, the plugin's tasks do not import them.
 LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.finepruner-lmms-installed
 
