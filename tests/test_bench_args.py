@@ -48,7 +48,8 @@ def _bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
     (tmp_path / "empty").mkdir()
     return [
         (["--model", "nope"], "--model 'nope' is neither a named shape (llava-1.5-7b, llava-1.5-13b, medium, "
-                              "llava-next-7b, next-medium, toy, tiny) nor an existing local checkpoint directory"),
+                              "llava-next-7b, next-medium, qwen2.5-vl-7b, qwen3-vl-8b, qwen-medium, toy, tiny) nor an "
+                              "existing local checkpoint directory"),
         (["--model", str(tmp_path / "a_file")], "is a file; pass the checkpoint's directory"),
         (["--model", str(tmp_path / "empty")], "has no config.json"),
         (["--methods", "nope"], "--methods 'nope': unknown method 'nope'; available: "),
