@@ -333,3 +333,16 @@ def test_rope_deltas_are_set_afresh_for_every_prefill():
                                                       if k in ("input_ids", "mm_token_type_ids", "image_grid_thw",
                                                                "attention_mask")})
     assert second.tolist() == [[int(reference.max()) + 1 - fam.inputs([1])["input_ids"].shape[1]]]
+
+
+def test_gapped_positions_without_mask_or_cache_are_not_read_as_packed_sequences():
+    """FastV keeps original (gapped) 3-D positions; a call without attention_mask and without cache must
+    equal the same call with an all-ones mask (transformers would treat the gaps as sequence boundaries if
+    the engine built masks from position ids, ``spec/models.md`` §7.1)."""
+    fam = family()
+    inputs = fam.inputs([0])
+    bare = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    with finepruner.apply(fam.model, "fastv", tokens=4, K=2), torch.no_grad():
+        without = fam.model(**bare, use_cache=False).logits[:, -1]
+        masked = fam.model(**inputs, use_cache=False).logits[:, -1]
+    assert (without - masked).abs().max().item() <= 1e-5
