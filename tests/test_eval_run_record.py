@@ -161,3 +161,19 @@ def test_eval_method_spec_and_processor_args_reach_the_loader(pope_root, tmp_pat
     assert main([*base, "--out", str(tmp_path / "d"), "--processor-arg", "min_pixels"]) == 2
     assert "--processor-arg expects key=value, got 'min_pixels'" in capsys.readouterr().err
     assert len(calls) == 2
+
+
+def test_sweep_passes_processor_kwargs_to_the_loader(pope_root, tmp_path, monkeypatch):
+    calls: list[dict] = []
+
+    def record(path, *args, **kwargs):
+        calls.append(kwargs)
+        raise ValueError("stop after recording the call")
+
+    monkeypatch.setattr(loading, "load_model", record)
+    sweep = parse_sweep({"name": "qwen", "benchmarks": ["pope"], "grid": [{"method": "vanilla"}],
+                         "settings": {"processor_kwargs": {"min_pixels": 3136}}})
+    opts = SweepOptions(data_root=str(pope_root), runs_dir=str(tmp_path / "runs"), model="toy", progress=False)
+    with pytest.raises(ValueError, match="stop after recording"):
+        run_sweep(sweep, opts)
+    assert calls == [{"dtype": None, "device": calls[0]["device"], "processor_kwargs": {"min_pixels": 3136}}]

@@ -125,3 +125,13 @@ def test_shipped_configs():
     assert all(c.params["definitions"] == "original" for c in orig if c.strategy not in ("all", "random"))
     shared = {c.run_id for c in orig} & {c.run_id for c in ha.cells("m")}
     assert len(shared) == (3 + 27) * 4  # the controls do not depend on the definitions
+
+
+def test_processor_kwargs_setting_is_checked_and_part_of_the_identity():
+    with pytest.raises(SweepConfigError, match="settings.processor_kwargs: expected"):
+        parse_sweep(_sweep(settings={"processor_kwargs": [1, 2]}))
+    plain = parse_sweep(_sweep()).cells("m")[0]
+    small = parse_sweep(_sweep(settings={"processor_kwargs": {"min_pixels": 3136}})).cells("m")[0]
+    large = parse_sweep(_sweep(settings={"processor_kwargs": {"min_pixels": 12544}})).cells("m")[0]
+    assert len({plain.run_id, small.run_id, large.run_id}) == 3
+    assert parse_sweep(_sweep(settings={"processor_kwargs": None})).cells("m")[0].run_id == plain.run_id

@@ -8,7 +8,7 @@ Schema::
     benchmarks: [pope, mme]        # default benchmarks of every block (name or name:split)
     defaults: {K: 2, budget: average}   # fixed parameters, given to every cell whose method accepts them
     settings: {batch_size: 8}      # eval settings: batch_size, limit, max_new_tokens, image_aspect_ratio,
-                                   # dtype, files ({bench: {key: path}})
+                                   # dtype, files ({bench: {key: path}}), processor_kwargs ({name: value})
     grid:                          # the union of these blocks; each block is a product
       - method: vanilla
       - method: [fastv, pdrop]     # a list is an axis; a scalar is a fixed value
@@ -47,10 +47,10 @@ if TYPE_CHECKING:
 
 BLOCK_KEYS = ("method", "params", "benchmarks")
 TOP_KEYS = ("name", "description", "benchmarks", "defaults", "settings", "grid", "variants")
-SETTING_KEYS = ("batch_size", "limit", "max_new_tokens", "image_aspect_ratio", "dtype", "files")
+SETTING_KEYS = ("batch_size", "limit", "max_new_tokens", "image_aspect_ratio", "dtype", "files", "processor_kwargs")
 #: Settings that change answers: part of a cell's identity (batch size and dtype are recorded, not keyed,
 #: except dtype, which changes fp16/fp32 numerics).
-IDENTITY_SETTINGS = ("limit", "max_new_tokens", "image_aspect_ratio", "dtype", "files")
+IDENTITY_SETTINGS = ("limit", "max_new_tokens", "image_aspect_ratio", "dtype", "files", "processor_kwargs")
 #: Parameters that locate files with the same content on different machines: not part of a cell's identity.
 LOCATION_PARAMS = ("clip_model",)
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -402,6 +402,10 @@ def _check_settings(settings: Mapping[str, Any], where: str) -> None:
     if files is not None and not (isinstance(files, Mapping) and all(
             isinstance(v, Mapping) and all(isinstance(p, str) for p in v.values()) for v in files.values())):
         raise SweepConfigError(f"{where}: settings.files: expected {{benchmark: {{key: path}}}}, got {files!r}")
+    kwargs = settings.get("processor_kwargs")
+    if kwargs is not None and not (isinstance(kwargs, Mapping) and all(isinstance(k, str) for k in kwargs)):
+        raise SweepConfigError(f"{where}: settings.processor_kwargs: expected {{name: value}} (keyword arguments "
+                               f"of the model's processor, e.g. {{min_pixels: 200704}}), got {kwargs!r}")
 
 
 def check_dtype(dtype: Any, where: str) -> None:

@@ -184,8 +184,9 @@ def run_sweep(
                 if not opts.model:
                     raise ValueError("no model: pass --model PATH")
                 device = opts.device or init_distributed().default_device()
+                extra = cell.settings.get("processor_kwargs")
                 model, processor = load_model(opts.model, dtype=opts.dtype or cell.settings.get("dtype"),
-                                              device=device)
+                                              device=device, **({"processor_kwargs": dict(extra)} if extra else {}))
             run_dir = runs_dir / cell.relative_dir()
             s = cell.settings
             config = EvalConfig(
@@ -193,7 +194,8 @@ def run_sweep(
                 model_id=cell.model_id, method=cell.method, method_params=dict(cell.params),
                 batch_size=opts.batch_size or int(s.get("batch_size") or 1), limit=s.get("limit"),
                 max_new_tokens=s.get("max_new_tokens"), image_aspect_ratio=s.get("image_aspect_ratio"),
-                files=dict(s.get("files") or {}), dtype=s.get("dtype"), device=opts.device,
+                files=dict(s.get("files") or {}), processor_kwargs=dict(s.get("processor_kwargs") or {}),
+                dtype=s.get("dtype"), device=opts.device,
                 progress=opts.eval_progress,
             )
             try:
