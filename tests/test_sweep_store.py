@@ -107,3 +107,42 @@ def test_older_schema_is_migrated_or_refused(tmp_path, monkeypatch):
         assert st.schema_version == SCHEMA_VERSION + 1 and calls == [1]
         cols = [r[1] for r in st.conn.execute("PRAGMA table_info(runs)")]
         assert "notes" in cols
+
+
+def test_version_1_store_gains_the_results_column_and_old_runs_are_rescored(tmp_path):
+    """A store written before per-question results were kept: migrated in place; its runs have no stored
+    results, so the report scores their answers file again (``run_question_scores``)."""
+    import json
+
+    from eval_fixtures import make_pope
+
+    from finepruner.eval import benchmarks
+    from finepruner.sweep.scores import run_question_scores
+
+    root = tmp_path / "data"
+    make_pope(root)
+    samples = benchmarks.get("pope").load(root)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": s.question_id, "prompt": s.prompt,
+                                           "text": "Yes" if i % 2 else "No"}) + "\n" for i, s in enumerate(samples)))
+    path = tmp_path / "v1.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(store_mod._SCHEMA.replace(",\n    results BLOB", ""))
+    con.execute("PRAGMA user_version=1")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute("INSERT INTO runs(run_id, model_id, method, benchmark, params, settings, status, answers_path) "
+                "VALUES ('old', 'm', 'fastv', 'pope', '{}', '{}', 'complete', ?)", (str(answers),))
+    con.commit()
+    assert "results" not in [r[1] for r in con.execute("PRAGMA table_info(runs)")]
+    con.close()
+    with ResultsStore(path) as st:
+        assert st.schema_version == SCHEMA_VERSION == 2
+        assert "results" in [r[1] for r in st.conn.execute("PRAGMA table_info(runs)")]
+        record = st.get("old")
+        assert st.results_of("old") is None
+        units = run_question_scores(record, st, root)
+        assert len(units.keys) == len(samples)
+        st.complete("old", metrics={"headline": {"metric": "mean_f1", "value": 1.0}}, run_dir=tmp_path,
+                    answers_path=None, efficiency=None, timing=None, config=None, version="v",
+                    results={"benchmark": "pope", "values": []})
+        assert st.results_of("old") == {"benchmark": "pope", "values": []}
