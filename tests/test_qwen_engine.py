@@ -162,15 +162,17 @@ def _params(name: str, fam: QwenFamily) -> dict:
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "random", "finepruner"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "random", "finepruner", "divprune", "vispruner", "cdpruner",
+                                    "dart"])
 def test_keep_all_budgets_through_methods_equal_transformers(attn, method):
     """A method asked to keep every token of the smallest image takes its pruning path and changes nothing."""
     fam = family("qwen2_5_vl", attn)
     inputs = fam.inputs([1])  # 9 visual tokens
     reference = fam.generate(inputs)
-    params = {"pdrop": {"layers": [1, 2], "ratios": [1.0, 1.0]}}.get(method, {"tokens": 9})
+    params = {"pdrop": {"layers": [1, 2], "ratios": [1.0, 1.0]},
+              "dart": {"tokens": 9, "pivot_text_tokens": 2, "count_pivots_in_budget": True}}.get(method, {"tokens": 9})
     params = method_class(method).defaults_for(ModelShape(4, 4, 9), params)
-    with finepruner.apply(fam.model, method, **params) as handle:
+    with finepruner.apply(fam.model, method, processor=fam.processor, **params) as handle:
         assert_same(fam.generate(inputs), reference)
     assert handle.stats.sequence_length[-1] == inputs["input_ids"].shape[1]
 
