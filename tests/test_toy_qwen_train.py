@@ -125,3 +125,19 @@ def test_bad_options_are_named(tmp_path):
         parse_overrides(["lookup_at=name"], "qwen2_5_vl")  # a LLaVA-only option
     with pytest.raises(SystemExit, match="--family 'qwen'"):
         parse_overrides([], "qwen")
+
+
+def test_finalize_ships_the_qwen_files_and_checks_the_family(tmp_path):
+    from finepruner.toy.finalize import QWEN_SHIPPED, main, ship
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in QWEN_SHIPPED:
+        (run / name).write_text("{}" if name.endswith(".json") else "x")
+    (run / "toy_training.json").write_text(json.dumps({"family": "qwen2_5_vl", "config": {"out": str(run)}}))
+    ship(run, tmp_path / "dest", "qwen2_5_vl")
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == sorted(QWEN_SHIPPED)
+    assert str(run) not in (tmp_path / "dest" / "toy_training.json").read_text()  # machine paths scrubbed
+    with pytest.raises(SystemExit):  # a Qwen run shipped as the LLaVA toy
+        main([str(run), "--family", "llava", "--dest", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
