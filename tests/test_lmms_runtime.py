@@ -229,14 +229,16 @@ def test_text_only_and_mixed_batches_and_multi_image_refusal(data_root):
     assert pruned.handle is None
 
 
-def test_a_llava_next_checkpoint_answers_as_finepruner_eval_does(tmp_path):
-    """No family branches: a saved tiny LLaVA-NeXT (chat-template prompt, anyres images, per-image budget)
-    through ``pretrained=DIR`` gives ``finepruner eval``'s answers and figures on the same POPE questions."""
+@pytest.mark.parametrize("family, tokens", [("llava_next", 8), ("qwen2_5_vl", 3)])
+def test_other_family_checkpoints_answer_as_finepruner_eval_does(tmp_path, family, tokens):
+    """No family branches: a saved tiny LLaVA-NeXT (chat-template prompt, anyres images, per-image budget) or
+    Qwen2.5-VL (its own processor and 3-D positions) through ``pretrained=DIR`` gives ``finepruner eval``'s
+    answers and figures on the same POPE questions."""
     from eval_fixtures import make_pope
 
-    from finepruner.models.tiny_families import build_tiny_llava_next
+    from finepruner.models import tiny_families
 
-    model, processor = build_tiny_llava_next(seed=0)
+    model, processor = getattr(tiny_families, f"build_tiny_{family}")(seed=0)
     checkpoint = tmp_path / "next"
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
@@ -244,13 +246,13 @@ def test_a_llava_next_checkpoint_answers_as_finepruner_eval_does(tmp_path):
     make_pope(root)
     run = tmp_path / "run"
     assert main(["eval", "--model", str(checkpoint), "--data-root", str(root), "--bench", "pope", "--method",
-                 "fastv:tokens=8", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(run),
+                 f"fastv:tokens={tokens}", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(run),
                  "--no-progress"]) == 0
     reference = [json.loads(x) for x in (run / "pope" / "answers.jsonl").read_text().splitlines()]
-    pruned = PrunedModel(ModelArgs.from_kwargs({"pretrained": str(checkpoint), "method": "fastv", "tokens": 8,
+    pruned = PrunedModel(ModelArgs.from_kwargs({"pretrained": str(checkpoint), "method": "fastv", "tokens": tokens,
                                                 "batch_size": 2}))
     try:
-        assert pruned.family.family_name() == "llava_next" and pruned.generator.image_aspect_ratio == "original"
+        assert pruned.family.family_name() == family and pruned.generator.image_aspect_ratio == "original"
         requests = [Request(d["question"] + SUFFIX, [Image.open(d["image"])], 3, group=split,
                             key={"task": split, "doc_id": i})
                     for split in ("adversarial", "random", "popular")
@@ -261,4 +263,4 @@ def test_a_llava_next_checkpoint_answers_as_finepruner_eval_does(tmp_path):
     assert answers == [a["text"] for a in reference]
     assert [{k: v for k, v in s["prune"].items() if "seconds" not in k} for s in pruned.samples] == [
         {k: v for k, v in a["metadata"]["prune"].items() if "seconds" not in k} for a in reference]
-    assert all(s["kept"] == [8] for s in pruned.samples)  # one image per sample: 8 per image
+    assert all(s["kept"] == [tokens] for s in pruned.samples)  # one image per sample
