@@ -43,6 +43,7 @@ def toy_checkpoint(toy: str) -> str:
 
     return str(qwen_checkpoint_dir())
 
+
 #: Budgets of the demo, of the toy model's 144 visual tokens (2.8-22%; LLaVA's 64 of 576 is 11%).
 DEMO_BUDGETS = (4, 8, 16, 32)
 #: Images per benchmark (per MME subtask) of the demo's suite, the fixed small suite of the tests: at the
@@ -52,6 +53,15 @@ DEMO_N = DEFAULT_N
 RESAMPLES = 2000
 #: Baselines (random selection, plain pooling): the spread is also given without them.
 CONTROLS = ("random", "pool")
+
+#: What each toy runs when ``--methods`` / ``--budgets`` are not given: every method at ``DEMO_BUDGETS`` on
+#: the toy LLaVA; on the toy Qwen2.5-VL (several times slower per configuration on CPU: 576 patches per
+#: image through its tower, against 144 through the LLaVA's) the random control and two methods at 16
+#: tokens (``docs/toy.md``).
+TOY_DEFAULTS: dict[str, tuple[tuple[str, ...] | None, tuple[int, ...]]] = {
+    "llava": (None, DEMO_BUDGETS),
+    "qwen2_5_vl": (("random", "fastv", "divprune"), (16,)),
+}
 
 
 def chance_percent(chance: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -211,9 +221,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     start = time.time()
-    methods = args.methods or finepruner.methods.available()
-    methods = ["vanilla", *[m for m in methods if m != "vanilla"]]
     toys = list(dict.fromkeys(args.toys))
+    plans: dict[str, tuple[list[str], tuple[int, ...]]] = {}
+    for toy in toys:
+        default_methods, default_budgets = TOY_DEFAULTS[toy]
+        methods = args.methods or default_methods or finepruner.methods.available()
+        plans[toy] = (["vanilla", *[m for m in methods if m != "vanilla"]],
+                      tuple(args.budgets) if args.budgets else default_budgets)
     rows: list[dict[str, Any]] = []
     num_visual: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="finepruner-demo-") as tmp:  # the suite lives for the run only
@@ -223,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint = toy_checkpoint(toy)
             model, processor = finepruner.load_model(checkpoint)
             num_visual[toy] = suite_visual_tokens(model, processor, root)
-            for row in run_grid(model, processor, root, methods, tuple(args.budgets), checkpoint=checkpoint,
+            for row in run_grid(model, processor, root, plans[toy][0], plans[toy][1], checkpoint=checkpoint,
                                 progress=True):
                 rows.append({"toy": toy, **row})
     chance = chance_percent(suite_meta["chance"])
@@ -237,11 +251,11 @@ def run(args: argparse.Namespace) -> int:
           f"of the four, 95% interval from {args.resamples} bootstrap resamples; GFLOPs = analytic "
           "language-model prefill per sample")
     print_table(rows, chance)
-    lowest = min(args.budgets)
     spreads: dict[str, list[dict[str, Any] | None]] = {}
     print()
     for toy in toys:
         boot, ran = boots[toy]
+        lowest = min(plans[toy][1])
         spreads[toy] = [spread_at(lowest, boot, ran), spread_at(lowest, boot, ran, exclude=CONTROLS)]
         print_spread(spreads[toy][0], f"{TOYS[toy][1]}, all methods")
         if spreads[toy][1] is not None and spreads[toy][1] != spreads[toy][0]:
@@ -253,7 +267,9 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         first = toys[0]
         Path(args.json).write_text(json.dumps({
-            "n": args.n, "seed": args.seed, "budgets": list(args.budgets), "resamples": args.resamples,
+            "n": args.n, "seed": args.seed, "budgets": list(plans[toys[0]][1]),
+            "plans": {t: {"methods": plans[t][0], "budgets": list(plans[t][1])} for t in toys},
+            "resamples": args.resamples,
             "bootstrap_seed": args.bootstrap_seed, "toys": toys, "visual_tokens": num_visual,
             "rows": [json_row(r) for r in rows],
             "spread_at_lowest_budget": spreads[first][0], "spread_without_baselines": spreads[first][1],
@@ -279,9 +295,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="every method at four low budgets on the embedded toy models")
     parser.add_argument("--toys", nargs="+", choices=sorted(TOYS), default=list(TOYS),
                         help="which shipped toys to run (default: both, one table and one figure)")
-    parser.add_argument("--methods", nargs="*", help="methods to run (default: every registered method)")
-    parser.add_argument("--budgets", nargs="+", type=_positive, default=list(DEMO_BUDGETS),
-                        help=f"visual-token budgets, as each method defines them (default {list(DEMO_BUDGETS)})")
+    parser.add_argument("--methods", nargs="*", help="methods to run (default: every registered method on the "
+                                                     "toy LLaVA; random, fastv and divprune on the toy Qwen2.5-VL)")
+    parser.add_argument("--budgets", nargs="+", type=_positive, default=None,
+                        help=f"visual-token budgets, as each method defines them (default {list(DEMO_BUDGETS)} on "
+                             "the toy LLaVA, 16 on the toy Qwen2.5-VL)")
     parser.add_argument("--n", type=_positive, default=DEMO_N,
                         help=f"toy suite images per benchmark (default {DEMO_N})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="toy suite seed")

@@ -104,3 +104,20 @@ def test_bad_arguments_are_errors_before_the_model_loads(tmp_path, capsys, no_mo
     assert "is a folder; give a file name" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "is a folder; give a PNG file name" in capsys.readouterr().err
+
+
+def test_demo_shows_both_toys_in_one_table_and_one_figure(tmp_path, capsys):
+    out, report = tmp_path / "demo.png", tmp_path / "demo.json"
+    assert main(["demo", "--methods", "random", "--budgets", "16", "--n", "1", "--resamples", "50",
+                 "--out", str(out), "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "toy LLaVA (144 visual tokens) and toy Qwen2.5-VL (144 visual tokens)" in printed
+    rows = [line.split()[:3] for line in printed.splitlines() if line.startswith(("llava ", "qwen2.5 "))]
+    assert rows == [["llava", "vanilla", "-"], ["llava", "random", "16"], ["qwen2.5", "vanilla", "-"],
+                    ["qwen2.5", "random", "16"]]
+    data = json.loads(report.read_text())
+    assert data["toys"] == ["llava", "qwen2_5_vl"] and data["visual_tokens"] == {"llava": 144, "qwen2_5_vl": 144}
+    qwen = [r for r in data["rows"] if r["toy"] == "qwen2_5_vl"]
+    assert qwen[1]["average_visual_tokens"] == 16.0 and qwen[0]["prefill_gflops"] > qwen[1]["prefill_gflops"]
+    with Image.open(out) as image:  # one figure, a panel per toy side by side
+        assert image.size[0] > 2 * image.size[1]
