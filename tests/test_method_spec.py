@@ -77,3 +77,18 @@ def test_strategy_registry_refuses_duplicate_names():
     with pytest.raises(ValueError, match=f"strategy name {first.name!r} is used twice"):
         registry._unique((first, first))
     assert list(registry._unique(tuple(registry.REGISTRY.values()))) == list(registry.REGISTRY)
+
+
+def test_a_parameter_given_twice_with_different_values_is_refused():
+    from finepruner.eval.cli import method_and_params
+    from finepruner.eval.errors import EvalError
+    from finepruner.methods.spec import parse_method_spec, parse_params
+
+    assert parse_params(["tokens=8", "tokens=8"]) == {"tokens": 8}
+    with pytest.raises(ValueError, match=r"--param: tokens is given twice \(8 and 16\)"):
+        parse_params(["tokens=8", "tokens=16"])
+    with pytest.raises(ValueError, match="tokens is given twice"):
+        parse_method_spec("fastv:tokens=8,tokens=9")
+    with pytest.raises(EvalError, match="--tokens 8 and --param tokens=16"):
+        method_and_params("fastv", ["tokens=16"], tokens=8)
+    assert method_and_params("fastv", ["tokens=8"], tokens=8) == ("fastv", {"tokens": 8})

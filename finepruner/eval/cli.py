@@ -20,10 +20,11 @@ def method_and_params(
 
     name, params = (None, {}) if method is None else parse_method_spec(method)
     extra = parse_params(param_items, "--param")
-    if tokens is not None:
-        extra["tokens"] = tokens
-    if K is not None:
-        extra["K"] = K
+    for flag, key, value in (("--tokens", "tokens", tokens), ("--K", "K", K)):
+        if value is not None:
+            if key in extra and extra[key] != value:
+                raise EvalError(f"{flag} {value} and --param {key}={extra[key]!r} set {key} differently")
+            extra[key] = value
     clash = sorted(k for k in extra if k in params and params[k] != extra[k])
     if clash:
         raise EvalError(f"--method {method} sets {', '.join(clash)}, which --param/--tokens/--K set differently")

@@ -46,14 +46,23 @@ def _item(item: str) -> tuple[str, Any] | None:
 
 def parse_params(items: list[str] | None, flag: str = "--param") -> dict[str, Any]:
     """Repeated ``KEY=VALUE`` options (``--param heads=16 --param layers=[1,2]``) -> ``{key: value}``;
-    raises ``ValueError`` naming ``flag`` for an item without ``=`` or without a key."""
+    raises ``ValueError`` naming ``flag`` for an item without ``=`` or without a key, and for a key given
+    twice with different values."""
     out: dict[str, Any] = {}
     for item in items or []:
         parsed = _item(item)
         if parsed is None:
             raise ValueError(f"{flag} expects key=value, got {item!r}")
-        out[parsed[0]] = parsed[1]
+        _put(out, parsed, flag)
     return out
+
+
+def _put(out: dict[str, Any], parsed: tuple[str, Any], where: str) -> None:
+    """``out[key] = value``, refusing a key already set to another value (``where`` names the input)."""
+    key, value = parsed
+    if key in out and out[key] != value:
+        raise ValueError(f"{where}: {key} is given twice ({out[key]!r} and {value!r})")
+    out[key] = value
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -70,5 +79,5 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         parsed = _item(item)
         if parsed is None:
             raise ValueError(f"method spec {spec!r}: expected key=value, got {item!r}")
-        params[parsed[0]] = parsed[1]
+        _put(params, parsed, f"method spec {spec!r}")
     return name, params
