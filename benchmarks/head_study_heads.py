@@ -74,8 +74,10 @@ def head_summary(heads: list[list[int]], num_heads: int) -> dict[str, Any]:
 
 
 def part_heads(args, model, processor) -> dict[str, Any]:
+    """Rows of head choices; ``--out`` is rewritten after every row, so an interrupted run keeps them."""
     num_heads = int(model.config.text_config.num_attention_heads)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    result = {"planted": list(PLANTED), "chance_planted_share": len(PLANTED) / num_heads, "rows": rows}
     t0 = time.time()
     for definitions in ("renormalised", "original"):
         for strategy in STRATEGIES:
@@ -85,10 +87,11 @@ def part_heads(args, model, processor) -> dict[str, Any]:
                               "definitions": definitions}
                     summary = head_summary(chosen_heads(model, processor, Path(args.suite), params), num_heads)
                     rows.append({**params, **summary})
+                    Path(args.out).write_text(json.dumps(result, indent=1))
                     print(f"{definitions:12s} {strategy:18s} H={heads} t={tokens:2d}: planted share "
                           f"{summary['planted_share']:.2f}, all planted {summary['all_planted']:.2f}, "
                           f"mean heads {summary['mean_heads']:.2f}  ({time.time() - t0:.0f} s)", flush=True)
-    return {"planted": list(PLANTED), "chance_planted_share": len(PLANTED) / num_heads, "rows": rows}
+    return result
 
 
 def part_query(args, model, processor) -> dict[str, Any]:

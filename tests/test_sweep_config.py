@@ -135,3 +135,21 @@ def test_processor_kwargs_setting_is_checked_and_part_of_the_identity():
     large = parse_sweep(_sweep(settings={"processor_kwargs": {"min_pixels": 12544}})).cells("m")[0]
     assert len({plain.run_id, small.run_id, large.run_id}) == 3
     assert parse_sweep(_sweep(settings={"processor_kwargs": None})).cells("m")[0].run_id == plain.run_id
+
+
+def test_calibrated_heads_share_one_run_across_definitions(tmp_path):
+    """``heads_from`` makes the strategy ``calibrated``, a control without head statistics: a definitions
+    variant neither passes ``definitions`` to it (the strategy would refuse the option) nor makes it a new run."""
+    import json
+
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"format": "finepruner-heads", "format_version": 1, "num_layers": 4,
+                                 "num_heads": 4, "num_visual": 64, "layer": 1, "strategy": "sum", "options": {},
+                                 "best": "largest", "n_samples": 1, "scores": [4, 3, 2, 1],
+                                 "scores_std": [0, 0, 0, 0], "ranked_heads": [0, 1, 2, 3]}))
+    data = {"name": "c", "benchmarks": ["pope"],
+            "grid": [{"method": "finepruner", "tokens": 16, "heads": 2, "heads_from": str(heads)}],
+            "variants": {"original": {"definitions": "original"}}}
+    (base,) = parse_sweep(data).cells("m")
+    (variant,) = parse_sweep(data, variant="original").cells("m")
+    assert "definitions" not in variant.params and variant.run_id == base.run_id

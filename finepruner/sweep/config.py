@@ -223,16 +223,18 @@ AXIS_PARAMS = ("tokens", "heads", "strategy")
 
 def canonical_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     """Drop parameters that cannot change the result, so equal runs get one ``run_id``: ``heads`` (and
-    ``seed``) under ``strategy: all``, ``seed`` for strategies other than ``random``, and values equal
-    to the method's defaults (except ``tokens``, ``heads`` and ``strategy``)."""
+    ``seed``) under ``strategy: all``, ``seed`` for strategies other than ``random``, ``definitions`` for
+    the controls (``all``, ``random``, ``calibrated``, which ``heads_from`` implies), and values equal to
+    the method's defaults (except ``tokens``, ``heads`` and ``strategy``)."""
     from finepruner import methods
 
     defaults = methods.parameters(method)
     out = {k: v for k, v in params.items()
            if k in AXIS_PARAMS or not (k in defaults and defaults[k] == v and v is not None)}
     out = {k: v for k, v in out.items() if v is not None}
-    strategy = out.get("strategy", defaults.get("strategy"))
-    if "strategy" in defaults and "heads_from" not in out:
+    # heads_from= makes the strategy ``calibrated`` (a control), whatever ``strategy`` says
+    strategy = "calibrated" if "heads_from" in out else out.get("strategy", defaults.get("strategy"))
+    if "strategy" in defaults:
         from finepruner import heads as head_lib
 
         try:
