@@ -77,12 +77,14 @@ class Handle:
         if self._tokenizer is None:
             self._tokenizer = method.bound_tokenizer()
         # validate the parameters against the model now, before any expensive work (families whose images
-        # have variable counts: against the largest image; each image's own count is checked at its prefill)
+        # have variable counts: against the largest image the processor allows, ``budget_bound``; each
+        # image's own count is checked at its prefill)
         self._check_vision_signals()
         #: whether kept tokens are renumbered (the method's ``positions`` as the family defines it)
         self.renumber = self.adapter.renumbers(method)
-        self.plan(self.adapter.max_visual_tokens)
-        method.check_model(self.adapter.num_heads, self.adapter.num_layers, self.adapter.max_visual_tokens)
+        bound = self.adapter.budget_bound(processor)
+        self.plan(bound)
+        method.check_model(self.adapter.num_heads, self.adapter.num_layers, bound)
         method.bind_model(model)
         self._plans.clear()  # a bound method may plan differently (e.g. per crop on LLaVA-NeXT)
 

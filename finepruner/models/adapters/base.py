@@ -244,6 +244,19 @@ class ModelAdapter:
     def max_visual_tokens(self) -> int:
         return self.max_tokens(self.config)
 
+    def budget_bound(self, processor: Any = None) -> int:
+        """The largest image's visual tokens that budgets are validated against before a prefill: the
+        configuration's bound (:meth:`max_tokens`), tightened by ``processor``'s own limits where the family
+        has them (:meth:`processor_max_tokens`). Each image's own count is still checked at its prefill."""
+        bound = self.max_visual_tokens
+        limit = self.processor_max_tokens(processor) if processor is not None else None
+        return bound if limit is None else max(1, min(bound, limit))
+
+    def processor_max_tokens(self, processor: Any) -> int | None:
+        """One image's largest visual-token count under ``processor``'s settings, or None where the
+        configuration alone fixes it (the LLaVA families)."""
+        return None
+
     def image_mask(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
     ) -> torch.Tensor | None:

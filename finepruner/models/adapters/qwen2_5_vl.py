@@ -83,6 +83,17 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def merge_size(cls, config) -> int:
         return int(config.vision_config.spatial_merge_size)
 
+    def processor_max_tokens(self, processor: Any) -> int | None:
+        """``max_pixels / (patch_size * merge_size)^2`` of the processor's image processor (its
+        ``size["longest_edge"]``), e.g. 144 for the toy Qwen's 336 x 336 limit; None when it has none."""
+        images = getattr(processor, "image_processor", None)
+        size = getattr(images, "size", None)
+        max_pixels = size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)
+        patch, merge = getattr(images, "patch_size", None), getattr(images, "merge_size", None)
+        if not (max_pixels and patch and merge):
+            return None
+        return int(max_pixels) // (int(patch) * int(merge)) ** 2
+
     # -- positions ------------------------------------------------------------------------------------
     def lm_positions(self, position_ids: torch.Tensor | None, batch: int, length: int, past: int,
                      device: torch.device) -> torch.Tensor:
