@@ -32,3 +32,19 @@ def test_a_layer_average_budget_is_checked_against_the_processor_bound(qwen):
         finepruner.apply(model, "pdrop", tokens=tokens)
     with finepruner.apply(model, "pdrop", tokens=tokens, processor=processor) as handle:
         assert handle.method.tokens == tokens
+
+
+def test_pool_before_the_projector_is_refused_at_apply_and_after_it_runs(qwen):
+    import torch
+
+    model, processor = qwen
+    with pytest.raises(ValueError, match="where='post_projector'"):
+        finepruner.apply(model, "pool", tokens=4)
+    from finepruner.models.tiny_families import qwen_inputs, tiny_image
+
+    content = [{"type": "image"}, {"type": "text", "text": "what color is the circle ?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = qwen_inputs(processor, [prompt], [[tiny_image(84, 84, 2)]])  # a 3 x 3 merged grid
+    with finepruner.apply(model, "pool", tokens=4, where="post_projector") as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert handle.stats.visual_tokens[-1] == 4  # 9 merged tokens pooled into a 2 x 2 grid

@@ -150,6 +150,16 @@ class Pool(PruningMethod):
         h, w = self.grid(num_visual)
         return [Stage(layer=0, keep=0, insert=h * w)]
 
+    def bind_model(self, model: torch.nn.Module) -> None:
+        """Refuse ``where="pre_projector"`` on a family whose projector cannot take pooled features."""
+        from finepruner.models.adapters import adapter_for
+
+        adapter = adapter_for(model)
+        if self.where == "pre_projector" and not adapter.projects_new_tokens:
+            raise ValueError(f"{self.name}: where='pre_projector' projects pooled vision features, which "
+                             f"{adapter.family}'s projector cannot (its merger folds 2 x 2 patches into one token); "
+                             "use where='post_projector' (pools the merged tokens)")
+
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
         ids = ctx.visual_ids
         batch, num_visual = ids.shape

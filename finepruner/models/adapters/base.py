@@ -325,6 +325,12 @@ class ModelAdapter:
         return ""
 
     @property
+    def projects_new_tokens(self) -> bool:
+        """Whether the projector can map new (e.g. pooled) vision features into the language model's space
+        (LLaVA's MLP projector can; Qwen's merger folds 2 x 2 patches and cannot)."""
+        return True
+
+    @property
     def signals_per_image(self) -> bool:
         """Whether the vision capture gives its signals per encoded image (``take_images``): families that
         pack crops, and towers that encode every image at its own resolution (Qwen)."""

@@ -161,6 +161,10 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
         return QWEN_SIGNALS
 
+    @property
+    def projects_new_tokens(self) -> bool:
+        return False
+
     def vision_unsupported_reason(self) -> str:
         return ("the Qwen vision tower has no [CLS] token: [CLS]-query signals (VisionZip's summed [CLS] row and "
                 "[CLS] vector, PruMerge's [CLS] row) have no defined value, and HiPrune's per-layer received "
