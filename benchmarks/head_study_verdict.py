@@ -54,14 +54,16 @@ def label_of(params: dict[str, Any]) -> str:
 
 def load_configs(store_path: str, data_root: str, sweep: str,
                  benches: tuple[str, ...] = BENCHES) -> list[dict[str, Any]]:
-    """Configurations with every benchmark of ``benches`` complete: params, label and per-benchmark units."""
+    """Configurations of ``sweep`` and its ``original`` variant with every benchmark of ``benches``
+    complete: params, label and per-benchmark units."""
     from finepruner.sweep.scores import run_question_scores
     from finepruner.sweep.store import ResultsStore
 
     store = ResultsStore(store_path, create=False)
     grouped: dict[tuple, dict[str, Any]] = defaultdict(dict)
     params_of: dict[tuple, dict[str, Any]] = {}
-    for record in store.runs(sweep=sweep):
+    records = {r.run_id: r for name in (sweep, f"{sweep}@original") for r in store.runs(sweep=name)}
+    for record in records.values():
         params = {k: v for k, v in record.params.items()}
         key = config_key(params)
         params_of[key] = params
