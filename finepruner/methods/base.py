@@ -225,6 +225,25 @@ def require_default_features(method: str, model: nn.Module, why: str) -> None:
         raise ValueError(f"{method}: vision_feature_select_strategy={strategy!r}; {method} needs 'default' ({why})")
 
 
+def text_after_visual(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions [B, T], valid [B, T])`` in the prefill input of every real text token after the
+    selection's last visual token (the instruction and the template tail; padding and other images' visual
+    tokens are not valid, ``spec/models.md`` §5.2); rows with fewer such tokens are padded (valid False).
+    SparseVLM rates the visual tokens from them; ``finepruner``'s ``query="instruction"`` ranks from them."""
+    signals = ctx.signals
+    visual, length = signals.input_visual_index, signals.inputs_embeds.shape[1]
+    last = visual[:, -1:]
+    span = max(1, length - 1 - int(last.min()))
+    text = last + 1 + torch.arange(span, device=visual.device)[None]
+    valid = text < length
+    text = text.clamp(max=length - 1)
+    if signals.input_mask2d is not None:
+        valid &= signals.input_mask2d.gather(1, text).bool()
+    if signals.input_image_mask is not None:
+        valid &= ~signals.input_image_mask.gather(1, text)
+    return text, valid
+
+
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores per row, in ascending index order (original token order)."""
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from finepruner.methods.base import ModelShape, Positions, Stage, StageContext
+from finepruner.methods.base import ModelShape, Positions, Stage, StageContext, text_after_visual
 from finepruner.methods.fastv import Budget, FastV, ScoreImpl
 from finepruner.methods.head_guided import HeadGuidance
 
@@ -30,16 +30,7 @@ def instruction_attention(ctx: StageContext) -> torch.Tensor:
     from a real text token after the selection's last visual token (the instruction and the template
     tail, padding excluded), at the stage's score layer (``StageSignals.query_attention``)."""
     signals = ctx.signals
-    visual, length = signals.input_visual_index, signals.inputs_embeds.shape[1]
-    last = visual[:, -1:]
-    span = max(1, length - 1 - int(last.min()))
-    text = last + 1 + torch.arange(span, device=visual.device)[None]
-    valid = text < length
-    text = text.clamp(max=length - 1)
-    if signals.input_mask2d is not None:
-        valid &= signals.input_mask2d.gather(1, text).bool()
-    if signals.input_image_mask is not None:
-        valid &= ~signals.input_image_mask.gather(1, text)
+    text, valid = text_after_visual(ctx)
     query = signals.current_index(text).clamp(min=0)  # text tokens are never pruned
     rows = signals.query_attention(query)  # [B, H, Q, L]
     current = signals.visual_index

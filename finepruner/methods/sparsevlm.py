@@ -21,6 +21,7 @@ from finepruner.methods.base import (
     Stage,
     StageContext,
     check_layer,
+    text_after_visual,
     top_k_sorted,
 )
 from finepruner.methods.sparsevlm_recycling import cluster_and_merge, density_noise
@@ -237,16 +238,7 @@ class SparseVLM(PruningMethod):
         if "sparsevlm_raters" in signals.memo:
             return signals.memo["sparsevlm_raters"]
         embeds, visual = signals.inputs_embeds, signals.input_visual_index
-        length = embeds.shape[1]
-        last = visual[:, -1:]
-        span = max(1, length - 1 - int(last.min()))
-        text = last + 1 + torch.arange(span, device=embeds.device)[None]
-        valid = text < length
-        text = text.clamp(max=length - 1)
-        if signals.input_mask2d is not None:
-            valid &= signals.input_mask2d.gather(1, text).bool()
-        if signals.input_image_mask is not None:
-            valid &= ~signals.input_image_mask.gather(1, text)
+        text, valid = text_after_visual(ctx)
         width = embeds.shape[-1]
         vis = embeds.gather(1, visual[..., None].expand(-1, -1, width)).float()
         txt = embeds.gather(1, text[..., None].expand(-1, -1, width)).float()
