@@ -21,7 +21,6 @@ Recipe (``docs/toy.md``, "The toy Qwen2.5-VL"):
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -47,6 +46,7 @@ from finepruner.toy.train import (
     dense_targets,
     eval_set,
     lookup_loss,
+    lr_factor,
     naming_positions,
     relevant_patches,
     sample_turns,
@@ -300,10 +300,7 @@ def train(cfg: QwenTrainConfig, log=print) -> dict:
             emit(f"{per_step:.2f} s/step so far -> schedule of {total} steps")
         if total is not None and step >= total:
             break
-        budget = total if total is not None else max(1, int(cfg.minutes * 60))
-        warm = min(1.0, (step + 1) / cfg.warmup)
-        progress = min(1.0, step / budget)
-        factor = warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        factor = lr_factor(step, total, cfg.minutes, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = g["base"] * factor
         batch = make_batch(data_rng, parts, teacher_processor, cfg)

@@ -313,6 +313,21 @@ def lookup_loss(captured: dict, attention, batch: dict, image_token_id: int, n_h
     return -(target[:, None] * logits.log_softmax(-1)).sum(-1).mean()
 
 
+def schedule_progress(step: int, total: int | None, minutes: float) -> float:
+    """Fraction of the schedule done at ``step``: of ``total`` steps, or, while the schedule is not yet
+    sized to the measured speed, of ``minutes * 60`` steps."""
+    budget = total if total is not None else max(1, int(minutes * 60))
+    return min(1.0, step / budget)
+
+
+def lr_factor(step: int, total: int | None, minutes: float, warmup: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup`` steps, then cosine decay to 5%
+    over the schedule (:func:`schedule_progress`)."""
+    warm = min(1.0, (step + 1) / warmup)
+    progress = schedule_progress(step, total, minutes)
+    return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def save_checkpoint(model, processor, clip_text, out: Path, tag: dict) -> None:
     tmp = out.parent / (out.name + ".saving")
     if tmp.exists():
@@ -423,14 +438,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
             emit(f"{per_step:.2f} s/step so far -> schedule of {total} steps")
         if total is not None and step >= total:
             break
-        budget = total if total is not None else max(1, int(cfg.minutes * 60))
-        warm = min(1.0, (step + 1) / cfg.warmup)
-        progress = min(1.0, step / budget)
-        lr = cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = cfg.lr * lr_factor(step, total, cfg.minutes, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         # Curriculum: one object and no clutter at first, the full scenes from ``curriculum`` of the
         # schedule on (a model that must find 4 of 144 patches otherwise sits at the answer priors).
+        progress = schedule_progress(step, total, cfg.minutes)
         ramp = min(1.0, progress / cfg.curriculum) if cfg.curriculum > 0 and not cfg.init else 1.0
         batch = make_batch(data_rng, processor, cfg, image_token_id, 1 + int(4 * ramp), int(4 * ramp))
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
