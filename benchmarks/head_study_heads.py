@@ -13,7 +13,7 @@ Part of the toy head-selection study (docs/head_study.md). Two measurements:
    and the recall of the named object's patches among the top-B tokens ranked by (a) every head, (b) the
    planted heads, (c) the other heads, from either query.
 
-    python benchmarks/head_study_heads.py --suite SUITE --part heads --out heads.json
+    python benchmarks/head_study_heads.py --suite SUITE --part heads --out heads.json [--resume]
     python benchmarks/head_study_heads.py --part query --n 200 --out query.json
 """
 
@@ -37,6 +37,8 @@ BUDGET_AWARE = ("dynamic", "consensus")
 STRATEGIES = ("sum", "variance", "entropy", "max_attention", "attention_range", "sparsity", "top_k_sum",
               "weighted_quality", "gini_coefficient", "multi_objective", "graph_based", "hierarchical",
               "dynamic", "consensus", "sparsevlm_priority")
+#: The parameters that identify a row of ``--part heads`` (``--resume`` skips rows already measured).
+ROW_KEY = ("definitions", "strategy", "heads", "tokens")
 
 
 def chosen_heads(model, processor, root: Path, params: dict[str, Any], batch_size: int = 32) -> list[list[int]]:
@@ -74,9 +76,13 @@ def head_summary(heads: list[list[int]], num_heads: int) -> dict[str, Any]:
 
 
 def part_heads(args, model, processor) -> dict[str, Any]:
-    """Rows of head choices; ``--out`` is rewritten after every row, so an interrupted run keeps them."""
+    """Rows of head choices; ``--out`` is rewritten after every row, so an interrupted run keeps them, and
+    ``--resume`` keeps the rows an earlier run wrote there and measures only the missing ones."""
     num_heads = int(model.config.text_config.num_attention_heads)
     rows: list[dict[str, Any]] = []
+    if args.resume and Path(args.out).exists():
+        rows = json.loads(Path(args.out).read_text())["rows"]
+    done = {tuple(row[k] for k in ROW_KEY) for row in rows}
     result = {"planted": list(PLANTED), "chance_planted_share": len(PLANTED) / num_heads, "rows": rows}
     t0 = time.time()
     for definitions in ("renormalised", "original"):
@@ -85,6 +91,8 @@ def part_heads(args, model, processor) -> dict[str, Any]:
                 for tokens in (BUDGETS if strategy in BUDGET_AWARE else (BUDGETS[0],)):
                     params = {"tokens": tokens, "heads": heads, "strategy": strategy, "K": 2,
                               "definitions": definitions}
+                    if tuple(params[k] for k in ROW_KEY) in done:
+                        continue
                     summary = head_summary(chosen_heads(model, processor, Path(args.suite), params), num_heads)
                     rows.append({**params, **summary})
                     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -151,6 +159,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="questions (--part query)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out (--part heads)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import finepruner
