@@ -25,7 +25,8 @@ both prompts, and reported as ratios of medians measured in the same run:
   patch grid or one image per sample (``pool``, ``hiprune``, ``prumerge``, ``prumerge_plus``,
   ``visionzip``) run on neither 2,880-token layout and are reported as such.
 * ``functions``: the pre-LLM selection functions alone on synthetic signals of the same shapes (VisPruner
-  ranking + de-duplication, CDPruner similarity + DPP, DivPrune; the text tower excluded), with the
+  ranking + de-duplication, CDPruner similarity + DPP, DivPrune, SparseVLM's recycling at its three
+  stages; the text tower and SparseVLM's rater attention excluded), with the
   feature widths of the bench model (``model``: CLIP 256, projected 1024, joint 256) and of LLaVA-1.5-7B
   (``llava7b``: 1024, 4096, 768; still divided by the ``medium`` prefill, so those ratios are upper
   bounds: a 7B prefill costs about 50 times more). ``--plain`` also times the plain implementations the
@@ -60,6 +61,8 @@ from finepruner.methods.cdpruner import (
     similarity_kernel,
 )
 from finepruner.methods.divprune import divprune_select, divprune_select_plain
+from finepruner.methods.sparsevlm import recycled_counts, sparsevlm_mapping, visual_counts
+from finepruner.methods.sparsevlm_recycling import cluster_and_merge, density_noise
 from finepruner.methods.vispruner import vispruner_select, vispruner_select_plain
 from finepruner.models.adapters import adapter_for
 
@@ -184,6 +187,7 @@ def function_tasks(model, args) -> tuple[dict[str, Callable[[], object]], dict[s
                     "cdpruner": lambda s=s, b=budget: dpp_select(
                         cosine_similarity(s["projected"]), relevance_scores(s["image_embeds"], s["text"]), b),
                     "divprune": lambda s=s, b=budget: divprune_select(s["projected"], b),
+                    "sparsevlm": lambda s=s, b=budget: recycling_calls(s["projected"], b, model),
                 }
                 if args.plain:
                     calls["vispruner (plain)"] = lambda s=s, b=budget: vispruner_select_plain(
@@ -196,6 +200,20 @@ def function_tasks(model, args) -> tuple[dict[str, Callable[[], object]], dict[s
                     tasks[label] = call
                     visual_of[label] = num_visual
     return tasks, visual_of
+
+
+def recycling_calls(hidden: torch.Tensor, budget: int, model) -> None:
+    """SparseVLM's token recycling at its three stages for ``budget`` (``sparsevlm_mapping`` on the bench
+    model): DPC-kNN clustering of the recycled tokens, taken from ``hidden`` [1, V, D] (synthetic hidden
+    states; the rater attention is excluded)."""
+    num_visual = hidden.shape[1]
+    mapping = sparsevlm_mapping(budget, adapter_for(model).num_layers, num_visual)
+    current = num_visual
+    for stage, (keep, _) in enumerate(visual_counts(mapping["keeps"], num_visual)):
+        candidates, clusters = recycled_counts(current - keep)
+        noise = density_noise(0, 0, stage, candidates)[None]
+        cluster_and_merge(hidden[:, :candidates], clusters, noise)
+        current = keep + clusters
 
 
 def timed(fn) -> float:

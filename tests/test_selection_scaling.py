@@ -1,11 +1,29 @@
 """The scalable pre-LLM selections keep exactly the sets of the straightforward loops they replaced.
 
-Each reference below is the implementation as it was before the speed-up (issue #13 item 5), copied
+Each reference below is the implementation as it was before the speed-ups (issue #13 item 5), copied
 unchanged: VisPruner's de-duplication gathering an |A| x |B| block per round, CDPruner's greedy DPP on the
 full kernel with a mask per step, DivPrune's greedy on the full distance matrix, SparseVLM's recycling on
-one ``cdist`` call. Inputs are random, of
-several sizes and budgets, batched, with tied attention, duplicated and discrete features (similarity
-ties) and exhausted DPP kernels, where a different operation order would change the picks.
+one sequential-sum ``cdist`` call. Inputs are random, of several sizes and budgets, batched, with tied
+attention, duplicated and discrete features (similarity ties) and exhausted DPP kernels, where a
+different operation order would change the picks.
+
+Two speed-ups change the rounding, not the mathematics, and are compared accordingly:
+
+* The similarity of DivPrune and CDPruner is ``divprune.symmetric_gram`` (each pair's dot product once,
+  by row panels, from 576 tokens on) instead of one matmul: the same dot products, rounded by the BLAS
+  in another blocking. The greedy loops themselves are compared with the references bit for bit on the
+  same similarity matrix (including exhausted kernels). Against the one-matmul references the kept sets
+  must be equal wherever the picks are decided by more than rounding: random, clustered, duplicated and
+  discrete features with kernels of full rank, and ``exact`` features (four entries of +-1/2: unit
+  norm, every dot product a multiple of 1/4, exact in any summation order), whose many exact ties are
+  then exact ties in both paths, so the first-index tie-breaking is checked too. An exhausted kernel's
+  later picks follow rounding-level gains (the official code divides by the square root of a
+  non-positive gain there); only their count and distinctness are checked against the one matmul.
+* SparseVLM's distances are ``torch.pdist`` (the official ``(x1 - x2).norm(-1)``: exact differences,
+  a vectorised sum of squares) instead of ``cdist``'s sequential sum: the same value of each pair up to
+  rounding, exactly symmetric, exactly 0 between duplicates. The clusterings are equal to the
+  reference's on all inputs here; the distances themselves are equal where the sums are exact
+  (discrete and ``exact`` features) and within a few ulps elsewhere.
 """
 
 from __future__ import annotations
@@ -123,7 +141,12 @@ def reference_cluster_and_merge(x, clusters, noise):
 
 def features_of(kind: str, batch: int, size: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """``random``; ``clusters`` (near-duplicates around a few centres); ``duplicates`` (exact copies);
-    ``discrete`` (small integers: many exactly equal similarities)."""
+    ``discrete`` (small integers: many exactly equal similarities); ``exact`` (unit vectors with four
+    entries +-1/2: every similarity a multiple of 1/4, computed exactly in any summation order)."""
+    if kind == "exact":
+        signs = torch.randint(0, 2, (batch, size, 4), generator=generator).float() - 0.5
+        places = torch.rand(batch, size, width, generator=generator).argsort(dim=-1)[..., :4]
+        return torch.zeros(batch, size, width).scatter_(2, places, signs)
     if kind == "random":
         return torch.randn(batch, size, width, generator=generator)
     if kind == "clusters":
@@ -140,6 +163,8 @@ def features_of(kind: str, batch: int, size: int, width: int, generator: torch.G
 
 
 KINDS = ("random", "clusters", "duplicates", "discrete")
+#: With ``exact``: the kinds compared across the one-matmul and the symmetric gram.
+GRAM_KINDS = (*KINDS, "exact")
 
 
 def attention_of(batch: int, size: int, generator: torch.Generator, tied: bool) -> torch.Tensor:
@@ -202,23 +227,48 @@ def test_vispruner_non_finite_features_follow_the_plain_rounds():
 
 @pytest.mark.parametrize(("size", "width", "tokens", "normalize"),
                          [(50, 64, 20, "sample"), (200, 16, 40, "batch"), (200, 8, 30, "sample"),
-                          (577, 96, 128, "batch")])
+                          (577, 96, 128, "batch"), (577, 160, 128, "sample"), (900, 256, 200, "batch")])
 def test_cdpruner_equals_full_kernel_loop(size, width, tokens, normalize):
-    """``width < tokens`` exhausts the kernel's rank: later picks follow rounding-level gains, so they
-    match only when every operation is the reference's."""
+    """On the same similarity matrix the greedy is the reference's, bit for bit: ``width < tokens``
+    exhausts the kernel's rank, and later picks follow rounding-level gains, so they match only when every
+    operation is the reference's. Against the one-matmul kernel (577 and 900 tokens: the symmetric gram's
+    panels) the kept sets are equal where the kernel has full rank, and the picks stay distinct where not."""
     generator = torch.Generator().manual_seed(size + width + tokens)
-    for kind in KINDS:
+    for kind in GRAM_KINDS:
         projected = features_of(kind, 2, size, width, generator)
         embeds = projected[..., :8] + 0.1 * torch.randn(2, size, 8, generator=generator)
         texts = [torch.randn(3, 8, generator=generator) for _ in range(2)]
         relevance = cdpruner.relevance_scores(embeds, texts, normalize)
-        kernel = reference_kernel(projected, relevance)
+        similarity = cdpruner.cosine_similarity(projected)
+        kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
         expected = reference_dpp(kernel, tokens)
-        kept = cdpruner.dpp_select(cdpruner.cosine_similarity(projected), relevance, tokens)
+        kept = cdpruner.dpp_select(similarity, relevance, tokens)
         assert torch.equal(kept, expected), kind
         assert torch.equal(cdpruner.dpp_greedy(cdpruner.similarity_kernel(projected, relevance), tokens), expected)
+        assert torch.equal(cdpruner.dpp_select(similarity[:1], relevance[:1], tokens), expected[:1]), kind  # one sample
         assert all(len(set(row)) == tokens for row in kept.tolist())
+        one_matmul = reference_dpp(reference_kernel(projected, relevance), tokens)
+        if tokens <= width and kind != "duplicates" or kind == "exact":
+            assert torch.equal(kept, one_matmul), kind
     assert torch.equal(cdpruner.dpp_greedy_plain(kernel, tokens), expected)
+
+
+def test_symmetric_gram_is_the_matmul_up_to_rounding():
+    """Exactly symmetric; bit for bit one matmul where every dot product is exact; duplicated rows give
+    equal rows; otherwise within float32 rounding of the matmul."""
+    generator = torch.Generator().manual_seed(7)
+    for kind in GRAM_KINDS:
+        x = features_of(kind, 2, 1000, 48, generator)
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        gram = divprune.symmetric_gram(x)
+        assert torch.equal(gram, gram.transpose(1, 2)), kind
+        torch.testing.assert_close(gram, x @ x.transpose(1, 2), rtol=0, atol=1e-5)
+        if kind == "exact":
+            assert torch.equal(gram, x @ x.transpose(1, 2))
+    x = features_of("duplicates", 1, 900, 64, generator)
+    gram = divprune.symmetric_gram(x)
+    first, second = [pair for pair in torch.nonzero(torch.cdist(x[0], x[0]) == 0).tolist() if pair[0] < pair[1]][0]
+    assert torch.equal(gram[0, first], gram[0, second])
 
 
 def test_cdpruner_keep_all_and_non_finite_kernels():
@@ -240,7 +290,7 @@ def test_cdpruner_keep_all_and_non_finite_kernels():
 @pytest.mark.parametrize(("size", "tokens"), [(1, 1), (2, 2), (40, 40), (200, 17), (577, 64), (577, 192), (1200, 300)])
 def test_divprune_equals_full_distance_loop(size, tokens):
     generator = torch.Generator().manual_seed(size + tokens)
-    for kind in KINDS:
+    for kind in GRAM_KINDS:
         features = features_of(kind, 2, size, 20, generator)
         features[:, ::11] = 0.0  # zero vectors: distance 1 to everything
         expected = reference_divprune(features, tokens)
@@ -259,15 +309,21 @@ def test_divprune_non_finite_features_follow_the_plain_loop():
 # -- SparseVLM's recycling ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "width"), [(40, 8), (300, 24), (700, 64)])
+@pytest.mark.parametrize(("size", "width"), [(40, 8), (300, 24), (700, 64), (766, 32)])
 def test_sparsevlm_recycling_equals_one_cdist_call(size, width):
     generator = torch.Generator().manual_seed(size)
-    for kind in KINDS:
+    for kind in GRAM_KINDS:
         x = features_of(kind, 2, size, width, generator) * 3.0
         noise = torch.rand(2, size, generator=generator)
         clusters = size // 10 + 1
         got = sparsevlm_recycling.cluster_and_merge(x, clusters, noise)
         expected = reference_cluster_and_merge(x, clusters, noise)
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), kind
-    assert torch.equal(sparsevlm_recycling.euclidean_distances(x),
-                       torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist"))
+        dist = sparsevlm_recycling.euclidean_distances(x)
+        sequential = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+        assert torch.equal(dist, dist.transpose(1, 2)) and not dist.diagonal(dim1=1, dim2=2).any()
+        if kind in ("discrete", "exact"):
+            assert torch.equal(dist, sequential), kind
+        torch.testing.assert_close(dist, sequential, rtol=1e-5, atol=0)
+        official = (x[:, :64, None] - x[:, None]).norm(dim=-1)  # the official formula, its first rows
+        torch.testing.assert_close(dist[:, :64], official, rtol=1e-6, atol=0)

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
+from finepruner.methods.divprune import symmetric_gram
 from finepruner.models.clip_text import ClipText, as_clip_text, load_clip_text
 from finepruner.models.instructions import (  # noqa: F401  (re-exported: the instruction text lived here)
     ANSWER_SUFFIXES,
@@ -56,7 +57,10 @@ def dpp_greedy(kernel: torch.Tensor, count: int) -> torch.Tensor:
         result still holds ``count`` distinct tokens.
     """
     gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
-    chosen = _greedy(gains, _row_reader(kernel), count)
+    if kernel.shape[0] == 1:
+        chosen = _greedy_single(gains[0], lambda j: kernel[0, j], count)
+    else:
+        chosen = _greedy(gains, _row_reader(kernel), count)
     return chosen if chosen is not None else dpp_greedy_plain(kernel, count)
 
 
@@ -67,12 +71,16 @@ def dpp_select(similarity: torch.Tensor, relevance: torch.Tensor, count: int) ->
     elementwise passes over the N x N matrix. Same picks as ``dpp_greedy(similarity_kernel(...))``."""
     diagonal = torch.diagonal(similarity, dim1=1, dim2=2)
     gains = relevance * diagonal * relevance
-    similarity_row = _row_reader(similarity)
+    if similarity.shape[0] == 1:
+        weights, matrix = relevance[0], similarity[0]
+        chosen = _greedy_single(gains[0], lambda j: weights[j] * matrix[j] * weights, count)
+    else:
+        similarity_row = _row_reader(similarity)
 
-    def kernel_row(j: torch.Tensor) -> torch.Tensor:
-        return relevance.gather(1, j[:, None]) * similarity_row(j) * relevance
+        def kernel_row(j: torch.Tensor) -> torch.Tensor:
+            return relevance.gather(1, j[:, None]) * similarity_row(j) * relevance
 
-    chosen = _greedy(gains, kernel_row, count)
+        chosen = _greedy(gains, kernel_row, count)
     if chosen is None:
         return dpp_greedy_plain(relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1), count)
     return chosen
@@ -119,6 +127,38 @@ def _greedy(gains: torch.Tensor, kernel_row, count: int) -> torch.Tensor | None:
     if not bool(torch.isfinite(vectors.sum())) and not bool(torch.isfinite(vectors).all()):
         return None  # a NaN update (the sum alone may also overflow on finite values)
     return chosen.sort(dim=-1).values
+
+
+def _greedy_single(gains: torch.Tensor, kernel_row, count: int) -> torch.Tensor | None:
+    """``_greedy`` for one sample (``gains`` [N], ``kernel_row(j)``: row ``j`` [N] for a Python int): the
+    pick is read back as an int, so that the kernel row, the pick's coefficients and its held gain are
+    views instead of gathers, and ``e`` is written straight into its row of the update vectors. The same
+    arithmetic on the same values (the same ``[1, 1, t] x [1, t, N]`` matmul, division, squares and
+    subtraction), hence the same picks; [1, count] sorted indices, or None as ``_greedy``."""
+    (size,) = gains.shape
+    if not bool(torch.isfinite(gains).all()):
+        return None
+    gains = gains.clone()
+    vectors = gains.new_empty(count, size)  # c_i of the Cholesky-style update, [T, N]
+    chosen: list[int] = []
+    tiny = torch.finfo(gains.dtype).tiny
+    for step in range(count):
+        gain, index = gains.max(dim=0)  # the first index of the largest gain, as ``argmax``
+        j = int(index)
+        chosen.append(j)
+        row = kernel_row(j)
+        if step:
+            coefficients = vectors[:step, j].contiguous().view(1, 1, step)
+            row = row - (coefficients @ vectors[:step].unsqueeze(0)).view(size)
+        e = vectors[step]
+        torch.div(row, gain.clamp_min(tiny).sqrt().view(1), out=e)
+        if not float(gain) > 0:
+            e.zero_()
+        gains.sub_(e.square())
+        gains[j] = -math.inf
+    if not bool(torch.isfinite(vectors.sum())) and not bool(torch.isfinite(vectors).all()):
+        return None  # a NaN update (the sum alone may also overflow on finite values)
+    return torch.tensor(sorted(chosen), dtype=torch.long, device=gains.device).view(1, count)
 
 
 def dpp_greedy_plain(kernel: torch.Tensor, count: int) -> torch.Tensor:
@@ -177,9 +217,10 @@ def relevance_scores(
 
 def cosine_similarity(projected: torch.Tensor) -> torch.Tensor:
     """S [B, V, V], the cosine similarity of the projected tokens [B, V, D]: normalised in the projector's
-    dtype, then float32 (as the official code)."""
+    dtype, then float32 (as the official code); the products by ``divprune.symmetric_gram`` (S is
+    symmetric: half the multiply-adds of one matmul, the same dot products up to the BLAS's rounding)."""
     normed = (projected / projected.norm(dim=-1, keepdim=True)).float()
-    return normed @ normed.transpose(1, 2)
+    return symmetric_gram(normed)
 
 
 def similarity_kernel(projected: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,33 @@ def unit_rows(features: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+#: Rows per panel of ``symmetric_gram``; below ``2 * GRAM_PANEL`` tokens the gram is one matmul.
+GRAM_PANEL = 288
+
+
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """``x @ xᵀ`` [B, V, V] of ``x`` [B, V, D] for about half its multiply-adds: the gram is symmetric, so
+    each panel of ``GRAM_PANEL`` rows is multiplied with itself and the later rows only, and mirrored.
+
+    The entries are the same dot products as one matmul, up to the BLAS's rounding (which also differs
+    between the official GPU code and any CPU); the result is exactly symmetric (each pair is computed
+    once), so exactly duplicated rows of ``x`` get exactly equal rows and columns whenever the BLAS
+    rounds a dot product the same wherever it sits in a panel (checked in ``test_selection_scaling``).
+    """
+    batch, size, _ = x.shape
+    if size < 2 * GRAM_PANEL:
+        return x @ x.transpose(1, 2)
+    gram = x.new_empty(batch, size, size)
+    for start in range(0, size, GRAM_PANEL):
+        stop = min(size, start + GRAM_PANEL)
+        panel = x[:, start:stop] @ x[:, start:].transpose(1, 2)  # [B, p, V - start]
+        square = panel[:, :, : stop - start]
+        square.copy_(square.triu() + square.triu(1).transpose(1, 2))  # the diagonal block from its upper half
+        gram[:, start:stop, start:] = panel
+        gram[:, stop:, start:stop] = panel[:, :, stop - start :].transpose(1, 2)
+    return gram
+
+
 def cosine_distances(features: torch.Tensor) -> torch.Tensor:
     """``1 - cos(x_i, x_j)`` [B, V, V] in float32 (spec §3.2 pitfall 3); a zero vector has distance 1 to
     every other token instead of NaN."""
@@ -47,21 +74,24 @@ def divprune_select(features: torch.Tensor, count: int) -> torch.Tensor:
     similarities). Ties go to the first index (``argmax``); chosen tokens are excluded explicitly, so exact
     duplicates never make a token be picked twice (pitfall 3).
 
-    Only the similarity matrix ``G = x xᵀ`` is materialised: rounding is monotone, so
+    Only the similarity matrix ``G = x xᵀ`` is materialised, by ``symmetric_gram`` (half the
+    multiply-adds of one matmul, exactly symmetric): rounding is monotone, so
     ``min_i (1 - G_ij) = 1 - max_i G_ij`` bit for bit and the nearest-neighbour distances come from one
-    column maximum of G; the rows of D the greedy reads are ``1 - G_s`` formed per pick. The values, and so
-    the picks and their ties, are those of ``divprune_select_plain`` (used for features with NaN or inf).
+    row maximum of G (= its column maximum); the rows of D the greedy reads are ``1 - G_s`` formed per
+    pick. On the same G these are the values, and so the picks and their ties, of
+    ``divprune_select_plain`` (used for features with NaN or inf), whose one matmul differs from
+    ``symmetric_gram`` only in the BLAS's rounding of the dot products.
     """
     x = unit_rows(features)
     if not bool(torch.isfinite(x.sum())):  # unit rows cannot overflow the sum: a NaN or inf is in x
         return divprune_select_plain(features, count)
     batch, size, _ = features.shape
-    similarity = x @ x.transpose(1, 2)  # G, the same product as ``cosine_distances``
+    similarity = symmetric_gram(x)  # G
     similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)  # D's masked diagonal: 1 - (-inf) = +inf
     flat = similarity.view(batch * size, size)  # row j of sample b: b * V + j
     offset = torch.arange(batch, device=features.device) * size
     chosen = torch.empty(batch, count, dtype=torch.long, device=features.device)
-    first = (1.0 - similarity.amax(dim=1)).argmax(dim=-1)  # most isolated token: largest nearest-neighbour distance
+    first = (1.0 - similarity.amax(dim=2)).argmax(dim=-1)  # most isolated token: largest nearest-neighbour distance
     chosen[:, 0] = first
     nearest = 1.0 - flat.index_select(0, first + offset)  # m_j; chosen tokens are held at -inf
     nearest.scatter_(1, first[:, None], -math.inf)

@@ -17,8 +17,6 @@ import torch
 
 #: Scale of the tie-break noise added to the densities.
 NOISE_SCALE = 1e-6
-#: Rows per block of ``euclidean_distances``.
-DISTANCE_BLOCK = 128
 
 
 def density_noise(seed: int, row_key: int, stage_index: int, count: int) -> torch.Tensor:
@@ -29,20 +27,23 @@ def density_noise(seed: int, row_key: int, stage_index: int, count: int) -> torc
 
 
 def euclidean_distances(x: torch.Tensor) -> torch.Tensor:
-    """``torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")`` [B, n, n], bit for bit, for about
-    half its work: that kernel computes each pair on its own (a sequential sum of ``|a_k - b_k|²`` over the
-    features, then the square root), so ``d(i, j) == d(j, i)`` exactly and a block of rows gives the
-    entries of the full call; each block of rows is computed against itself and the later tokens only and
-    mirrored."""
+    """The pairwise distances ``||x_i - x_j||`` [B, n, n] of ``x`` [B, n, C], as the official
+    ``(x1 - x2).norm(dim=-1, p=2)`` (spec ``methods.md`` §2.2 step 4: exact differences, not the matmul
+    form), for half its work: ``torch.pdist`` forms each difference once per pair (``i < j``) and sums its
+    squares with a vectorised reduction, so the matrix is exactly symmetric, its diagonal is 0 and exactly
+    duplicated tokens are at distance 0 of each other and at equal distances of every other token."""
     batch, count, _ = x.shape
-    if count <= 2 * DISTANCE_BLOCK:
-        return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
-    dist = x.new_empty(batch, count, count)
-    for start in range(0, count, DISTANCE_BLOCK):
-        stop = min(count, start + DISTANCE_BLOCK)
-        block = torch.cdist(x[:, start:stop], x[:, start:], compute_mode="donot_use_mm_for_euclid_dist")
-        dist[:, start:stop, start:] = block
-        dist[:, start:, start:stop] = block.transpose(1, 2)
+    dist = x.new_zeros(batch, count, count)
+    if count < 2:
+        return dist
+    upper = torch.triu_indices(count, count, 1, device=x.device)
+    flat = upper[0] * count + upper[1]
+    mirror = upper[1] * count + upper[0]
+    for row in range(batch):
+        pairs = torch.nn.functional.pdist(x[row])
+        plane = dist[row].view(-1)
+        plane[flat] = pairs
+        plane[mirror] = pairs
     return dist
 
 
