@@ -96,6 +96,54 @@ class ImageSpan:
     count: int
 
 
+@dataclass(frozen=True)
+class TokenGrid:
+    """One 2-D grid of an image's visual tokens, in raster order (``spec/models.md`` §1.1-§1.2).
+
+    Attributes:
+        start: index of its first token among the image's tokens.
+        rows, cols: its shape; its tokens are ``rows x cols`` cells in raster order.
+        row_newlines: whether an ``image_newline`` token follows each row (then a row takes ``cols + 1``
+            tokens: LLaVA-NeXT's and OneVision's tile grid).
+    """
+
+    start: int
+    rows: int
+    cols: int
+    row_newlines: bool = False
+
+    @property
+    def count(self) -> int:
+        """Its tokens, newline tokens included."""
+        return self.rows * (self.cols + int(self.row_newlines))
+
+    def cells(self) -> torch.Tensor:
+        """[rows, cols] long: each cell's token index among the image's tokens."""
+        width = self.cols + int(self.row_newlines)
+        return self.start + (torch.arange(self.rows)[:, None] * width + torch.arange(self.cols)[None])
+
+    def newlines(self) -> torch.Tensor:
+        """[rows] long: the token index of each row's newline (empty without ``row_newlines``)."""
+        if not self.row_newlines:
+            return torch.empty(0, dtype=torch.long)
+        return self.start + torch.arange(self.rows) * (self.cols + 1) + self.cols
+
+
+@dataclass(frozen=True)
+class ImageGrids:
+    """One image's visual tokens as grids (``ModelAdapter.image_grids``): the grids in token order, then
+    ``trailing_newlines`` newline tokens (a one-crop image's single newline); ``crop_side`` is the patch
+    side of one vision-tower crop (24 on CLIP-L/336, 27 on SigLIP/384)."""
+
+    grids: tuple[TokenGrid, ...]
+    trailing_newlines: int
+    crop_side: int
+
+    @property
+    def count(self) -> int:
+        return sum(grid.count for grid in self.grids) + self.trailing_newlines
+
+
 class ModelAdapter:
     """Base class of the family adapters: the parts and shapes of a vision-language model.
 
@@ -323,6 +371,14 @@ class ModelAdapter:
 
     def vision_unsupported_reason(self) -> str:
         return ""
+
+    @classmethod
+    def image_grids(cls, config, newline: torch.Tensor) -> ImageGrids | None:
+        """One image's visual tokens as 2-D grids (``ImageGrids``), from its newline mask [V] bool
+        (``VisionSignals.newline_mask``); None (the default) where a family has no newline tokens and an
+        image is one square patch grid (LLaVA-1.5; Qwen's merged grid). A ValueError when the tokens do not
+        form the family's layout."""
+        return None
 
     @property
     def projects_new_tokens(self) -> bool:

@@ -9,13 +9,14 @@ per image (aspect ratio), hence per sample; budgets are per image. CLIP tower wi
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
-from finepruner.models.adapters.base import ModelAdapter, PackedLayout, register_adapter
+from finepruner.models.adapters.base import ImageGrids, ModelAdapter, PackedLayout, TokenGrid, register_adapter
 
 #: Vision-side signals mapped per image through the packing (``engine.vision``) on every family that packs
 #: crops (VisPruner, CDPruner).
@@ -24,6 +25,40 @@ PACKED_SIGNALS = frozenset({"projected_features", "cls_attention", "patch_featur
 #: head-mean keys per patch, each crop's [CLS] vector) and HiPrune's (the attention received per patch at any
 #: encoder layer, ``received_attention@l``).
 NEXT_SIGNALS = PACKED_SIGNALS | {"cls_attention_sum", "feature_keys", "cls_feature", "received_attention"}
+
+
+def packed_image_grids(newline: torch.Tensor, patches: int) -> ImageGrids:
+    """One packed image's grids (``spec/models.md`` §1.1-§1.2) from its newline mask [V]: the base crop's
+    ``side x side`` patches (``patches = side**2``), then either the tile grid with one newline per row (the
+    unpadded grid in global raster order; on OneVision possibly bilinearly shrunk), one trailing newline (a
+    one-crop image, every image of a multi-image OneVision sample), or, without newline tokens, a square tile
+    grid (``layout="paper2880"``: 2 x 2 tiles, no unpadding). Anything else raises a ValueError."""
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"{patches} tokens per crop are no square patch grid (a [CLS] row kept by the "
+                         "'full' feature strategy?); the image has no grid layout")
+    flags = newline.detach().to("cpu", torch.bool)
+    count = int(flags.shape[0])
+    if count < patches or bool(flags[:patches].any()):
+        raise ValueError(f"an image of {count} tokens does not start with its base crop's {patches} patches")
+    base = TokenGrid(0, side, side)
+    rest = flags[patches:]
+    if not rest.numel():
+        return ImageGrids((base,), 0, side)
+    if bool(rest.all()):
+        return ImageGrids((base,), int(rest.numel()), side)
+    lines = torch.nonzero(rest)[:, 0]
+    if lines.numel():
+        rows = int(lines.numel())
+        cols = int(lines[0])
+        grid = TokenGrid(patches, rows, cols, row_newlines=True)
+        if cols and grid.count == rest.numel() and torch.equal(lines + patches, grid.newlines()):
+            return ImageGrids((base, grid), 0, side)
+        raise ValueError(f"the {rest.numel()} tokens after the base crop are no grid with one newline per row")
+    tile = math.isqrt(int(rest.numel()))
+    if tile * tile != rest.numel():
+        raise ValueError(f"the {rest.numel()} tile tokens (no newline) are no square grid")
+    return ImageGrids((base, TokenGrid(patches, tile, tile)), 0, side)
 
 
 def _fixed_grid_features(height, width, patches_height, patches_width, scale_height, scale_width):
@@ -119,6 +154,12 @@ class LlavaNextAdapter(ModelAdapter):
                                                              image_newline=torch.tensor([-1]))
             layouts.append(PackedLayout.from_sources(packed[0][:, 0], crops, patches))
         return layouts
+
+    @classmethod
+    def image_grids(cls, config, newline: torch.Tensor) -> ImageGrids:
+        """The base crop's patch grid, then the unpadded tile grid with one newline per row (or the one-crop
+        image's trailing newline; ``layout="paper2880"``: the square tile grid, no newline)."""
+        return packed_image_grids(newline, cls.crop_tokens(config))
 
     @classmethod
     def max_tokens(cls, config) -> int:

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from finepruner.models.adapters.base import ModelAdapter, PackedLayout, register_adapter
-from finepruner.models.adapters.llava_next import PACKED_SIGNALS
+from finepruner.models.adapters.base import ImageGrids, ModelAdapter, PackedLayout, register_adapter
+from finepruner.models.adapters.llava_next import PACKED_SIGNALS, packed_image_grids
 
 #: ``vision_aspect_ratio`` that never downsamples (the index pass: the unpadded grid before the shrink).
 _NO_SHRINK = "anyres_max_1000000000"
@@ -140,6 +140,13 @@ class LlavaOnevisionAdapter(ModelAdapter):
         main = source.gather(1, weight.argmax(dim=1, keepdim=True))[:, 0]
         crop = torch.where(newline, torch.full_like(main, -1), main // patches)
         return PackedLayout(crops, patches, source, weight, newline, crop)
+
+    @classmethod
+    def image_grids(cls, config, newline: torch.Tensor) -> ImageGrids:
+        """The base crop's 27 x 27 grid, then the unpadded tile grid (bilinearly shrunk beyond anyres_max's
+        crops: still a grid) with one newline per row; a multi-image sample's image: the base grid and its
+        trailing newline."""
+        return packed_image_grids(newline, cls.crop_tokens(config))
 
     @classmethod
     def max_tokens(cls, config) -> int:
