@@ -9,7 +9,7 @@ different operation order would change the picks.
 
 Two speed-ups change the rounding, not the mathematics, and are compared accordingly:
 
-* The similarity of DivPrune and CDPruner is ``divprune.symmetric_gram`` (each pair's dot product once,
+* The similarity of DivPrune, CDPruner and VisPruner is ``divprune.symmetric_gram`` (each pair's dot product once,
   by row panels, from 576 tokens on) instead of one matmul: the same dot products, rounded by the BLAS
   in another blocking. The greedy loops themselves are compared with the references bit for bit on the
   same similarity matrix (including exhausted kernels). Against the one-matmul references the kept sets
@@ -186,17 +186,17 @@ def one_thread():
 
 @pytest.mark.parametrize(("size", "tokens", "candidates"),
                          [(70, 20, 24), (200, 17, 3), (200, 199, 24), (300, 20, 32), (577, 64, 24), (577, 64, 3),
-                          (577, 192, 3), (900, 151, 24)])
+                          (577, 192, 3), (900, 151, 24), (700, 30, 24)])
 def test_vispruner_equals_plain_rounds(size, tokens, candidates, monkeypatch):
     """``candidates=3`` refills the candidate lists and falls back to the exact maximum over B often;
     ``(300, 20)`` ends with fewer alive tokens than candidates (padded refills); 70 tokens take the plain
-    rounds."""
+    rounds; from 576 residual tokens the gram is ``symmetric_gram``'s (the reference: one matmul)."""
     monkeypatch.setattr(vispruner, "CANDIDATES", candidates)
     generator = torch.Generator().manual_seed(size * 1000 + tokens)
-    for index, kind in enumerate(KINDS):
+    for index, kind in enumerate(GRAM_KINDS):
         features = features_of(kind, 2, size, 24, generator)
         attention = attention_of(2, size, generator, tied=index % 2 == 1)
-        ratio = (0.5, 0.25, 0.0, 0.5)[index]
+        ratio = (0.5, 0.25, 0.0, 0.5, 0.25)[index]
         expected = reference_vispruner(attention, features, tokens, ratio)
         assert torch.equal(vispruner.vispruner_select(attention, features, tokens, ratio), expected), kind
     assert torch.equal(vispruner.vispruner_select_plain(attention, features, tokens, ratio), expected)

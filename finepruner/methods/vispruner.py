@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
+from finepruner.methods.divprune import symmetric_gram
 
 #: ``budget_scope`` values (``engine.vision.BUDGET_SCOPES``): ``tokens`` per image, or per crop.
 BUDGET_SCOPES: tuple[str, ...] = ("image", "crop")
@@ -70,7 +71,7 @@ def _select(cls_attention, features, tokens, important_ratio, rounds) -> torch.T
     if num_diverse > 0:
         # cosine similarities among the initial residual tokens, once; rounds only read them
         start = normed.gather(1, residual[..., None].expand(-1, -1, width))
-        gram = start @ start.transpose(1, 2)  # [B, R0, R0]
+        gram = symmetric_gram(start)  # [B, R0, R0]: x xᵀ, each pair once (half the multiply-adds)
         if not bool(torch.isfinite(start.sum())):  # unit rows: a finite gram; else the plain NaN rules
             rounds = deduplicate_plain
         residual = residual.gather(1, rounds(gram, num_diverse))
