@@ -297,6 +297,8 @@ def test_divprune_equals_full_distance_loop(size, tokens):
         features[:, ::11] = 0.0  # zero vectors: distance 1 to everything
         expected = reference_divprune(features, tokens)
         assert torch.equal(divprune.divprune_select(features, tokens), expected), kind
+        for row in range(2):  # one sample: its own loop
+            assert torch.equal(divprune.divprune_select(features[row : row + 1], tokens), expected[row : row + 1]), kind
     assert torch.equal(divprune.divprune_select_plain(features, tokens), expected)
 
 

@@ -88,6 +88,8 @@ def divprune_select(features: torch.Tensor, count: int) -> torch.Tensor:
     batch, size, _ = features.shape
     similarity = symmetric_gram(x)  # G
     similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)  # D's masked diagonal: 1 - (-inf) = +inf
+    if batch == 1:
+        return _greedy_single(similarity[0], count)
     flat = similarity.view(batch * size, size)  # row j of sample b: b * V + j
     offset = torch.arange(batch, device=features.device) * size
     chosen = torch.empty(batch, count, dtype=torch.long, device=features.device)
@@ -101,6 +103,21 @@ def divprune_select(features: torch.Tensor, count: int) -> torch.Tensor:
         nearest = torch.minimum(nearest, 1.0 - flat.index_select(0, j + offset))  # min(-inf, d) = -inf
         nearest.scatter_(1, j[:, None], -math.inf)
     return chosen.sort(dim=-1).values
+
+
+def _greedy_single(similarity: torch.Tensor, count: int) -> torch.Tensor:
+    """``divprune_select``'s greedy for one sample on its G [V, V] (diagonal at -inf): the pick is read back
+    as an int, so that the row ``1 - G_j`` is formed from a view and the running minimum is updated in
+    place; the same values and operations (``1 - max``, ``argmax``, ``minimum``), hence the same picks."""
+    chosen = [int((1.0 - similarity.amax(dim=1)).argmax())]
+    nearest = 1.0 - similarity[chosen[0]]  # m_j; chosen tokens are held at -inf
+    nearest[chosen[0]] = -math.inf
+    for _ in range(1, count):
+        j = int(nearest.argmax())
+        chosen.append(j)
+        torch.minimum(nearest, 1.0 - similarity[j], out=nearest)  # min(-inf, d) = -inf
+        nearest[j] = -math.inf
+    return torch.tensor(sorted(chosen), dtype=torch.long, device=similarity.device).view(1, count)
 
 
 def divprune_select_plain(features: torch.Tensor, count: int) -> torch.Tensor:
