@@ -88,7 +88,7 @@ def divprune_select(features: torch.Tensor, count: int) -> torch.Tensor:
     batch, size, _ = features.shape
     similarity = symmetric_gram(x)  # G
     similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)  # D's masked diagonal: 1 - (-inf) = +inf
-    if batch == 1:
+    if batch == 1 and similarity.device.type == "cpu":  # the batched loop below never waits for the device
         return _greedy_single(similarity[0], count)
     flat = similarity.view(batch * size, size)  # row j of sample b: b * V + j
     offset = torch.arange(batch, device=features.device) * size
@@ -106,9 +106,10 @@ def divprune_select(features: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _greedy_single(similarity: torch.Tensor, count: int) -> torch.Tensor:
-    """``divprune_select``'s greedy for one sample on its G [V, V] (diagonal at -inf): the pick is read back
-    as an int, so that the row ``1 - G_j`` is formed from a view and the running minimum is updated in
-    place; the same values and operations (``1 - max``, ``argmax``, ``minimum``), hence the same picks."""
+    """``divprune_select``'s greedy for one sample on its G [V, V] (diagonal at -inf), on the CPU: the pick
+    is read back as an int, so that the row ``1 - G_j`` is formed from a view and the running minimum is
+    updated in place; the same values and operations (``1 - max``, ``argmax``, ``minimum``), hence the
+    same picks."""
     chosen = [int((1.0 - similarity.amax(dim=1)).argmax())]
     nearest = 1.0 - similarity[chosen[0]]  # m_j; chosen tokens are held at -inf
     nearest[chosen[0]] = -math.inf
