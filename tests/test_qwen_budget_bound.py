@@ -1,5 +1,8 @@
-"""Budgets on Qwen are validated at ``apply`` against the largest image the bound processor allows
-(``ModelAdapter.budget_bound``), not only against the released checkpoints' 16,384-token limit."""
+"""Budgets on Qwen are validated at ``apply`` against the images the bound processor can produce
+(``ModelAdapter.budget_bound`` and the Qwen adapter's ``budget_floor``, from its max_pixels and min_pixels), not
+only against the released checkpoints' 16,384-token limit: ``apply`` refuses what no such image fits, and a
+budget that depends on the image's own count is checked per image at its prefill
+(``tests/test_variable_count_budgets.py``)."""
 
 from __future__ import annotations
 
@@ -27,11 +30,19 @@ def test_bound_comes_from_the_processors_max_pixels(qwen):
 def test_a_layer_average_budget_is_checked_against_the_processor_bound(qwen):
     model, processor = qwen
     bound = adapter_for(model).budget_bound(processor)
+    # a layer average of the bound itself needs images larger than the processor allows (64 tokens here)
+    with pytest.raises(ValueError, match=rf"tokens={bound} .*this model's images have 4\.\.{bound} visual tokens"):
+        finepruner.apply(model, "pdrop", tokens=bound, processor=processor)
+    with finepruner.apply(model, "pdrop", tokens=bound) as handle:  # up to 16,384 tokens: some image fits
+        assert handle.method.tokens == bound
     tokens = bound // 2  # reachable as a layer average for images of the processor's size
-    with pytest.raises(ValueError, match="16384 visual tokens"):
-        finepruner.apply(model, "pdrop", tokens=tokens)
-    with finepruner.apply(model, "pdrop", tokens=tokens, processor=processor) as handle:
-        assert handle.method.tokens == tokens
+    for extra in ({}, {"processor": processor}):
+        with finepruner.apply(model, "pdrop", tokens=tokens, **extra) as handle:
+            assert handle.method.tokens == tokens
+    # an upper bound on the count: refused against the processor's bound, accepted against 16,384
+    with pytest.raises(ValueError, match=rf"tokens={bound + 1} is not allowed; this model has {bound} visual"):
+        finepruner.apply(model, "fastv", tokens=bound + 1, processor=processor)
+    finepruner.apply(model, "fastv", tokens=bound + 1).remove()
 
 
 def test_pool_before_the_projector_is_refused_at_apply_and_after_it_runs(qwen):

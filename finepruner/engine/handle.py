@@ -13,6 +13,7 @@ from finepruner.engine.loop import pruned_forward
 from finepruner.engine.state import PruneStats
 from finepruner.engine.vision import VisionCapture, VisionSignals
 from finepruner.methods import PruningMethod, Stage, create
+from finepruner.methods.base import ModelShape, check_shape
 from finepruner.models.adapters import adapter_for
 from finepruner.models.instructions import as_tokenizer, decode_instructions, repeat_for_batch
 
@@ -76,17 +77,26 @@ class Handle:
         self._tokenizer = as_tokenizer(processor, "processor")
         if self._tokenizer is None:
             self._tokenizer = method.bound_tokenizer()
-        # validate the parameters against the model now, before any expensive work (families whose images
-        # have variable counts: against the largest image the processor allows, ``budget_bound``; each
-        # image's own count is checked at its prefill)
+        # validate the parameters against the model now, before any expensive work
         self._check_vision_signals()
         #: whether kept tokens are renumbered (the method's ``positions`` as the family defines it)
         self.renumber = self.adapter.renumbers(method)
-        bound = self.adapter.budget_bound(processor)
-        self.plan(bound)
-        method.check_model(self.adapter.num_heads, self.adapter.num_layers, bound)
+        self._check_budget(processor)
         method.bind_model(model)
         self._plans.clear()  # a bound method may plan differently (e.g. per crop on LLaVA-NeXT)
+
+    def _check_budget(self, processor) -> None:
+        """The method's plan and model checks at ``apply`` (``methods.base.check_shape``, ``spec/models.md``
+        §5.1). A fixed count (LLaVA-1.5: 576 per sample): every check, at that count. Variable counts (Qwen,
+        LLaVA-NeXT, OneVision): only what no image the processor can produce fits, from the smallest image's
+        count (``budget_floor`` where the adapter has one, else 1) to the largest (``budget_bound``); each
+        image's own count is checked by :meth:`plan` at its prefill, before the language model runs."""
+        adapter = self.adapter
+        bound = adapter.budget_bound(processor)
+        floor = getattr(adapter, "budget_floor", None)
+        smallest = min(bound, floor(processor)) if callable(floor) and adapter.per_image_budget else 1
+        check_shape(self.method, ModelShape(adapter.num_layers, adapter.num_heads, bound,
+                                            variable=adapter.per_image_budget, min_visual=smallest))
 
     def _check_vision_signals(self) -> None:
         """A ValueError when the method reads a vision-side signal this model family does not provide."""
@@ -144,11 +154,26 @@ class Handle:
 
     # -- engine interface ---------------------------------------------------------------------
     def plan(self, num_visual: int) -> list[Stage]:
-        """The method's stages for ``num_visual`` visual tokens per sample (cached, validated)."""
+        """The method's stages for ``num_visual`` visual tokens per sample (per image on families with
+        variable counts; cached, validated). A refused count there names the image's count in the error."""
         if num_visual not in self._plans:
-            stages = self.method.plan(self.adapter.num_layers, num_visual)
+            try:
+                stages = self.method.plan(self.adapter.num_layers, num_visual)
+            except ValueError as err:
+                if not self.adapter.per_image_budget:
+                    raise
+                raise ValueError(
+                    f"{err} [an image of {num_visual} visual tokens in this batch: on {self.adapter.family} "
+                    "budgets apply to each image's own count, checked at its prefill]"
+                ) from None
             self._plans[num_visual] = sorted(stages, key=lambda s: s.layer)
         return self._plans[num_visual]
+
+    def _check_image_counts(self, counts: Sequence[int] | None) -> None:
+        """Plan every image count of a prefill now (before its images are encoded where the counts are known
+        from the inputs, and before the language model runs): a budget one image cannot take raises here."""
+        for count in dict.fromkeys(counts or ()):
+            self.plan(int(count))
 
     def set_instructions(self, texts: Sequence[str] | None) -> None:
         """Instruction texts (one per sample, used as given) for the next prefill only; they take precedence
@@ -170,6 +195,9 @@ class Handle:
             return None
         self._pending = None
         counts = None
+        if self.adapter.per_image_budget and kwargs.get("pixel_values") is not None:
+            expected = getattr(self.adapter, "image_token_counts", None)  # Qwen: from image_grid_thw
+            self._check_image_counts(expected(kwargs) if callable(expected) else None)
         changed = self.adapter.prepare_prefill(module, kwargs)  # e.g. Qwen: explicit 3-D positions
         if changed is not None:
             kwargs = changed
@@ -182,6 +210,7 @@ class Handle:
                 self._encoder_outputs = changed["mm_encoder_outputs"]
             if encoded is not None:
                 counts = [int(features.shape[0]) for features in encoded.pooler_output]
+                self._check_image_counts(counts)
         image_mask = self.adapter.image_mask(input_ids, kwargs.get("inputs_embeds"))
         keys: list[int] = []
         prompts: list[list[int]] = []  # each sample's prompt tokens, padding removed (for needs_vision)

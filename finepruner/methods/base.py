@@ -29,11 +29,17 @@ POSITION_MODES: tuple[str, ...] = ("original", "renumber")
 @dataclass(frozen=True)
 class ModelShape:
     """What a method's plan and defaults depend on: decoder layers, attention heads per layer and
-    visual tokens per sample (e.g. read from a checkpoint's ``config.json``, no weights loaded)."""
+    visual tokens per sample (e.g. read from a checkpoint's ``config.json``, no weights loaded).
+
+    ``variable``: the family's images have their own counts (Qwen, LLaVA-NeXT, OneVision; ``spec/models.md``
+    §5.1); ``num_visual`` is then the largest image's count and ``min_visual`` the smallest's, and budgets
+    that depend on the count are checked per image at its prefill (``check_shape``)."""
 
     num_layers: int
     num_heads: int
     num_visual: int
+    variable: bool = False
+    min_visual: int = 1
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,31 @@ class PruningMethod:
     def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
         """Further validation against the model (e.g. head counts, calibration files); default: none."""
 
+    def bind_counts(self, variable: bool) -> None:
+        """Called by ``apply`` before validation: ``variable`` is True on families whose images have their own
+        visual-token counts (Qwen, LLaVA-NeXT, OneVision: ``plan`` gets each image's count at its prefill),
+        False where the count is fixed (LLaVA-1.5). A method whose budget is a schedule for one count maps it
+        here (SparseVLM: onto each image's count); default: none."""
+
+    def check_counts(self, num_layers: int, smallest: int, largest: int) -> None:
+        """Validation at ``apply`` on families whose images have variable visual-token counts
+        (``spec/models.md`` §5.1): raise ``ValueError`` only for parameters that fit *no* count in
+        ``smallest..largest`` (each image's own count is checked by ``plan`` at its prefill). Default:
+        ``plan`` at ``largest``, else at the counts of ``count_ladder`` (budgets bounded above, below or on
+        both sides by the count); when none fits, the error at ``largest``."""
+        try:
+            self.plan(num_layers, largest)
+            return
+        except ValueError as err:
+            refused = err
+        for count in count_ladder(smallest, largest):
+            try:
+                self.plan(num_layers, count)
+                return
+            except ValueError:
+                continue
+        raise refused
+
     def required_vision(self, model: nn.Module) -> tuple[str, ...]:
         """The vision signals the method will read on ``model`` (checked at ``apply`` before ``bind_model``);
         default: ``needs_vision``."""
@@ -242,6 +273,32 @@ def text_after_visual(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
     if signals.input_image_mask is not None:
         valid &= ~signals.input_image_mask.gather(1, text)
     return text, valid
+
+
+def check_shape(method: PruningMethod, shape: ModelShape) -> None:
+    """The checks ``apply`` runs before any prefill (``finepruner.engine.handle.Handle``), from the model's
+    shape alone: with a fixed count (LLaVA-1.5) the plan at ``num_visual`` and ``check_model``; with
+    ``shape.variable`` only what no image of ``min_visual..num_visual`` tokens fits
+    (``PruningMethod.check_counts``), each image's own count being checked at its prefill. Calls
+    ``bind_counts`` first. Raises ``ValueError``."""
+    method.bind_counts(shape.variable)
+    if shape.variable:
+        method.check_counts(shape.num_layers, min(shape.min_visual, shape.num_visual), shape.num_visual)
+    else:
+        method.plan(shape.num_layers, shape.num_visual)
+    method.check_model(shape.num_heads, shape.num_layers, shape.num_visual)
+
+
+def count_ladder(smallest: int, largest: int, steps_per_octave: int = 8) -> list[int]:
+    """Visual-token counts from ``smallest`` to ``largest`` (both included) in geometric steps of
+    ``2 ** (1 / steps_per_octave)`` (every integer where the steps are below 1): the counts
+    ``PruningMethod.check_counts`` tries by default."""
+    smallest, largest = max(1, int(smallest)), max(1, int(largest))
+    counts, value = {smallest, largest}, float(smallest)
+    while value < largest:
+        counts.add(int(round(value)))
+        value = max(value + 1.0, value * 2 ** (1 / steps_per_octave))
+    return sorted(c for c in counts if smallest <= c <= largest)
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ current hidden states, and ``int(V * ratio)`` of the original ``V`` visual token
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,42 @@ def budget_layers(num_layers: int) -> list[int]:
     return layers
 
 
+def _decay(layers: Sequence[int], num_layers: int, lam: float) -> float:
+    """The layers after the first boundary, each weighted by its kept fraction over ``r``:
+    ``sum_s (b_{s+1} - b_s) lam^s``."""
+    bounds = [*layers, num_layers]
+    return sum((bounds[s + 1] - bounds[s]) * lam**s for s in range(len(layers)))
+
+
+def _budget_ratio(tokens: float, num_layers: int, num_visual: int, layers: Sequence[int], lam: float) -> float:
+    """The kept fraction ``r`` after the first boundary whose schedule averages ``tokens`` (feasible: 0 < r <= 1)."""
+    return (tokens * num_layers / num_visual - layers[0]) / _decay(layers, num_layers, lam)
+
+
+def budget_limits(num_layers: int, num_visual: int, layers: Sequence[int], lam: float = 0.5) -> tuple[float, float]:
+    """``(low, high)``: the mapping reaches a layer average ``tokens`` with ``low < tokens <= high`` on
+    ``num_visual`` tokens (low: the first ``layers[0]`` layers alone; high: the schedule with r = 1)."""
+    return (layers[0] * num_visual / num_layers,
+            (layers[0] + _decay(layers, num_layers, lam)) * num_visual / num_layers)
+
+
+def budget_counts(tokens: int, num_layers: int, layers: Sequence[int], lam: float = 0.5) -> tuple[int, int] | None:
+    """``(smallest, largest)`` visual-token count of an image on which ``budget_schedule`` reaches ``tokens``
+    with these stage layers (``layers[0] >= 1``): the counts ``V`` with ``low(V) < tokens <= high(V)`` of
+    ``budget_limits``, or None when no count does."""
+    per_low, per_high = budget_limits(num_layers, 1, layers, lam)
+    first, last = max(1, math.floor(tokens / per_high) - 1), math.ceil(tokens / per_low) + 1
+
+    def fits(count: int) -> bool:
+        return 0.0 < _budget_ratio(tokens, num_layers, count, layers, lam) <= 1.0
+
+    while first <= last and not fits(first):
+        first += 1
+    while last >= first and not fits(last):
+        last -= 1
+    return (first, last) if first <= last else None
+
+
 def budget_schedule(
     tokens: int, num_layers: int, num_visual: int, layers: Sequence[int] | None = None, lam: float = 0.5
 ) -> tuple[list[int], list[int]]:
@@ -41,19 +78,20 @@ def budget_schedule(
     The kept fraction after the first boundary is ``r``, then ``r*lam``, ``r*lam**2``, ... (the
     paper's geometric decay, lam=0.5), with ``r`` solved so that the average equals ``tokens``; counts
     are rounded to the nearest integer. On LLaVA-1.5 (32 layers, 576 tokens) with layers [2, 10, 20]:
-    192 -> [312, 156, 78], 128 -> [184, 92, 46], 64 -> [56, 28, 14], each averaging exactly N.
+    192 -> [312, 156, 78], 128 -> [184, 92, 46], 64 -> [56, 28, 14], each averaging exactly N. The schedule
+    depends on ``num_visual``: on families with variable counts it is made per image (``budget_counts``
+    gives the images a budget fits).
     """
     layers = list(layers) if layers is not None else budget_layers(num_layers)
-    bounds = [*layers, num_layers]
-    decay = sum((bounds[s + 1] - bounds[s]) * lam**s for s in range(len(layers)))
-    r = (tokens * num_layers / num_visual - layers[0]) / decay
+    r = _budget_ratio(tokens, num_layers, num_visual, layers, lam)
     if not 0.0 < r <= 1.0:
-        low = layers[0] * num_visual / num_layers
-        high = average_visual_tokens(layers, [num_visual] * len(layers), num_layers, num_visual)
+        low, high = budget_limits(num_layers, num_visual, layers, lam)
+        span = budget_counts(tokens, num_layers, layers, lam) if layers[0] > 0 else None
+        images = "" if span is None else f"; tokens={tokens} fits images of {span[0]}..{span[1]} visual tokens"
         raise ValueError(
             f"pdrop: tokens={tokens} cannot be the layer average with stage layers {layers} on "
             f"{num_layers} layers and {num_visual} visual tokens; allowed: more than {low:.1f} and at most "
-            f"{high:.0f} (or pass other layers=)"
+            f"{high:.1f} (or pass other layers=){images}"
         )
     keeps = [max(1, round(num_visual * r * lam**s)) for s in range(len(layers))]
     return layers, keeps
@@ -114,23 +152,55 @@ class PDrop(PruningMethod):
         self.ratios = list(ratios) if ratios is not None else None
         self.lam, self.tokens = lam, tokens
 
-    def schedule(self, num_layers: int, num_visual: int) -> tuple[list[int], list[int]]:
-        """Stage layers and kept visual counts for this model shape (validated)."""
-        if self.tokens is not None:
-            layers, keeps = budget_schedule(self.tokens, num_layers, num_visual, self.layers, self.lam)
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """The stage boundaries for a model depth (validated; independent of the visual-token count)."""
+        if self.layers is not None:
+            layers = list(self.layers)
+        elif self.tokens is not None:
+            layers = budget_layers(num_layers)
         else:
-            layers = self.layers or sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)})
+            layers = sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)})
+        if self.tokens is None:
             ratios = self.ratios or [self.lam ** (s + 1) for s in range(len(layers))]
             if len(ratios) != len(layers):
                 raise ValueError(f"pdrop: {len(layers)} layers but {len(ratios)} ratios; give one ratio per layer")
-            keeps = [int(num_visual * r) for r in ratios]
         for layer in layers:
             check_layer(self.name, "layers[i]", layer, 1, num_layers - 1)
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"pdrop: layers={layers} must be strictly increasing")
+        return layers
+
+    def schedule(self, num_layers: int, num_visual: int) -> tuple[list[int], list[int]]:
+        """Stage layers and kept visual counts for this model shape (validated)."""
+        layers = self.stage_layers(num_layers)
+        if self.tokens is not None:
+            layers, keeps = budget_schedule(self.tokens, num_layers, num_visual, layers, self.lam)
+        else:
+            ratios = self.ratios or [self.lam ** (s + 1) for s in range(len(layers))]
+            keeps = [int(num_visual * r) for r in ratios]
         if any(k < 1 for k in keeps) or any(b > a for a, b in zip(keeps, keeps[1:])):
             raise ValueError(f"pdrop: kept counts {keeps} must be >= 1 and non-increasing; adjust ratios")
         return layers, keeps
+
+    def check_counts(self, num_layers: int, smallest: int, largest: int) -> None:
+        """``tokens=N`` on families with variable counts (``spec/models.md`` §5.1): the stage layers are
+        checked now, and that some image of ``smallest..largest`` visual tokens can average N
+        (``budget_counts``); each image's own schedule is made, and checked, at its prefill."""
+        if self.tokens is None:
+            super().check_counts(num_layers, smallest, largest)
+            return
+        layers = self.stage_layers(num_layers)
+        span = budget_counts(self.tokens, num_layers, layers, self.lam)
+        if span is None or span[0] > largest or span[1] < smallest:
+            fits = "no image" if span is None else f"images of {span[0]}..{span[1]} visual tokens"
+            low, _ = budget_limits(num_layers, smallest, layers, self.lam)
+            _, high = budget_limits(num_layers, largest, layers, self.lam)
+            raise ValueError(
+                f"pdrop: tokens={self.tokens} as the layer average with stage layers {layers} on {num_layers} "
+                f"layers fits {fits}, but this model's images have {smallest}..{largest} visual tokens; allowed "
+                f"there: more than {low:.1f} and at most {high:.1f} (or pass other layers=)"
+            )
+        self.schedule(num_layers, min(max(span[0], smallest), largest))
 
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
         layers, keeps = self.schedule(num_layers, num_visual)

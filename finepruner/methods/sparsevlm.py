@@ -119,7 +119,9 @@ class SparseVLM(PruningMethod):
     that survives to the last layer (``handle.stats.average_visual_tokens`` gives the realised average).
 
     Parameters:
-        tokens: the budget N: 192 (default), 128, 96 or 64 (v1.0: 192, 128, 64).
+        tokens: the budget N: 192 (default), 128, 96 or 64 (v1.0: 192, 128, 64). On families whose images
+            have variable counts (Qwen, LLaVA-NeXT, OneVision) without ``layers``/``keeps``: any N, mapped
+            onto each image's own count at its prefill (``sparsevlm_mapping``; ``bind_counts``).
         version: ``"1.5"`` (default, ICML: fixed schedule, recycling, renumbered positions),
             ``"2.0"`` (SparseVLM+: RoPE gravity correction, ``heads`` selected heads, no merging,
             original positions) or ``"1.0"`` (k from the matrix rank of the rater-to-visual attention).
@@ -176,11 +178,6 @@ class SparseVLM(PruningMethod):
         else:
             if scale is not None or bias is not None:
                 raise ValueError(f"sparsevlm: scale=/bias= are for version '1.0', not {version!r}")
-            if keeps is None and tokens not in SCHEDULES[version]:
-                raise ValueError(
-                    f"sparsevlm: no version {version!r} schedule for tokens={tokens!r}; pass tokens="
-                    f"{', '.join(map(str, SCHEDULES[version]))}, or keeps=[k1, k2, ...] (one per layer)"
-                )
             if keeps is not None and not all(isinstance(k, int) and k >= 1 for k in keeps):
                 raise ValueError(f"sparsevlm: keeps={list(keeps)}; each must be an integer >= 1")
         if not isinstance(heads, int) or heads < 1:
@@ -190,31 +187,50 @@ class SparseVLM(PruningMethod):
         self.keeps = list(keeps) if keeps is not None else None
         self.scale, self.bias = scale, bias
         self.merge = (version != "2.0") if merge is None else bool(merge)
+        self._explicit_schedule = layers is not None or keeps is not None
+        self._per_image = False  # set by bind_counts: tokens=N mapped onto each image's count
 
     # -- plan -----------------------------------------------------------------------------------
     def schedule(self) -> list[int] | None:
         """Top-k sizes per pruning layer (None for v1.0, whose counts depend on the prompt)."""
         if self.version == "1.0":
             return None
+        if self.keeps is None and self.tokens not in SCHEDULES[self.version]:
+            raise ValueError(
+                f"sparsevlm: no version {self.version!r} schedule for tokens={self.tokens!r}; pass tokens="
+                f"{', '.join(map(str, SCHEDULES[self.version]))}, or keeps=[k1, k2, ...] (one per layer); on "
+                "families with variable counts (Qwen, LLaVA-NeXT, OneVision) tokens=N is mapped onto each image"
+            )
         return list(self.keeps) if self.keeps is not None else list(SCHEDULES[self.version][self.tokens])
 
+    def bind_counts(self, variable: bool) -> None:
+        """On families with variable counts (``apply`` on Qwen, LLaVA-NeXT, OneVision), ``tokens=N`` without
+        ``layers``/``keeps`` (v1.5/v2.0) is ``sparsevlm_mapping`` onto each image's own count at its prefill
+        (the v1.5 schedule of the nearest official budget, scaled); with a fixed count (LLaVA-1.5) the
+        official schedule of N as given."""
+        self._per_image = variable and not getattr(self, "_explicit_schedule", True) and self.version != "1.0"
+
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
-        for layer in self.layers:
+        if getattr(self, "_per_image", False):
+            mapped = sparsevlm_mapping(self.tokens, num_layers, num_visual)
+            layers, keeps = mapped["layers"], mapped["keeps"]
+        else:
+            layers, keeps = self.layers, self.schedule()
+        for layer in layers:
             check_layer(self.name, "layers[i]", layer, 0, num_layers - 2)
-        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
-            raise ValueError(f"sparsevlm: layers={self.layers} must be strictly increasing")
-        keeps = self.schedule()
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"sparsevlm: layers={layers} must be strictly increasing")
         if keeps is None:
-            return [Stage(layer=l + 1, keep=None, score_layer=l, last_query=False, insert=None) for l in self.layers]
-        if len(keeps) != len(self.layers):
+            return [Stage(layer=l + 1, keep=None, score_layer=l, last_query=False, insert=None) for l in layers]
+        if len(keeps) != len(layers):
             raise ValueError(
-                f"sparsevlm: {len(self.layers)} pruning layers {self.layers} but {len(keeps)} top-k sizes {keeps}; "
+                f"sparsevlm: {len(layers)} pruning layers {layers} but {len(keeps)} top-k sizes {keeps}; "
                 "give one per layer (keeps=) or matching layers="
             )
         counts = visual_counts(keeps, num_visual, self.merge)
         return [
             Stage(layer=l + 1, keep=keep, score_layer=l, last_query=False, insert=merged)
-            for l, (keep, merged) in zip(self.layers, counts, strict=True)
+            for l, (keep, merged) in zip(layers, counts, strict=True)
         ]
 
     def check_model(self, num_heads: int, num_layers: int, num_visual: int) -> None:
@@ -326,8 +342,11 @@ class SparseVLM(PruningMethod):
     def defaults_for(cls, shape: ModelShape, params: Mapping) -> dict:
         """On a model other than LLaVA-1.5 (32 layers, 576 visual tokens), a budget ``tokens=N`` without
         ``layers``/``keeps`` (and not version 1.0) becomes ``sparsevlm_mapping``'s ``layers`` and ``keeps``;
-        otherwise ``params`` unchanged. A budget no official schedule maps to raises ``ValueError``."""
+        otherwise (and on a ``shape.variable`` family, where ``apply`` maps it per image) ``params``
+        unchanged. A budget no official schedule maps to raises ``ValueError``."""
         completed = super().defaults_for(shape, params)
+        if getattr(shape, "variable", False):  # images of their own counts: mapped per image (bind_counts)
+            return completed
         if ((shape.num_layers, shape.num_visual) != (32, 576) and "tokens" in completed
                 and "keeps" not in completed and "layers" not in completed
                 and str(completed.get("version", "1.5")) != "1.0"):

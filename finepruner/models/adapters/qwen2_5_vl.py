@@ -94,6 +94,28 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             return None
         return int(max_pixels) // (int(patch) * int(merge)) ** 2
 
+    def budget_floor(self, processor: Any = None) -> int:
+        """The smallest image's visual tokens (``spec/models.md`` §5.1): ``min_pixels / (patch_size *
+        merge_size)^2`` of ``processor``'s image processor (its ``size["shortest_edge"]``; 4 for the released
+        checkpoints' 3,136 pixels), else 1. ``apply`` refuses a budget only when no count from here to
+        ``budget_bound`` fits it; each image's own count is checked at its prefill."""
+        images = getattr(processor, "image_processor", None) if processor is not None else None
+        size = getattr(images, "size", None)
+        min_pixels = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
+        patch, merge = getattr(images, "patch_size", None), getattr(images, "merge_size", None)
+        if not (min_pixels and patch and merge):
+            return 1
+        return max(1, min(int(min_pixels) // (int(patch) * int(merge)) ** 2, self.budget_bound(processor)))
+
+    def image_token_counts(self, kwargs: Mapping[str, Any]) -> list[int] | None:
+        """Each image's visual tokens in a call, from its ``image_grid_thw`` (``t * h * w / merge^2``) before
+        the tower runs, so that budgets are checked per image before any encoding; None without a grid."""
+        grid = kwargs.get("image_grid_thw")
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 2:
+            return None
+        merge = self.merge_size(self.config) ** 2
+        return [int(v) // merge for v in grid.prod(dim=-1).tolist()]
+
     # -- positions ------------------------------------------------------------------------------------
     def lm_positions(self, position_ids: torch.Tensor | None, batch: int, length: int, past: int,
                      device: torch.device) -> torch.Tensor:
