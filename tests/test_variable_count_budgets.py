@@ -214,3 +214,24 @@ def test_llava_15_still_checks_every_budget_at_apply():
         finepruner.apply(model, "sparsevlm", tokens=8, layers=[0, 1, 2])
     with pytest.raises(ValueError, match="no version '1.5' schedule for tokens=8"):
         finepruner.apply(model, "sparsevlm", tokens=8)
+
+
+
+def test_pre_load_checks_of_eval_sweep_and_lmms_accept_budgets_per_image(qwen):
+    """``finepruner eval``/``sweep`` and the lmms-eval runtime validate a method against the checkpoint's
+    config.json before loading it (``shape_of``): on a variable-count family they run ``apply``'s checks,
+    so a budget that fits the family's real images is not refused against the 16,384-token bound."""
+    from finepruner.eval.runner import EvalError, build_method
+    from finepruner.models.adapters import adapter_class
+    from finepruner.sweep.config import check_method_params
+
+    shape = adapter_class("qwen2_5_vl").shape_of(qwen[0].config)
+    assert shape.variable and shape.num_visual >= 1024
+    check_method_params("pdrop", {"tokens": 8}, shape)  # was: "cannot be the layer average ... 16384"
+    assert build_method("pdrop", {"tokens": 8}, shape) is not None
+    # a fixed count (LLaVA-1.5; the toy's 6 layers and 144 tokens) still checks the plan before the load
+    fixed = ModelShape(6, 8, 144)
+    with pytest.raises(ValueError, match="layer average"):
+        check_method_params("pdrop", {"tokens": 16}, fixed)
+    with pytest.raises(EvalError, match="layer average"):
+        build_method("pdrop", {"tokens": 16}, fixed)

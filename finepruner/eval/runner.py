@@ -471,6 +471,7 @@ def build_method(method: str | None, params: Mapping[str, Any], shape: Any = Non
     if method in NO_METHOD:
         return None
     from finepruner import methods
+    from finepruner.methods.base import check_shape
 
     tokens = params.get("tokens")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
@@ -482,8 +483,7 @@ def build_method(method: str | None, params: Mapping[str, Any], shape: Any = Non
     try:
         instance = methods.create(method, **params)
         if shape is not None:  # the plan and model checks ``apply`` would run after the load
-            instance.plan(shape.num_layers, shape.num_visual)
-            instance.check_model(shape.num_heads, shape.num_layers, shape.num_visual)
+            check_shape(instance, shape)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise EvalError(f"--method {method}: {err}") from err
     return instance

@@ -146,9 +146,10 @@ def validate(args: ModelArgs) -> Any:
 
     config = getattr(transformers, family.config_class).from_pretrained(directory)
     shape = family.shape_of(config)
+    from finepruner.methods.base import check_shape
+
     try:
-        method.plan(shape.num_layers, shape.num_visual)
-        method.check_model(shape.num_heads, shape.num_layers, shape.num_visual)
+        check_shape(method, shape)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise ValueError(f"method {args.describe_method()} on {args.pretrained} ({family.family_name()}, "
                          f"{shape.num_layers} layers, {shape.num_heads} heads, up to {shape.num_visual} visual "

@@ -571,6 +571,7 @@ def check_method_params(method: str, params: Mapping[str, Any], shape: ModelShap
     method's signature, and the method's own constructor checks; with ``shape`` (from the checkpoint's
     config.json) also its plan and model checks. Raises ``ValueError`` naming the parameter."""
     from finepruner import methods
+    from finepruner.methods.base import check_shape
 
     cls = methods.get(method)
     allowed = methods.parameters(method)
@@ -598,9 +599,8 @@ def check_method_params(method: str, params: Mapping[str, Any], shape: ModelShap
                              f"{shape.num_visual} visual tokens per sample (allowed: 1..{shape.num_visual})")
         return
     instance = methods.create(method, **dict(params))
-    if shape is not None:
-        instance.plan(shape.num_layers, shape.num_visual)
-        instance.check_model(shape.num_heads, shape.num_layers, shape.num_visual)
+    if shape is not None:  # the checks ``apply`` runs (per image at its prefill where counts vary)
+        check_shape(instance, shape)
 
 
 def validate_cells(cells: Iterable[Cell], shape: ModelShape | None = None, limit: int = 5) -> None:

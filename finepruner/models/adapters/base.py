@@ -274,9 +274,12 @@ class ModelAdapter:
 
     @classmethod
     def shape_of(cls, config) -> ModelShape:
-        """Decoder depth, query heads and the largest image's visual tokens, from the configuration."""
+        """Decoder depth, query heads and the largest image's visual tokens, from the configuration;
+        ``variable`` where each image has its own count (its budgets are checked per image at its prefill,
+        ``methods.base.check_shape``)."""
         text = config.text_config
-        return ModelShape(int(text.num_hidden_layers), int(text.num_attention_heads), cls.max_tokens(config))
+        return ModelShape(int(text.num_hidden_layers), int(text.num_attention_heads), cls.max_tokens(config),
+                          variable=cls.per_image_budget)
 
     @property
     def patches_per_crop(self) -> int:
