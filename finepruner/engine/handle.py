@@ -89,12 +89,11 @@ class Handle:
         """The method's plan and model checks at ``apply`` (``methods.base.check_shape``, ``spec/models.md``
         §5.1). A fixed count (LLaVA-1.5: 576 per sample): every check, at that count. Variable counts (Qwen,
         LLaVA-NeXT, OneVision): only what no image the processor can produce fits, from the smallest image's
-        count (``budget_floor`` where the adapter has one, else 1) to the largest (``budget_bound``); each
+        count (``budget_floor``) to the largest (``budget_bound``); each
         image's own count is checked by :meth:`plan` at its prefill, before the language model runs."""
         adapter = self.adapter
         bound = adapter.budget_bound(processor)
-        floor = getattr(adapter, "budget_floor", None)
-        smallest = min(bound, floor(processor)) if callable(floor) and adapter.per_image_budget else 1
+        smallest = min(bound, adapter.budget_floor(processor)) if adapter.per_image_budget else 1
         check_shape(self.method, ModelShape(adapter.num_layers, adapter.num_heads, bound,
                                             variable=adapter.per_image_budget, min_visual=smallest))
 

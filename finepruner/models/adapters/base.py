@@ -303,6 +303,11 @@ class ModelAdapter:
         limit = self.processor_max_tokens(processor) if processor is not None else None
         return bound if limit is None else max(1, min(bound, limit))
 
+    def budget_floor(self, processor: Any = None) -> int:
+        """The smallest image's visual tokens that ``apply`` checks a budget against on a variable-count
+        family (``methods.base.check_shape``): 1 unless the family knows better from ``processor``."""
+        return 1
+
     def processor_max_tokens(self, processor: Any) -> int | None:
         """One image's largest visual-token count under ``processor``'s settings, or None where the
         configuration alone fixes it (the LLaVA families)."""
