@@ -25,8 +25,8 @@ both prompts, and reported as ratios of medians measured in the same run:
   patch grid or one image per sample (``pool``, ``hiprune``, ``prumerge``, ``prumerge_plus``,
   ``visionzip``) run on neither 2,880-token layout and are reported as such.
 * ``functions``: the pre-LLM selection functions alone on synthetic signals of the same shapes (VisPruner
-  ranking + de-duplication, CDPruner similarity + DPP, DivPrune, SparseVLM's recycling at its three
-  stages; the text tower and SparseVLM's rater attention excluded), with the
+  ranking + de-duplication, CDPruner similarity + DPP (``dpp_select_projected``), DivPrune, SparseVLM's
+  recycling at its three stages; the text tower and SparseVLM's rater attention excluded), with the
   feature widths of the bench model (``model``: CLIP 256, projected 1024, joint 256) and of LLaVA-1.5-7B
   (``llava7b``: 1024, 4096, 768; still divided by the ``medium`` prefill, so those ratios are upper
   bounds: a 7B prefill costs about 50 times more). ``--plain`` also times the plain implementations the
@@ -54,9 +54,8 @@ from finepruner.bench.shapes import INSTRUCTION, build_shape, clip_text_for, syn
 from finepruner.engine.vision import cls_attention
 from finepruner.methods.base import ModelShape
 from finepruner.methods.cdpruner import (
-    cosine_similarity,
     dpp_greedy_plain,
-    dpp_select,
+    dpp_select_projected,
     relevance_scores,
     similarity_kernel,
 )
@@ -184,8 +183,8 @@ def function_tasks(model, args) -> tuple[dict[str, Callable[[], object]], dict[s
             for budget in budgets_at(num_visual, args.budgets):
                 calls = {
                     "vispruner": lambda s=s, b=budget: vispruner_select(s["attention"], s["features"], b, 0.5),
-                    "cdpruner": lambda s=s, b=budget: dpp_select(
-                        cosine_similarity(s["projected"]), relevance_scores(s["image_embeds"], s["text"]), b),
+                    "cdpruner": lambda s=s, b=budget: dpp_select_projected(
+                        s["projected"], relevance_scores(s["image_embeds"], s["text"]), b),
                     "divprune": lambda s=s, b=budget: divprune_select(s["projected"], b),
                     "sparsevlm": lambda s=s, b=budget: recycling_calls(s["projected"], b, model),
                 }

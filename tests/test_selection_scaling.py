@@ -273,6 +273,28 @@ def test_symmetric_gram_is_the_matmul_up_to_rounding():
     assert torch.equal(gram[0, first], gram[0, second])
 
 
+@pytest.mark.parametrize(("size", "width", "tokens", "batch_rows"),
+                         [(300, 64, 40, 7), (300, 24, 60, 16), (1100, 200, 150, 128), (1500, 64, 40, 128)])
+def test_cdpruner_rows_on_demand_keep_the_one_matmul_sets(size, width, tokens, batch_rows, monkeypatch):
+    """``dpp_select_projected`` forms only the rows of S the greedy reads (``ROW_BATCH`` at a time; 7 and
+    16 refill often): on full-rank kernels and ``exact`` features the kept sets of one matmul; on an
+    exhausted kernel (``width < tokens``) distinct picks."""
+    monkeypatch.setattr(cdpruner, "ROWS_FROM", 200)
+    monkeypatch.setattr(cdpruner, "ROW_BATCH", batch_rows)
+    generator = torch.Generator().manual_seed(size + width)
+    for kind in GRAM_KINDS:
+        projected = features_of(kind, 1, size, width, generator)
+        embeds = projected[..., :8] + 0.1 * torch.randn(1, size, 8, generator=generator)
+        relevance = cdpruner.relevance_scores(embeds, [torch.randn(3, 8, generator=generator)])
+        kept = cdpruner.dpp_select_projected(projected, relevance, tokens)
+        assert len(set(kept[0].tolist())) == tokens
+        if tokens <= width or kind == "exact":
+            assert torch.equal(kept, reference_dpp(reference_kernel(projected, relevance), tokens)), kind
+    projected[0, 3] = 0.0  # no direction: NaN similarities, the plain loop's NaN rules
+    assert torch.equal(cdpruner.dpp_select_projected(projected, relevance, tokens),
+                       reference_dpp(reference_kernel(projected, relevance), tokens))
+
+
 def test_cdpruner_keep_all_and_non_finite_kernels():
     generator = torch.Generator().manual_seed(5)
     projected = features_of("duplicates", 2, 60, 12, generator)
