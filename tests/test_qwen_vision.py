@@ -138,9 +138,11 @@ def test_cdpruner_uses_llm_relevance_per_image(name):
 
 
 def test_methods_needing_cls_are_refused_naming_the_reason():
+    """PruMerge(+) and VisionZip's [CLS] vector (``cls_token=True``) need a [CLS] row; VisionZip without it and
+    HiPrune run on Qwen (``tests/test_cls_free_ports.py``)."""
     model, _ = tiny("qwen2_5_vl")
-    for method in ("visionzip", "prumerge", "prumerge_plus", "hiprune"):
+    for method, params in (("prumerge", {}), ("prumerge_plus", {}), ("visionzip", {"tokens": 4, "cls_token": True})):
         with pytest.raises(ValueError, match="no \\[CLS\\] token"):
-            finepruner.apply(model, method, **({} if method.startswith("prumerge") else {"tokens": 4}))
+            finepruner.apply(model, method, **params)
     with pytest.raises(ValueError, match="relevance='clip' needs a CLIP vision tower"):
         finepruner.apply(model, "cdpruner", tokens=4, relevance="clip")

@@ -4,6 +4,11 @@ Before the language model, from the attention each patch *receives* in two CLIP 
 over all queries): "anchors" are the top patches of a middle "object" layer, each with its ±1 and ±grid-width
 neighbours ("buffers"); "registers" fill the budget with the top patches of the deep (feature) layer among
 the rest. The kept patches go to the LLM in spatial order, contiguous positions, nothing merged.
+
+Towers without [CLS] (Qwen2-VL/2.5-VL/3-VL, the official Qwen2.5-VL code's rule): the scored units are the
+merged tokens (the received attention of each 2 x 2 merge unit, mean over heads, sum over the queries of the
+block's segments, mean over the unit; the adapter's capture), the buffers are +-1 and +-row on each image's
+merged grid, the deep layer is the last block, and the budget counts per image.
 """
 
 from __future__ import annotations
@@ -37,15 +42,22 @@ def anchor_count(tokens: int, alpha: float) -> int:
     return round(tokens * alpha / 5)
 
 
-def default_object_layer(depth: int) -> int:
-    """The object layer (1-based) for a tower of ``depth`` layers: 9 on LLaVA-1.5's 24 layers, the same
-    fraction of the depth elsewhere (``max(1, round(9 * depth / 24))``)."""
-    return max(1, round(DEFAULT_OBJECT_LAYER * depth / REFERENCE_DEPTH))
+def default_object_layer(depth: int, reference: tuple[int, int] = (DEFAULT_OBJECT_LAYER, REFERENCE_DEPTH)) -> int:
+    """The object layer (1-based) for a tower of ``depth`` layers: ``reference`` = (official layer, the depth it
+    is set for), 9 of LLaVA-1.5's 24 CLIP layers by default (16 of 32 on Qwen2.5-VL, the adapter's
+    ``hiprune_object_layer``), the same fraction of the depth elsewhere (``max(1, round(layer * depth / of))``)."""
+    layer, of = reference
+    return max(1, round(layer * depth / of))
+
+
+def ratio_tokens(ratio: float, num_visual: int) -> int:
+    """N' of the official Qwen ``HIPRUNE_QWEN_RETENTION`` ratio: ``round(V * ratio)`` (Python's ``round``), >= 1."""
+    return max(1, round(num_visual * ratio))
 
 
 def hiprune_select(
-    object_scores: torch.Tensor, deep_scores: torch.Tensor, tokens: int, alpha: float, grid_width: int,
-    wrap: Wrap = "official",
+    object_scores: torch.Tensor, deep_scores: torch.Tensor, tokens: int, alpha: float,
+    grid_width: int | torch.Tensor, wrap: Wrap = "official",
 ) -> torch.Tensor:
     """HiPrune's kept set (spec §4.1), vectorised over the batch.
 
@@ -54,7 +66,8 @@ def hiprune_select(
         deep_scores: [B, V] the same at the deep (feature) layer.
         tokens: N', patches kept per sample.
         alpha: anchors are ``round(N' * alpha / 5)`` patches.
-        grid_width: patches per row of the grid (the ±row neighbours are ±grid_width).
+        grid_width: patches per row of the grid (the ±row neighbours are ±grid_width): one for the batch, or
+            [B] long, one per sample (Qwen: each image's merged grid).
         wrap: ``"official"``: neighbours are flat indices clamped to [0, V-1] (±1 crosses row edges);
             ``"grid"``: neighbours outside the image or across a row edge are dropped.
 
@@ -68,6 +81,8 @@ def hiprune_select(
     anchors = object_scores.argsort(dim=-1, descending=True, stable=True)[:, :count]  # [B, a]
     chosen = torch.zeros(batch, num_visual, dtype=torch.bool, device=device)
     chosen.scatter_(1, anchors, True)
+    if isinstance(grid_width, torch.Tensor):
+        grid_width = grid_width.to(device).view(batch, 1)
     column = anchors % grid_width
     for step in (-1, 1, -grid_width, grid_width):
         neighbours = anchors + step
@@ -96,12 +111,16 @@ class HiPrune(PruningMethod):
 
     Parameters:
         tokens: N' kept patches per sample (1..V); budgets 192/128/64 are ``tokens=192/128/64``; default V/3
-            (192 on LLaVA-1.5).
+            (192 on LLaVA-1.5). Not with ``ratio``.
+        ratio: alternatively the kept fraction (official Qwen ``HIPRUNE_QWEN_RETENTION``: 0.334/0.223/0.112),
+            ``N' = round(V * ratio)`` (at least 1) of each image's V tokens (each budget unit's on NeXT).
         alpha: anchor share, ``a = round(N' * alpha / 5)`` anchors (default 0.1, official); allowed when
             ``5a <= N'`` (anchors and their four neighbours fit in the budget).
         object_layer: the object layer, 1-based as the official ``HIPRUNE_OBJECT_LAYER`` (encoder layer
             ``object_layer - 1``), in 1..depth of the vision tower; default 9 on a 24-layer tower (LLaVA-1.5),
-            the same fraction of the depth on other towers (``max(1, round(9 * depth / 24))``).
+            the same fraction of the depth on other CLIP/SigLIP towers (``max(1, round(9 * depth / 24))``); on
+            the Qwen towers 16 of 32 blocks (official Qwen2.5-VL), the same fraction of other depths
+            (``max(1, round(16 * depth / 32))``: 14 of Qwen3-VL's 27, 1 of a 2-block tiny tower; our inference).
         wrap: ``"official"`` (default): buffer neighbours are flat indices clamped to [0, V-1], so ±1 wraps
             across rows and edge neighbours become patch 0 or V-1; ``"grid"``: neighbours across a row edge or
             outside the grid are dropped.
@@ -117,6 +136,16 @@ class HiPrune(PruningMethod):
     the official ``RETENTION / B`` with B crops; a crop left with fewer patches by unpadding keeps them all);
     newline tokens always kept and not counted; buffers on the anchor's own crop grid (a neighbour that
     unpadding removed is dropped). OneVision is refused (shrunk grids mix patches).
+
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL (official Qwen2.5-VL code, ``qwen2_5_vl_HiPrune.py``): per image, its V
+    merged tokens are the units: scores are the attention each patch receives at the object block and at the
+    last block (mean over heads, *sum* over the queries of the block's own attention segments, as the
+    official eager code; mean over each 2 x 2 merge unit; window order undone), buffers are the anchors'
+    +-1 and +-w neighbours on the image's h x w merged grid (``wrap`` as above: official flat clamp to
+    [0, V-1]), N' per image (``tokens`` or ``ratio``); kept tokens keep their 3-D positions (official).
+    Deviation: the official code pushes chosen tokens out of the registers by subtracting 1 from their summed
+    deep score, which can pick one again when its score exceeds 1 (then fewer than N' tokens are kept); here
+    they are excluded.
     """
 
     name = "hiprune"
@@ -131,10 +160,17 @@ class HiPrune(PruningMethod):
         wrap: Wrap = "official",
         positions: Positions | None = None,
         budget_scope: str = "image",
+        ratio: float | None = None,
     ) -> None:
         super().__init__(positions)
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"{self.name}: tokens={tokens!r} is not allowed; allowed: an integer >= 1 (and <= V)")
+        if tokens is not None and ratio is not None:
+            raise ValueError(f"{self.name}: pass tokens or ratio, not both")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1):
+            raise ValueError(f"{self.name}: ratio={ratio!r} is the kept fraction; allowed: 0 < ratio <= 1 "
+                             "(official Qwen2.5-VL 0.334/0.223/0.112)")
+        self.ratio = None if ratio is None else float(ratio)
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
             raise ValueError(f"{self.name}: alpha={alpha!r}; allowed: a number in [0, 1] (official 0.1)")
         if object_layer is not None and (
@@ -153,9 +189,17 @@ class HiPrune(PruningMethod):
         self._layers: tuple[int, int] | None = None  # (object, deep) encoder layer indices, set by bind_model
         self._side: int | None = None  # LLaVA-NeXT (set by bind_model): patches per crop row
 
+    def _count(self, num_visual: int) -> int:
+        """N' before validation: ``tokens``, ``round(V * ratio)``, or V/3."""
+        if self.tokens is not None:
+            return self.tokens
+        if self.ratio is not None:
+            return ratio_tokens(self.ratio, num_visual)
+        return max(1, num_visual // 3)
+
     def kept(self, num_visual: int) -> int:
         """N' for ``num_visual`` patches per sample, validated against the model and ``alpha``."""
-        tokens = self.tokens if self.tokens is not None else max(1, num_visual // 3)
+        tokens = self._count(num_visual)
         check_tokens(self.name, tokens, num_visual)
         anchors = anchor_count(tokens, self.alpha)
         if 5 * anchors > tokens:
@@ -172,20 +216,28 @@ class HiPrune(PruningMethod):
 
     def bind_model(self, model) -> None:
         from finepruner.engine.vision import feature_layer_index, received_attention_signal  # no import cycle
+        from finepruner.models.adapters import adapter_for  # no import cycle
 
-        require_default_features(self.name, model, "patch tokens on the grid, [CLS] dropped")
+        adapter = adapter_for(model)
         config = model.config
-        depth = int(config.vision_config.num_hidden_layers)
-        layer = self.object_layer if self.object_layer is not None else default_object_layer(depth)
+        if adapter.has_cls(config):
+            require_default_features(self.name, model, "patch tokens on the grid, [CLS] dropped")
+        layers = getattr(adapter, "vision_layers", None)  # towers whose features are one block's output (Qwen)
+        if layers is not None:
+            depth, deep = layers()
+        else:
+            depth = int(config.vision_config.num_hidden_layers)
+            deep = feature_layer_index(depth, config.vision_feature_layer)
+        reference = getattr(adapter, "hiprune_object_layer", (DEFAULT_OBJECT_LAYER, REFERENCE_DEPTH))
+        default = default_object_layer(depth, reference)
+        layer = self.object_layer if self.object_layer is not None else default
         if layer > depth:
             raise ValueError(
                 f"{self.name}: object_layer={layer} but the vision tower has {depth} layers; allowed: object_layer "
-                f"in 1..{depth} (or None: {default_object_layer(depth)} on this tower)"
+                f"in 1..{depth} (or None: {default} on this tower)"
             )
-        deep = feature_layer_index(depth, config.vision_feature_layer)
         self._layers = (layer - 1, deep)
         self.needs_vision = tuple(dict.fromkeys(received_attention_signal(i) for i in self._layers))
-        from finepruner.models.adapters import adapter_for  # no import cycle
 
         self._side = None
         if adapter_for(model).packs_crops:  # LLaVA-NeXT: each crop's patch grid side (the handle plans again)
@@ -199,6 +251,8 @@ class HiPrune(PruningMethod):
         ids = ctx.visual_ids
         if vision.newline_mask is not None:
             return self._select_packed(vision, ids)
+        if vision.patch_index is not None:  # each image its own merged grid (Qwen)
+            return self._select_grids(vision, ids, stage.keep)
         num_visual = ids.shape[1]
         if vision.patches_per_image != num_visual:
             images = num_visual / vision.patches_per_image if vision.patches_per_image else float("nan")
@@ -213,12 +267,23 @@ class HiPrune(PruningMethod):
         obj, deep = (vision.received_attention[i].to(device).gather(1, ids) for i in self._layers)
         return hiprune_select(obj, deep, stage.keep, self.alpha, width, self.wrap)
 
+    def _select_grids(self, vision, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Images that are each one grid of their own shape (``patch_index`` = ``row * V + column``, V the
+        image's tokens: Qwen's merged grids): ``hiprune_select`` per image with its own grid width."""
+        device = ids.device
+        num_visual = ids.shape[1]
+        if vision.patches_per_image != num_visual:
+            raise ValueError(f"{self.name}: the selection got {num_visual} tokens of images of "
+                             f"{vision.patches_per_image}; HiPrune selects per image before the language model")
+        width = vision.patch_index.to(device).remainder(num_visual).amax(dim=1) + 1  # [B] grid widths
+        obj, deep = (vision.received_attention[i].to(device).gather(1, ids) for i in self._layers)
+        return hiprune_select(obj, deep, tokens, self.alpha, width, self.wrap)
+
     def _unit_count(self, members: int) -> int:
         """N' of one budget unit of ``members`` patches: the image (validated) or a crop (capped)."""
         if self.budget_scope == "image":
             return self.kept(members)
-        tokens = self.tokens if self.tokens is not None else max(1, members // 3)
-        count = min(tokens, members)
+        count = min(self._count(members), members)
         if 5 * anchor_count(count, self.alpha) > count:
             raise ValueError(
                 f"{self.name}: alpha={self.alpha} gives {anchor_count(count, self.alpha)} anchors for a crop of "

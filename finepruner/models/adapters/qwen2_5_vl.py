@@ -178,19 +178,32 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def vision_signals_supported(self) -> frozenset[str]:
         """Per image (``adapters.qwen_vision``): the attention each merged token receives in the last vision
         block as ``cls_attention`` (no [CLS]; un-permuted from the window order), the merged tokens as
-        ``patch_features`` and the language model's input rows as ``projected_features``."""
+        ``patch_features``, the language model's input rows as ``projected_features``, the last block's
+        RoPE'd head-mean keys per merged token as ``feature_keys`` (VisionZip, LightCompress's port) and the
+        attention received at any block as ``received_attention@l`` (HiPrune)."""
         from finepruner.models.adapters.qwen_vision import QWEN_SIGNALS
 
         return QWEN_SIGNALS
+
+    #: HiPrune's official object layer on this tower family (1-based) and the depth it is set for:
+    #: ``HIPRUNE_OBJECT_LAYER=16`` of Qwen2.5-VL's 32 blocks (``methods_more.md`` §4.1); other depths take
+    #: the same fraction (Qwen2-VL, Qwen3-VL, tiny towers: our inference).
+    hiprune_object_layer: ClassVar[tuple[int, int]] = (16, 32)
+
+    def vision_layers(self) -> tuple[int, int]:
+        """``(depth, feature block)`` of the vision tower: its blocks, and the block whose output the merger
+        reads (the last one; HiPrune's deep layer, official ``attn_list[-1]``)."""
+        depth = int(self.vision_config.depth)
+        return depth, depth - 1
 
     @property
     def projects_new_tokens(self) -> bool:
         return False
 
     def vision_unsupported_reason(self) -> str:
-        return ("the Qwen vision tower has no [CLS] token: [CLS]-query signals (VisionZip's summed [CLS] row and "
-                "[CLS] vector, PruMerge's [CLS] row) have no defined value, and HiPrune's per-layer received "
-                "attention and pre-merger CLIP-style features (CDPruner's CLIP relevance) are not provided")
+        return ("the Qwen vision tower has no [CLS] token: [CLS]-query signals (the summed [CLS] row and [CLS] "
+                "vector of VisionZip's cls_token=True, PruMerge's [CLS] row) have no defined value, and "
+                "pre-merger CLIP-style features (CDPruner's CLIP relevance) are not provided")
 
     @property
     def signals_per_image(self) -> bool:

@@ -1,0 +1,154 @@
+"""HiPrune on vision towers without [CLS]: Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
+
+HiPrune (``methods_more.md`` §4.1, the official Qwen2.5-VL code): per image, on its merged grid, from the
+attention each patch receives at the object block and at the last block (mean over heads, sum over the
+queries of the block's segments, mean over each 2 x 2 merge unit). VisionZip (LightCompress's Qwen2.5-VL
+port, §8): dominant merged tokens by the last block's received attention, contextual tokens merged from the
+language model's input rows by the similarity of the last block's RoPE'd keys.
+
+The references read the tower's own eager attention (``eager_attention_forward``: its weights and rotated
+keys per attention segment, tagged by block) on each image alone, put them in raster order by matching the
+merger's rows with the tower's un-permuted output (no window index), and select with plain loops.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import finepruner
+from finepruner.models.tiny_families import (
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2_vl,
+    build_tiny_qwen3_vl,
+    qwen_inputs,
+    tiny_image,
+)
+from tests.conftest import assert_row_equals_alone
+
+BUILDERS = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen2_vl": build_tiny_qwen2_vl, "qwen3_vl": build_tiny_qwen3_vl}
+#: images of different sizes and shapes (merged grids 4 x 6, 3 x 4, 4 x 2 at 28 px; others at 32 px)
+IMAGES = [[tiny_image(168, 112, 1)], [tiny_image(112, 84, 3), tiny_image(56, 112, 4)], [tiny_image(224, 140, 5)]]
+QUESTIONS = ["what color is the circle ?", "which one is on the left ?", "what is in the middle ?"]
+_MODELS: dict[str, tuple] = {}
+
+
+def tiny(name: str):
+    if name not in _MODELS:
+        _MODELS[name] = BUILDERS[name](seed=0, attn="eager", qk_scale=8.0)
+    return _MODELS[name]
+
+
+def inputs_for(processor, rows):
+    prompts = []
+    for row in rows:
+        content = [{"type": "image"} for _ in IMAGES[row]] + [{"type": "text", "text": QUESTIONS[row]}]
+        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                     add_generation_prompt=True))
+    return qwen_inputs(processor, prompts, [IMAGES[r] for r in rows])
+
+
+def eager_signals(model, processor, image) -> dict:
+    """One image alone, in raster order of its merged tokens: per block the received attention (mean over
+    heads, sum over each segment's queries, mean per merge unit), the last block's received attention with
+    the mean over queries, its rotated keys (mean per merge unit and over heads), the merged tokens, the grid."""
+    processed = processor.image_processor([image], return_tensors="pt")
+    visual = model.model.visual
+    module = importlib.import_module(type(visual).__module__)
+    blocks = {id(block.attn): index for index, block in enumerate(visual.blocks)}
+    records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    original = module.eager_attention_forward
+
+    def recording(attn, query, key, value, *args, **kwargs):
+        out, weights = original(attn, query, key, value, *args, **kwargs)
+        records.setdefault(blocks[id(attn)], []).append((weights.detach()[0].float(), key.detach()[0].float()))
+        return out, weights
+
+    merged: list[torch.Tensor] = []
+    hook = visual.merger.register_forward_hook(lambda m, a, o: merged.append(o.detach()))
+    module.eager_attention_forward = recording
+    try:
+        with torch.no_grad():
+            pooled = visual(processed["pixel_values"], grid_thw=processed["image_grid_thw"]).pooler_output
+    finally:
+        module.eager_attention_forward = original
+        hook.remove()
+    order = torch.cdist(pooled.float(), merged[-1].float()).argmin(dim=1)  # raster token i = merger row order[i]
+    assert torch.equal(torch.sort(order).values, torch.arange(len(order)))
+
+    def unit_mean(values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(-1, 4, *values.shape[1:]).mean(dim=1)[order]
+
+    summed = {b: unit_mean(torch.cat([w.mean(dim=0).sum(dim=0) for w, _ in chunks])) for b, chunks in records.items()}
+    last = records[len(visual.blocks) - 1]
+    assert len(last) == 1  # the last block attends over the whole image
+    weights, keys = last[0]
+    _, height, width = processed["image_grid_thw"][0].tolist()
+    return {"received": summed, "mean": unit_mean(weights.mean(dim=0).mean(dim=0)),
+            "keys": unit_mean(keys.mean(dim=0)), "merged": pooled, "width": width // 2, "depth": len(visual.blocks)}
+
+
+def hiprune_reference(obj: torch.Tensor, deep: torch.Tensor, tokens: int, alpha: float, width: int) -> list[int]:
+    """HiPrune's official rule on one image's merged grid (flat +-1 / +-width buffers clamped to [0, V-1])."""
+    count = len(obj)
+    anchors = sorted(range(count), key=lambda i: (-float(obj[i]), i))[:round(tokens * alpha / 5)]
+    chosen = set(anchors)
+    for a in anchors:
+        chosen |= {min(max(a + step, 0), count - 1) for step in (-1, 1, -width, width)}
+    rest = sorted((i for i in range(count) if i not in chosen), key=lambda i: (-float(deep[i]), i))
+    return sorted(chosen | set(rest[:tokens - len(chosen)]))
+
+
+def generate(model, processor, inputs, method: str, new: int = 1, **params):
+    with finepruner.apply(model, method, processor=processor, **params) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    return handle, out
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("params", [{"tokens": 5, "alpha": 1.0}, {"tokens": 7, "alpha": 1.0}, {"tokens": 3},
+                                    {"ratio": 0.5, "alpha": 0.5}, {"tokens": 6, "alpha": 1.0, "object_layer": 2}])
+def test_hiprune_kept_sets_equal_the_official_rule_per_image(name, params):
+    model, processor = tiny(name)
+    depth = len(model.model.visual.blocks)
+    layer = params.get("object_layer", max(1, round(16 * depth / 32)))  # 16 of 32 blocks, the official fraction
+    for row in range(len(IMAGES)):
+        handle, _ = generate(model, processor, inputs_for(processor, [row]), "hiprune", **params)
+        expected, offset = [], 0
+        for image in IMAGES[row]:
+            signals = eager_signals(model, processor, image)
+            count = len(signals["mean"])
+            tokens = params.get("tokens") or max(1, round(count * params["ratio"]))
+            picks = hiprune_reference(signals["received"][layer - 1], signals["received"][depth - 1], tokens,
+                                      params.get("alpha", 0.1), signals["width"])
+            expected += [p + offset for p in picks]
+            offset += count
+        assert handle.method._layers == (layer - 1, depth - 1)
+        assert handle.kept[0][0].tolist() == expected
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize(("method", "params"), [("hiprune", {"tokens": 5, "alpha": 1.0})])
+def test_left_padded_batch_equals_each_sample_alone(name, method, params):
+    model, processor = tiny(name)
+    together_handle, together = generate(model, processor, inputs_for(processor, [0, 2]), method, new=3, **params)
+    for row, sample in enumerate([0, 2]):
+        handle, alone = generate(model, processor, inputs_for(processor, [sample]), method, new=3, **params)
+        width = handle.kept[0].shape[1]
+        assert together_handle.kept[0][row, :width].tolist() == handle.kept[0][0].tolist()
+        assert_row_equals_alone(alone, together, row)
+
+
+def test_hiprune_budget_and_depth_rules():
+    model, processor = tiny("qwen2_5_vl")
+    with pytest.raises(ValueError, match="pass tokens or ratio, not both"):
+        finepruner.methods.create("hiprune", tokens=4, ratio=0.5)
+    with pytest.raises(ValueError, match="ratio=1.5 is the kept fraction"):
+        finepruner.methods.create("hiprune", ratio=1.5)
+    with pytest.raises(ValueError, match="object_layer=3 but the vision tower has 2 layers"):
+        finepruner.apply(model, "hiprune", tokens=4, object_layer=3, processor=processor)
+    method = finepruner.methods.create("hiprune", ratio=0.334)
+    assert [method.kept(v) for v in (576, 24, 12)] == [192, 8, 4]  # round(V * ratio), official
