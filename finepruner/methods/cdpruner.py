@@ -169,7 +169,7 @@ def _greedy_single(gains: torch.Tensor, matrix, weights: torch.Tensor | None,
     return torch.tensor(sorted(chosen), dtype=torch.long, device=gains.device).view(1, count)
 
 
-#: ``dpp_select_projected`` forms S by rows from this many tokens on, for budgets below a third of them
+#: ``dpp_select_projected`` forms S by rows from this many tokens on, for budgets up to 40 % of them
 #: (otherwise, and below, S is one ``symmetric_gram``: its panels are the faster product there).
 ROWS_FROM = 1024
 #: Rows of S formed by one matrix product when the greedy reaches a pick without its row: the pick's and
@@ -207,7 +207,7 @@ def dpp_select_projected(projected: torch.Tensor, relevance: torch.Tensor, count
     """``dpp_select(cosine_similarity(projected), relevance, count)``, forming only the rows of S the greedy
     reads (spec §5.2: S enters the DPP only through ``L``'s diagonal and the picked rows).
 
-    One sample of at least ``ROWS_FROM`` tokens and ``3 * count < N``: the diagonal ``S_ii = x_i · x_i``
+    One sample of at least ``ROWS_FROM`` tokens and ``count <= 0.4 N``: the diagonal ``S_ii = x_i · x_i``
     by one row-wise sum, the rows ``S_j = x_j xᵀ`` by matrix products of ``ROW_BATCH`` rows (the pick's and
     the best-gain candidates' without one, the likely next picks), so about ``count + ROW_BATCH`` of the N
     rows are formed instead of the whole N x N product (at 2,880 tokens and 320 picks: 384 rows, a sixth
@@ -216,7 +216,7 @@ def dpp_select_projected(projected: torch.Tensor, relevance: torch.Tensor, count
     ``dpp_select`` on ``cosine_similarity``."""
     normed = (projected / projected.norm(dim=-1, keepdim=True)).float()
     batch, size, _ = normed.shape
-    if batch != 1 or size < ROWS_FROM or 3 * count >= size or not bool(torch.isfinite(normed.sum())):
+    if batch != 1 or size < ROWS_FROM or 5 * count > 2 * size or not bool(torch.isfinite(normed.sum())):
         return dpp_select(symmetric_gram(normed), relevance, count)
     x, weights = normed[0], relevance[0]
     gains = weights * (x * x).sum(dim=-1) * weights
