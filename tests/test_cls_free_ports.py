@@ -1,4 +1,4 @@
-"""HiPrune on vision towers without [CLS]: Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
+"""HiPrune and VisionZip on vision towers without [CLS]: Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
 
 HiPrune (``methods_more.md`` §4.1, the official Qwen2.5-VL code): per image, on its merged grid, from the
 attention each patch receives at the object block and at the last block (mean over heads, sum over the
@@ -101,6 +101,25 @@ def hiprune_reference(obj: torch.Tensor, deep: torch.Tensor, tokens: int, alpha:
     return sorted(chosen | set(rest[:tokens - len(chosen)]))
 
 
+def visionzip_reference(signals: dict, dominant: int, contextual: int) -> tuple[list[int], torch.Tensor, list[int]]:
+    """LightCompress's Qwen VisionZip on one image: (dominant tokens, contextual tokens [c, D], their targets)."""
+    scores, keys, values = signals["mean"], signals["keys"], signals["merged"].float()
+    count = len(scores)
+    top = sorted(sorted(range(count), key=lambda i: (-float(scores[i]), i))[:dominant])
+    remaining = [i for i in range(count) if i not in top]
+    step = max(1, len(remaining) // contextual) if contextual else 1
+    targets = [remaining[k * step] for k in range(contextual)]
+    members: dict[int, list[int]] = {t: [] for t in targets}
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    for r in remaining if targets else []:
+        if r in members:
+            continue
+        similarity = torch.stack([unit[r] @ unit[t] for t in targets])
+        members[targets[int(similarity.argmax())]].append(r)
+    merged = [values[t] + (values[members[t]].mean(dim=0) if members[t] else 0) for t in targets]
+    return top, torch.stack(merged) if merged else values[:0], targets
+
+
 def generate(model, processor, inputs, method: str, new: int = 1, **params):
     with finepruner.apply(model, method, processor=processor, **params) as handle, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_scores=True,
@@ -131,7 +150,62 @@ def test_hiprune_kept_sets_equal_the_official_rule_per_image(name, params):
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
-@pytest.mark.parametrize(("method", "params"), [("hiprune", {"tokens": 5, "alpha": 1.0})])
+@pytest.mark.parametrize("params", [{"dominant": 3, "contextual": 2}, {"dominant": 1, "contextual": 4},
+                                    {"dominant": 4, "contextual": 0}, {"tokens": 7}, {"tokens": 8, "cls_token": False}])
+def test_visionzip_equals_lightcompress_rule_per_image(name, params):
+    model, processor = tiny(name)
+    for row in range(len(IMAGES)):
+        inputs = inputs_for(processor, [row])
+        captured: list[torch.Tensor] = []
+
+        def record(module, args, kwargs, into=captured):
+            into.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        hook = model.model.language_model.layers[0].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            handle, _ = generate(model, processor, inputs, "visionzip", **params)
+        finally:
+            hook.remove()
+        kept, merged_tokens, offset = [], [], 0
+        for image in IMAGES[row]:
+            signals = eager_signals(model, processor, image)
+            count = len(signals["mean"])
+            if "tokens" in params:
+                contextual = params["tokens"] * 5 // 32
+                dominant = params["tokens"] - contextual
+            else:
+                dominant, contextual = params["dominant"], params["contextual"]
+            top, merged, _ = visionzip_reference(signals, dominant, contextual)
+            kept += [t + offset for t in top]
+            merged_tokens.append(merged)
+            offset += count
+        assert handle.kept[0][0].tolist() == kept
+        # the prefill's visual rows: each image's kept tokens, then its contextual tokens (its merged features)
+        ids = inputs["input_ids"][0]
+        start = int((ids == model.config.image_token_id).nonzero()[0, 0])
+        hidden = captured[0][0]
+        embeds = model.model.get_input_embeddings()(ids)
+        with torch.no_grad():
+            features = torch.cat(list(model.model.get_image_features(
+                inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
+        position, first = start, 0
+        for image, merged in zip(IMAGES[row], merged_tokens, strict=True):
+            count = len(eager_signals(model, processor, image)["mean"])
+            mine = [k - first for k in kept if first <= k < first + count]
+            for k in mine:
+                assert torch.allclose(hidden[position], features[first + k].to(hidden.dtype), atol=1e-5)
+                position += 1
+            for token in merged:
+                assert torch.allclose(hidden[position].float(), token, atol=1e-4)
+                position += 1
+            first += count
+            position += 2 if image is not IMAGES[row][-1] else 0  # <|vision_end|><|vision_start|> between images
+        assert torch.equal(hidden[position], embeds[start + first + (2 * (len(IMAGES[row]) - 1))])
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize(("method", "params"), [("hiprune", {"tokens": 5, "alpha": 1.0}),
+                                                ("visionzip", {"dominant": 3, "contextual": 2})])
 def test_left_padded_batch_equals_each_sample_alone(name, method, params):
     model, processor = tiny(name)
     together_handle, together = generate(model, processor, inputs_for(processor, [0, 2]), method, new=3, **params)
@@ -152,3 +226,9 @@ def test_hiprune_budget_and_depth_rules():
         finepruner.apply(model, "hiprune", tokens=4, object_layer=3, processor=processor)
     method = finepruner.methods.create("hiprune", ratio=0.334)
     assert [method.kept(v) for v in (576, 24, 12)] == [192, 8, 4]  # round(V * ratio), official
+
+
+def test_visionzip_cls_token_is_refused_without_cls():
+    model, processor = tiny("qwen2_5_vl")
+    with pytest.raises(ValueError, match="no \\[CLS\\] token"):
+        finepruner.apply(model, "visionzip", tokens=4, cls_token=True, processor=processor)

@@ -6,6 +6,12 @@ vector itself is sent as one of them (official); the remaining patches are merge
 targets taken at a regular stride of the remaining list, every other remaining patch joins the target whose
 head-mean key is most similar (cosine), and a contextual token is ``H[t] + mean(H[members])``. The LLM gets
 [CLS], the dominant patches (index order), then the contextual tokens, with contiguous positions.
+
+Towers without [CLS] (Qwen2-VL/2.5-VL/3-VL; LightCompress's Qwen2.5-VL port, spec ``methods_more.md`` §8):
+no [CLS] vector is sent; the dominant tokens are the merged tokens receiving the most attention in the last
+vision block (mean over heads, over the image's queries, over each 2 x 2 merge unit), the contextual merge
+compares the last block's keys (after its vision RoPE, mean over the merge unit and the heads) and averages
+the merged tokens themselves (the language model's input rows), so nothing is projected.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from finepruner.methods.base import (
 
 #: ``budget_scope`` values (``engine.vision.BUDGET_SCOPES``): on LLaVA-NeXT ``tokens`` per image, or per crop.
 BUDGET_SCOPES: tuple[str, ...] = ("image", "crop")
+
+#: Signals on a tower without [CLS] (Qwen, spec §8): last-block received attention and keys, the LLM input rows.
+NO_CLS_SIGNALS: tuple[str, ...] = ("cls_attention", "feature_keys", "projected_features")
 
 #: Published LLaVA-1.5 budgets (dominant, contextual), spec §1.3.
 PUBLISHED_SPLITS: dict[int, tuple[int, int]] = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
@@ -93,7 +102,8 @@ class VisionZip(PruningMethod):
         dominant, contextual: the split directly (both together): dominant >= 1 (>= 0 without the [CLS]
             token), contextual >= 0; ``dominant - cls_token <= V`` and ``contextual <=`` the patches left.
         cls_token: True (official): the [CLS] vector is sent as the first dominant token; False
-            (LightCompress, spec §8): ``dominant`` patches, no [CLS].
+            (LightCompress, spec §8): ``dominant`` patches, no [CLS]; None (default): True where the vision
+            tower has a [CLS] token (LLaVA-1.5, NeXT), False where it has none (Qwen; True is refused there).
         positions: ``"renumber"`` (default, official: contiguous positions) or ``"original"`` (dominant
             patches keep theirs, a contextual token takes its target's, [CLS] the first visual token's; on
             NeXT the first token of its unit).
@@ -112,7 +122,22 @@ class VisionZip(PruningMethod):
     the image's token order; the [CLS] vectors, then the contextual tokens, of the image's units are inserted
     after the sample's kept visual tokens (official NeXT: base crop first, other crops' [CLS] and contextual
     tokens after all dominant patches, no unpadding and no newline). On LLaVA-1.5 ``budget_scope`` changes
-    nothing (one image per sample). OneVision is refused (SigLIP has no [CLS] row).
+    nothing (one image per sample). OneVision is refused (SigLIP has no [CLS] row, and its capture has no keys).
+
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL (LightCompress ``visionzip.py``, ``prune_qwenv25vl_hook``; spec §8): per
+    image, ``tokens`` (or the split) counts its V merged tokens, no [CLS] vector (``cls_token`` None or
+    False). Dominant: the top ``dominant`` merged tokens by the attention they receive in the last vision
+    block (``cls_attention``: mean over heads and over the image's queries, mean over each merge unit, window
+    order undone; LightCompress sums over queries: the same ranking within an image). Contextual: targets at
+    the regular stride of the remaining tokens, every other remaining token joins the target whose
+    ``feature_keys`` (the last block's keys after its vision RoPE, mean over the merge unit and over heads,
+    as LightCompress) are most similar (cosine), a contextual token is ``X[t] + mean(X[members])`` of the
+    merged tokens X (the language model's input rows, as LightCompress merges ``inputs_embeds``). Kept and
+    contextual tokens keep the 3-D positions of their token and target (LightCompress). Deviations:
+    LightCompress's budget is two fractions of N (``int(d N)``, ``max(int(c N), 1)``), here ``tokens``/the
+    split per image; it writes each contextual token into its target's slot, here the contextual tokens
+    follow the image's kept tokens (with their targets' positions); on Qwen3-VL the contextual tokens get no
+    deepstack level (they have no single source token), the kept ones get theirs.
 
     Deviations: scores, key similarities and the merge are computed in float32 (official: tower dtype), merged
     tokens are cast back before the projector; ties break to the first index (explicit). On LLaVA-1.5 it needs
@@ -128,7 +153,7 @@ class VisionZip(PruningMethod):
         tokens: int | None = None,
         dominant: int | None = None,
         contextual: int | None = None,
-        cls_token: bool = True,
+        cls_token: bool | None = None,
         positions: Positions | None = None,
         budget_scope: str = "image",
     ) -> None:
@@ -136,8 +161,9 @@ class VisionZip(PruningMethod):
         if budget_scope not in BUDGET_SCOPES:
             raise ValueError(f"{self.name}: budget_scope={budget_scope!r}; allowed: {BUDGET_SCOPES}")
         self.budget_scope = budget_scope
-        if not isinstance(cls_token, bool):
-            raise ValueError(f"{self.name}: cls_token={cls_token!r}; allowed: True (official) or False (LightCompress)")
+        if cls_token is not None and not isinstance(cls_token, bool):
+            raise ValueError(f"{self.name}: cls_token={cls_token!r}; allowed: True (official) or False "
+                             "(LightCompress), or None (True where the vision tower has a [CLS] token)")
         if tokens is not None and (dominant is not None or contextual is not None):
             raise ValueError(f"{self.name}: pass tokens or (dominant, contextual), not both")
         if (dominant is None) != (contextual is None):
@@ -145,7 +171,7 @@ class VisionZip(PruningMethod):
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"{self.name}: tokens={tokens!r}; allowed: an integer >= 1 (and <= V)")
         if dominant is not None:
-            low = 1 if cls_token else 0
+            low = 1 if cls_token is True else 0
             for label, value, least in (("dominant", dominant, low), ("contextual", contextual, 0)):
                 if isinstance(value, bool) or not isinstance(value, int) or value < least:
                     raise ValueError(f"{self.name}: {label}={value!r}; allowed: an integer >= {least}")
@@ -153,6 +179,12 @@ class VisionZip(PruningMethod):
                 raise ValueError(f"{self.name}: dominant + contextual = 0; allowed: at least one token")
         self.tokens, self.dominant, self.contextual, self.cls_token = tokens, dominant, contextual, cls_token
         self._packed: bool | None = None  # ``bind_model``: whether the family packs crops (LLaVA-NeXT)
+        self._tower_cls: bool = True  # ``bind_model``: whether the vision tower has a [CLS] token
+
+    @property
+    def sends_cls(self) -> bool:
+        """Whether the [CLS] vector is sent: ``cls_token``, or (None) whether the tower has a [CLS] token."""
+        return self._tower_cls if self.cls_token is None else self.cls_token
 
     def split(self, num_visual: int) -> tuple[int, int]:
         """``(dominant, contextual)`` for ``num_visual`` patches per sample, validated."""
@@ -160,18 +192,21 @@ class VisionZip(PruningMethod):
             dominant, contextual = self.dominant, self.contextual
         else:
             tokens = self.tokens if self.tokens is not None else max(1, num_visual // 4)
-            most = num_visual + int(self.cls_token)
+            most = num_visual + int(self.sends_cls)
             if tokens > most:
                 raise ValueError(
                     f"{self.name}: tokens={tokens} is not allowed; this model has {num_visual} visual tokens per "
                     f"sample, so tokens must be in 1..{most}"
                 )
             dominant, contextual = split_budget(tokens)
-        patches = dominant - int(self.cls_token)
+        patches = dominant - int(self.sends_cls)
+        if patches < 0:
+            raise ValueError(f"{self.name}: dominant=0; allowed: an integer >= 1 (the [CLS] vector is sent as the "
+                             "first dominant token), or cls_token=False")
         if patches > num_visual:
             raise ValueError(
                 f"{self.name}: dominant={dominant} keeps {patches} patches; this model has {num_visual}, so "
-                f"dominant must be at most {num_visual + int(self.cls_token)}"
+                f"dominant must be at most {num_visual + int(self.sends_cls)}"
             )
         if contextual > num_visual - patches:
             raise ValueError(
@@ -184,21 +219,48 @@ class VisionZip(PruningMethod):
         if self._packed:  # NeXT: newline tokens kept on top, counts per crop: known (and checked) at selection
             return [Stage(layer=0, keep=None, insert=None)]
         dominant, contextual = self.split(num_visual)
-        if self.cls_token:  # [CLS] goes first: every token is inserted, in order
+        if self.sends_cls:  # [CLS] goes first: every token is inserted, in order
             stage = Stage(layer=0, keep=0, insert=dominant + contextual)
         else:
             stage = Stage(layer=0, keep=dominant, insert=contextual)
         return [stage]
+
+    def _note_tower(self, model) -> None:
+        """Notes whether ``model``'s vision tower has a [CLS] token (``cls_token=None`` follows it)."""
+        from finepruner.models.adapters import adapter_for  # no import cycle
+
+        try:
+            adapter = adapter_for(model)
+        except ValueError:  # not a registered family: the LLaVA-1.5 layout
+            self._tower_cls = True
+            return
+        self._tower_cls = bool(adapter.has_cls(model.config))
+
+    def required_vision(self, model) -> tuple[str, ...]:
+        """With a [CLS] tower (or ``cls_token=True``): ``needs_vision``; on a tower without [CLS] (Qwen): the
+        received attention of the last block, its keys and the language model's input rows (spec §8)."""
+        self._note_tower(model)
+        if self._tower_cls or self.sends_cls:
+            return tuple(type(self).needs_vision)
+        return NO_CLS_SIGNALS
 
     def bind_model(self, model) -> None:
         """Checks the feature strategy and notes whether the family packs crops (LLaVA-NeXT: the counts are
         then known at selection, newline tokens on top; the handle plans again after binding)."""
         from finepruner.models.adapters import adapter_for  # no import cycle
 
-        require_default_features(self.name, model, "patch tokens only, the [CLS] row handled by the method")
+        self._note_tower(model)
+        if self._tower_cls:
+            require_default_features(self.name, model, "patch tokens only, the [CLS] row handled by the method")
+        elif self.sends_cls:
+            raise ValueError(f"{self.name}: cls_token=True but the vision tower has no [CLS] token; allowed there: "
+                             "cls_token=False or None (LightCompress's port, no [CLS] vector)")
         self._packed = bool(adapter_for(model).packs_crops)
+        self.needs_vision = type(self).needs_vision if self._tower_cls else NO_CLS_SIGNALS
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
+        if not self._tower_cls:
+            return self._select_no_cls(ctx)
         vision = ctx.require_vision(self.name, *self.needs_vision, projector=True)
         if vision.newline_mask is not None:
             return self._select_packed(vision, ctx.visual_ids)
@@ -214,10 +276,10 @@ class VisionZip(PruningMethod):
         scores = vision.cls_attention_sum.to(device).gather(1, ids)
         features = _gather(vision.patch_features.to(device), ids)
         keys = _gather(vision.feature_keys.to(device), ids)
-        patches = dominant_patches(scores, dominant - int(self.cls_token))
+        patches = dominant_patches(scores, dominant - int(self.sends_cls))
         parts: list[torch.Tensor] = []
         origins: list[torch.Tensor] = []
-        if self.cls_token:
+        if self.sends_cls:
             parts.append(vision.project(vision.cls_feature.to(device)))
             origins.append(torch.zeros(batch, 1, dtype=torch.long, device=device))
             parts.append(_gather(vision.projected_features.to(device), ids).gather(
@@ -230,12 +292,36 @@ class VisionZip(PruningMethod):
             merged, targets = contextual_tokens(features, keys, remaining, contextual)
             parts.append(vision.project(merged.to(features.dtype)))
             origins.append(targets)
-        keep = torch.empty(batch, 0, dtype=torch.long, device=device) if self.cls_token else patches
+        keep = torch.empty(batch, 0, dtype=torch.long, device=device) if self.sends_cls else patches
         if not parts:
             return Selection(keep=keep)
         return Selection(keep=keep, insert=torch.cat([p.to(device) for p in parts], dim=1),
                          insert_from=torch.cat(origins, dim=1))
 
+
+    def _select_no_cls(self, ctx: StageContext) -> Selection:
+        """A tower without [CLS] (LightCompress's Qwen port, spec §8): per image, the dominant merged tokens by
+        received attention, the contextual tokens merged from the language model's input rows by key
+        similarity; nothing is projected."""
+        vision = ctx.require_vision(self.name, *NO_CLS_SIGNALS)
+        ids = ctx.visual_ids
+        batch, num_visual = ids.shape
+        if vision.newline_mask is not None or vision.patches_per_image != num_visual:
+            raise ValueError(f"{self.name}: without a [CLS] token VisionZip selects per image of merged tokens "
+                             "(Qwen layout); this image's tokens are packed crops or several images")
+        dominant, contextual = self.split(num_visual)
+        device = ids.device
+        scores = vision.cls_attention.to(device).gather(1, ids)
+        values = _gather(vision.projected_features.to(device), ids)
+        keep = dominant_patches(scores, dominant)
+        if not contextual:
+            return Selection(keep=keep)
+        keys = _gather(vision.feature_keys.to(device), ids)
+        left = torch.ones(batch, num_visual, dtype=torch.bool, device=device)
+        left.scatter_(1, keep, False)
+        remaining = left.nonzero()[:, 1].view(batch, -1)
+        merged, targets = contextual_tokens(values, keys, remaining, contextual)
+        return Selection(keep=keep, insert=merged.to(values.dtype), insert_from=targets)
 
     def _unit_split(self, members: int) -> tuple[int, int]:
         """``(patches, contextual)`` of one budget unit of ``members`` candidate patches: the image
@@ -243,12 +329,12 @@ class VisionZip(PruningMethod):
         per crop, capped where unpadding left the crop fewer patches: its patches are dominant first)."""
         if self.budget_scope == "image":
             dominant, contextual = self.split(members)
-            return dominant - int(self.cls_token), contextual
+            return dominant - int(self.sends_cls), contextual
         if self.dominant is not None:
             dominant, contextual = self.dominant, self.contextual
         else:
             dominant, contextual = split_budget(self.tokens if self.tokens is not None else max(1, members // 4))
-        patches = min(dominant - int(self.cls_token), members)
+        patches = min(dominant - int(self.sends_cls), members)
         return patches, min(contextual, members - patches)
 
     def _select_packed(self, vision, ids: torch.Tensor) -> Selection:
@@ -274,7 +360,7 @@ class VisionZip(PruningMethod):
             plans.append((candidates, [(c, members, *self._unit_split(members.numel())) for c, members in units]))
         lines = [int(newline[b].sum()) for b in range(batch)]
         kept_width = [lines[b] + sum(p for _, _, p, _ in units) for b, (_, units) in enumerate(plans)]
-        inserted = [sum(int(self.cls_token) + c for _, _, _, c in units) for _, units in plans]
+        inserted = [sum(int(self.sends_cls) + c for _, _, _, c in units) for _, units in plans]
         if self.budget_scope == "crop" and (len(set(kept_width)) > 1 or len(set(inserted)) > 1):
             raise ValueError(
                 f"{self.name}: budget_scope='crop' keeps {sorted(set(kept_width))} and inserts {sorted(set(inserted))} "
@@ -291,7 +377,7 @@ class VisionZip(PruningMethod):
                 count = patches + (extra if unit == 0 else 0)
                 top = members[dominant_patches(scores[b, members][None], count)[0]]
                 kept.append(top)
-                if self.cls_token:
+                if self.sends_cls:
                     heads.append(cls_rows[b, c][None])
                     head_from.append(members[:1])
                 if contextual:
