@@ -1,4 +1,5 @@
-"""HiPrune and VisionZip on vision towers without [CLS]: Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
+"""HiPrune and VisionZip on vision towers without [CLS]: Qwen2-VL / Qwen2.5-VL / Qwen3-VL, and HiPrune on
+LLaVA-OneVision (SigLIP; buffers on the grids of the image's tokens, the anyres_max shrink included).
 
 HiPrune (``methods_more.md`` §4.1, the official Qwen2.5-VL code): per image, on its merged grid, from the
 attention each patch receives at the object block and at the last block (mean over heads, sum over the
@@ -232,3 +233,108 @@ def test_visionzip_cls_token_is_refused_without_cls():
     model, processor = tiny("qwen2_5_vl")
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
         finepruner.apply(model, "visionzip", tokens=4, cls_token=True, processor=processor)
+
+
+# -- OneVision (SigLIP, no [CLS]; anyres_max shrink) ----------------------------------------------------------
+def onevision_received(fam, inputs, layers: tuple[int, int]) -> list[dict]:
+    """Per image, in its token order: the attention each patch receives at the two encoder layers (eager, mean
+    over heads and all queries), packed by the model's own ``pack_image_features`` (with its bilinear shrink),
+    and the newline mask."""
+    from tests.test_vision_families import crop_batch, newlines_of, pack_reference
+
+    pixels, crops = crop_batch(fam.eager, inputs)
+    with torch.no_grad():
+        out = fam.eager.model.vision_tower(pixels, output_attentions=True)
+    received = [out.attentions[layer].mean(dim=(1, 2)) for layer in layers]
+    newlines = newlines_of(fam, inputs)
+    images, start = [], 0
+    for image, count in enumerate(crops):
+        part = slice(start, start + count)
+        start += count
+        images.append({"object": pack_reference(fam, image, received[0][part], inputs),
+                       "deep": pack_reference(fam, image, received[1][part], inputs), "newline": newlines[image]})
+    return images
+
+
+def token_grids(newline: torch.Tensor, side: int) -> list[list[list[int]]]:
+    """The image's token grids, plainly: the base crop's side x side tokens, then the tile grid whose rows
+    each end with a newline (none for a one-crop image: a trailing newline)."""
+    flags = newline.tolist()
+    grids = [[list(range(r * side, (r + 1) * side)) for r in range(side)]]
+    rows, row = [], []
+    for index in range(side * side, len(flags)):
+        if flags[index]:
+            if row:
+                rows.append(row)
+            row = []
+        else:
+            row.append(index)
+    if rows:
+        grids.append(rows)
+    return grids
+
+
+def onevision_reference(signals: dict, tokens: int, alpha: float, side: int, wrap: str) -> list[int]:
+    """HiPrune on one OneVision image: anchors by object-layer score among the non-newline tokens, buffers at
+    +-1 and +-row of the anchor's cell on its token grid (flat cell index clamped to the grid, or dropped
+    across an edge with ``"grid"``), registers by deep-layer score; newline tokens kept, not counted."""
+    newline = signals["newline"].tolist()
+    candidates = [i for i in range(len(newline)) if not newline[i]]
+    place = {}
+    for grid in token_grids(signals["newline"], side):
+        cells = [t for row in grid for t in row]
+        for f, t in enumerate(cells):
+            place[t] = (cells, f, len(grid[0]))
+    anchors = sorted(candidates, key=lambda i: (-float(signals["object"][i]), i))[:round(tokens * alpha / 5)]
+    chosen = set(anchors)
+    for a in anchors:
+        cells, f, cols = place[a]
+        for step in (-1, 1, -cols, cols):
+            q = f + step
+            if wrap == "grid" and (not 0 <= q < len(cells) or (step == -1 and f % cols == 0)
+                                   or (step == 1 and f % cols == cols - 1)):
+                continue
+            chosen.add(cells[min(max(q, 0), len(cells) - 1)])
+    rest = sorted((i for i in candidates if i not in chosen), key=lambda i: (-float(signals["deep"][i]), i))
+    chosen |= set(rest[:tokens - len(chosen)])
+    return sorted(chosen | {i for i in range(len(newline)) if newline[i]})
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "onevision_shrunk"])
+@pytest.mark.parametrize(("tokens", "alpha", "wrap"), [(10, 1.0, "official"), (12, 0.45, "grid"), (7, 0.1, "official")])
+def test_hiprune_on_onevision_equals_plain_token_grid_reference(name, tokens, alpha, wrap):
+    from tests.test_vision_families import LAYOUT_IMAGES, family
+
+    fam = family(name)
+    config = fam.model.config.vision_config
+    side = config.image_size // config.patch_size
+    method = finepruner.methods.create("hiprune", tokens=tokens, alpha=alpha, wrap=wrap)
+    shrunk = 0
+    with finepruner.apply(fam.model, method) as handle:
+        for image in LAYOUT_IMAGES:
+            inputs = fam.build(["USER: <image>\nwhat is it ? ASSISTANT:"], [[image]])
+            signals = onevision_received(fam, inputs, method._layers)[0]
+            with torch.no_grad():
+                fam.model(**inputs)
+            assert [i for i in handle.kept[0][0].tolist() if i >= 0] == onevision_reference(
+                signals, tokens, alpha, side, wrap)
+            shrunk += int(len(token_grids(signals["newline"], side)) > 1 and name == "onevision_shrunk")
+    assert name == "llava_onevision" or shrunk  # the shrunk grids are exercised
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "onevision_shrunk"])
+def test_hiprune_onevision_padded_batch_equals_each_sample_alone(name):
+    from tests.test_vision_families import PROMPTS, family
+
+    fam = family(name)
+    inputs = fam.inputs()
+    with finepruner.apply(fam.model, "hiprune", tokens=10, alpha=1.0) as handle:
+        together = fam.generate(inputs)
+        kept = handle.kept[0].clone()
+        for row in range(len(PROMPTS)):
+            alone = fam.generate(fam.inputs([row]))
+            assert_row_equals_alone(alone, together, row, atol=1e-4)
+            if row < 3:
+                width = handle.kept[0].shape[1]
+                assert torch.equal(kept[row, :width], handle.kept[0][0]), (name, row)
+    assert bool((kept[3] == -1).all())

@@ -13,6 +13,7 @@ merged grid, the deep layer is the last block, and the budget counts per image.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -135,7 +136,10 @@ class HiPrune(PruningMethod):
     LLaVA-NeXT (``budget_scope``): N' per image over its crops (``"image"``, default) or per crop (``"crop"``,
     the official ``RETENTION / B`` with B crops; a crop left with fewer patches by unpadding keeps them all);
     newline tokens always kept and not counted; buffers on the anchor's own crop grid (a neighbour that
-    unpadding removed is dropped). OneVision is refused (shrunk grids mix patches).
+    unpadding removed is dropped). OneVision (SigLIP, no [CLS]; our inference): the received attention of
+    the object and feature layers mixed by the anyres_max shrink's bilinear weights where it mixes patches,
+    buffers on the grids of the image's tokens (``ModelAdapter.image_grids``: base grid, unpadded or shrunk
+    tile grid; within the budget unit), since a shrunk token has no single patch on a crop grid.
 
     Qwen2-VL / Qwen2.5-VL / Qwen3-VL (official Qwen2.5-VL code, ``qwen2_5_vl_HiPrune.py``): per image, its V
     merged tokens are the units: scores are the attention each patch receives at the object block and at the
@@ -188,6 +192,7 @@ class HiPrune(PruningMethod):
         self.budget_scope = budget_scope
         self._layers: tuple[int, int] | None = None  # (object, deep) encoder layer indices, set by bind_model
         self._side: int | None = None  # LLaVA-NeXT (set by bind_model): patches per crop row
+        self._image_grids = None  # OneVision (set by bind_model): newline mask [V] -> the image's token grids
 
     def _count(self, num_visual: int) -> int:
         """N' before validation: ``tokens``, ``round(V * ratio)``, or V/3."""
@@ -240,9 +245,12 @@ class HiPrune(PruningMethod):
         self.needs_vision = tuple(dict.fromkeys(received_attention_signal(i) for i in self._layers))
 
         self._side = None
-        if adapter_for(model).packs_crops:  # LLaVA-NeXT: each crop's patch grid side (the handle plans again)
+        self._image_grids = None
+        if adapter.packs_crops:  # LLaVA-NeXT/OneVision: each crop's patch grid side (the handle plans again)
             vision = config.vision_config
             self._side = int(vision.image_size) // int(vision.patch_size)
+            if getattr(adapter, "mixes_patches", False):  # OneVision: buffers on the grids of the image's tokens
+                self._image_grids = functools.partial(type(adapter).image_grids, config)
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:
         if self._layers is None:
@@ -278,6 +286,27 @@ class HiPrune(PruningMethod):
         width = vision.patch_index.to(device).remainder(num_visual).amax(dim=1) + 1  # [B] grid widths
         obj, deep = (vision.received_attention[i].to(device).gather(1, ids) for i in self._layers)
         return hiprune_select(obj, deep, tokens, self.alpha, width, self.wrap)
+
+    def _token_neighbours(self, newline: torch.Tensor) -> torch.Tensor:
+        """[V, 4] long: each token's -1/+1/-row/+row neighbour on its grid of the image's tokens (OneVision:
+        the base crop's grid, the unpadded, possibly shrunk tile grid; ``ModelAdapter.image_grids``), as a
+        token index; ``wrap="official"`` clamps the flat cell index to the grid, ``"grid"`` gives -1 across an
+        edge; -1 at newline tokens."""
+        table = torch.full((int(newline.shape[0]), 4), -1, dtype=torch.long)
+        for grid in self._image_grids(newline).grids:
+            cells = grid.cells().reshape(-1)
+            count = cells.numel()
+            flat = torch.arange(count)
+            column = flat % grid.cols
+            for k, step in enumerate((-1, 1, -grid.cols, grid.cols)):
+                target = flat + step
+                if self.wrap == "grid":
+                    valid = (target >= 0) & (target < count)
+                    valid &= (column > 0) if step == -1 else (column < grid.cols - 1) if step == 1 else valid
+                    table[cells, k] = torch.where(valid, cells[target.clamp(0, count - 1)], -1)
+                else:
+                    table[cells, k] = cells[target.clamp(0, count - 1)]
+        return table
 
     def _unit_count(self, members: int) -> int:
         """N' of one budget unit of ``members`` patches: the image (validated) or a crop (capped)."""
@@ -329,14 +358,21 @@ class HiPrune(PruningMethod):
             token_of[(crop[b] * patches + patch[b])[valid]] = torch.arange(num_visual, device=device)[valid]
             chosen = torch.zeros(num_visual, dtype=torch.bool, device=device)
             chosen[newline[b]] = True
+            table = None if self._image_grids is None else self._token_neighbours(newline[b]).to(device)
             for unit, (members, count) in enumerate(units):
                 count += width - totals[b] if unit == 0 else 0  # image scope: fewer newlines than another unit
                 picked = torch.zeros(num_visual, dtype=torch.bool, device=device)
                 order = obj[b, members].argsort(descending=True, stable=True)
                 anchors = members[order[:anchor_count(count, self.alpha)]]
                 picked[anchors] = True
+                if table is not None:  # OneVision: the anchors' neighbours on their token grid, within the unit
+                    inside = torch.zeros(num_visual, dtype=torch.bool, device=device)
+                    inside[members] = True
+                    target = table[anchors].reshape(-1)
+                    target = target[target >= 0]
+                    picked[target[inside[target]]] = True
                 home, column = crop[b, anchors] * patches, patch[b, anchors] % side
-                for step in (-1, 1, -side, side):
+                for step in (-1, 1, -side, side) if table is None else ():
                     neighbour = patch[b, anchors] + step
                     if self.wrap == "grid":
                         ok = (neighbour >= 0) & (neighbour < patches)

@@ -42,22 +42,27 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
     packs_crops: ClassVar[bool] = True
 
+    #: a token may mix several patches (the anyres_max shrink, bilinear): a token has no single crop patch, so
+    #: methods that work on patch grids use the grids of the image's tokens (``image_grids``) instead.
+    mixes_patches: ClassVar[bool] = True
+
     def vision_signals_supported(self) -> frozenset[str]:
         """Each image's projected features (its rows of the language model's input, newline tokens
         included) and the SigLIP signals of its crops mapped to its token order (``image_layouts``): as
         ``cls_attention`` the attention each patch receives in the feature layer (mean over heads and
         queries; SigLIP has no [CLS], ``spec/models.md`` §4), the pre-projector features and their
-        ``post_layernorm``; newline tokens are marked (``VisionSignals.newline_mask``)."""
-        return PACKED_SIGNALS
+        ``post_layernorm``, HiPrune's attention received per patch at any encoder layer
+        (``received_attention@l``, mixed with the shrink's bilinear weights like every per-patch signal);
+        newline tokens are marked (``VisionSignals.newline_mask``)."""
+        return PACKED_SIGNALS | {"received_attention"}
 
     def vision_unsupported_reason(self) -> str:
         return ("SigLIP has no [CLS] token: VisionZip's signals (the [CLS] row summed over heads, the [CLS] vector "
                 "it sends as a dominant token) and PruMerge's (the [CLS] row of the last layer's merged head) "
                 "are [CLS]-query signals with no defined value here; only the received attention, pre-projector "
                 "and projected features are mapped through anyres packing, unpadding, the anyres_max "
-                "downsampling and newline tokens; HiPrune's per-layer received attention is not mapped, because its "
-                "buffers are the +-1/+-row neighbours of a patch on its crop's grid and the anyres_max shrink mixes "
-                "up to 4 patches per token, so a token of a shrunk image has no single patch on a grid")
+                "downsampling and newline tokens (not the feature layer's keys that VisionZip's [CLS]-free port "
+                "reads)")
 
     def crops_per_image(self, encoding: Mapping[str, Any]) -> list[int]:
         """Vision-tower crops of each image of one ``get_image_features`` call, as the model splits its vision
