@@ -130,6 +130,8 @@ class VisionSignals:
             newline tokens.
         patch_index: [B, V] long on those families: each token's patch within its crop (row-major on the crop's
             square patch grid; the patch of the largest bilinear weight on shrunk grids), -1 at newline tokens.
+        grid_column: [B, V] long on families whose images are each one grid of their own shape (Qwen's merged
+            grids, raster order): each token's column on it; the grid's width is its largest value + 1.
         embed_texts: on those families, maps texts to their token embeddings in the language model's input
             space (one [M, D] tensor per text: the texts tokenized without special tokens by the processor
             bound at ``apply``, through the model's input embeddings); CDPruner's relevance without a CLIP
@@ -157,6 +159,7 @@ class VisionSignals:
     newline_mask: torch.Tensor | None = None
     crop_index: torch.Tensor | None = None
     patch_index: torch.Tensor | None = None
+    grid_column: torch.Tensor | None = None
     embed_texts: Callable[[list[str]], list[torch.Tensor]] | None = None
 
     def require(self, method: str, *names: str) -> None:
@@ -179,7 +182,7 @@ class VisionSignals:
 #: VisionSignals tensors with one row per token of an image (stacked by ``stack_images``).
 _PER_TOKEN = ("cls_attention", "patch_features", "projected_features", "post_layernorm_features",
               "cls_attention_sum", "feature_keys", "last_layer_attention", "last_layer_keys", "newline_mask",
-              "crop_index", "patch_index")
+              "crop_index", "patch_index", "grid_column")
 
 
 def stack_images(images: list[VisionSignals]) -> VisionSignals:

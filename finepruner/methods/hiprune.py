@@ -259,7 +259,7 @@ class HiPrune(PruningMethod):
         ids = ctx.visual_ids
         if vision.newline_mask is not None:
             return self._select_packed(vision, ids)
-        if vision.patch_index is not None:  # each image its own merged grid (Qwen)
+        if vision.grid_column is not None:  # each image its own merged grid (Qwen)
             return self._select_grids(vision, ids, stage.keep)
         num_visual = ids.shape[1]
         if vision.patches_per_image != num_visual:
@@ -276,14 +276,14 @@ class HiPrune(PruningMethod):
         return hiprune_select(obj, deep, stage.keep, self.alpha, width, self.wrap)
 
     def _select_grids(self, vision, ids: torch.Tensor, tokens: int) -> torch.Tensor:
-        """Images that are each one grid of their own shape (``patch_index`` = ``row * V + column``, V the
-        image's tokens: Qwen's merged grids): ``hiprune_select`` per image with its own grid width."""
+        """Images that are each one grid of their own shape (Qwen's merged grids, ``grid_column``):
+        ``hiprune_select`` per image with its own grid width."""
         device = ids.device
         num_visual = ids.shape[1]
         if vision.patches_per_image != num_visual:
             raise ValueError(f"{self.name}: the selection got {num_visual} tokens of images of "
                              f"{vision.patches_per_image}; HiPrune selects per image before the language model")
-        width = vision.patch_index.to(device).remainder(num_visual).amax(dim=1) + 1  # [B] grid widths
+        width = vision.grid_column.to(device).amax(dim=1) + 1  # [B] grid widths
         obj, deep = (vision.received_attention[i].to(device).gather(1, ids) for i in self._layers)
         return hiprune_select(obj, deep, tokens, self.alpha, width, self.wrap)
 

@@ -18,9 +18,8 @@ patches and over heads, un-permuted. HiPrune (``methods_more.md`` §4.1, the off
 ``received_attention@l``: at vision block ``l`` (``"received_attention"`` alone: the last block, whose output
 the merger reads) the attention each patch receives, **mean over heads and sum over the queries** of the
 block's own segments (windows on Qwen2.5-VL's window blocks, the image on full-attention blocks; the official
-``mean(0).sum(0)``), then mean over each merge unit, un-permuted. Every image also gets ``patch_index``: its
-merged tokens' grid coordinates as ``row * V + column`` (V the image's tokens; ``VisionSignals.patch_index``
-read as the row-major index on a V-wide canvas), from which a method reads the image's grid width.
+``mean(0).sum(0)``), then mean over each merge unit, un-permuted. Every image also gets ``grid_column``: each
+merged token's column on the image's grid (raster order), from which a method reads the grid's width.
 """
 
 from __future__ import annotations
@@ -94,11 +93,10 @@ def _block_index(name: str, depth: int) -> int | None:
     return int(text)
 
 
-def grid_coordinates(height: int, width: int) -> torch.Tensor:
-    """[h * w] long: each merged token's ``row * V + column`` (V = h * w) in raster order (``patch_index``)."""
-    count = height * width
-    rows = torch.arange(height).repeat_interleave(width)
-    return rows * count + torch.arange(width).repeat(height)
+def grid_columns(height: int, width: int) -> torch.Tensor:
+    """[h * w] long: each merged token's column on its image's h x w grid, in raster order
+    (``VisionSignals.grid_column``)."""
+    return torch.arange(width).repeat(height)
 
 
 class QwenVisionCapture:
@@ -207,7 +205,7 @@ class QwenVisionCapture:
         for count, (frames, height, width) in zip(counts, grid.tolist(), strict=True):
             part = slice(start, start + count)
             start += count
-            coordinates = grid_coordinates(height // self._merge, width // self._merge) if frames == 1 else None
+            columns = grid_columns(height // self._merge, width // self._merge) if frames == 1 else None
             images.append(VisionSignals(
                 cls_attention=None if received is None else received[part],
                 patch_features=None if merged is None else merged[part],
@@ -216,7 +214,7 @@ class QwenVisionCapture:
                 feature_layer=self._depth - 1,
                 patches_per_image=count,
                 image_token_id=self.adapter.image_token_id,
-                patch_index=None if coordinates is None else coordinates.to(device),
+                grid_column=None if columns is None else columns.to(device),
             ))
         self.reset()
         return images
