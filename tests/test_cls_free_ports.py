@@ -24,7 +24,7 @@ from finepruner.models.tiny_families import (
     build_tiny_qwen2_5_vl,
     build_tiny_qwen2_vl,
     build_tiny_qwen3_vl,
-    qwen_inputs,
+    qwen_chat_inputs,
     tiny_image,
 )
 from tests.conftest import assert_row_equals_alone
@@ -43,12 +43,7 @@ def tiny(name: str):
 
 
 def inputs_for(processor, rows):
-    prompts = []
-    for row in rows:
-        content = [{"type": "image"} for _ in IMAGES[row]] + [{"type": "text", "text": QUESTIONS[row]}]
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                     add_generation_prompt=True))
-    return qwen_inputs(processor, prompts, [IMAGES[r] for r in rows])
+    return qwen_chat_inputs(processor, [QUESTIONS[r] for r in rows], [IMAGES[r] for r in rows])
 
 
 def eager_signals(model, processor, image) -> dict:

@@ -14,7 +14,7 @@ from transformers.masking_utils import create_causal_mask
 import finepruner
 from finepruner.methods.base import PruningMethod, Stage
 from finepruner.models.adapters import Qwen3VLAdapter, adapter_for
-from finepruner.models.tiny_families import build_tiny_qwen3_vl, qwen_inputs, tiny_image
+from finepruner.models.tiny_families import build_tiny_qwen3_vl, qwen_chat_inputs, tiny_image
 
 QUESTIONS = ["what color is the circle ?", "how many red objects are there ?", "which one is on the left ?",
              "what is the color of the sky ?"]
@@ -32,12 +32,7 @@ def tiny(attn: str = "sdpa"):
 
 
 def inputs_for(processor, rows):
-    prompts = []
-    for row in rows:
-        content = [{"type": "image"} for _ in IMAGES[row]] + [{"type": "text", "text": QUESTIONS[row]}]
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                     add_generation_prompt=True))
-    return qwen_inputs(processor, prompts, [IMAGES[r] for r in rows])
+    return qwen_chat_inputs(processor, [QUESTIONS[r] for r in rows], [IMAGES[r] for r in rows])
 
 
 def generate(model, inputs, **extra):

@@ -13,7 +13,7 @@ import torch
 import finepruner
 from finepruner.methods.cdpruner import cosine_similarity, dpp_select, image_relevance
 from finepruner.methods.vispruner import vispruner_select
-from finepruner.models.tiny_families import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, qwen_inputs, tiny_image
+from finepruner.models.tiny_families import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, qwen_chat_inputs, tiny_image
 
 IMAGES = [[tiny_image(168, 112, 1)], [tiny_image(112, 84, 3), tiny_image(56, 112, 4)]]
 QUESTIONS = ["what color is the circle ?", "which one is on the left ?"]
@@ -28,12 +28,7 @@ def tiny(name: str):
 
 
 def inputs_for(processor, rows):
-    prompts = []
-    for row in rows:
-        content = [{"type": "image"} for _ in IMAGES[row]] + [{"type": "text", "text": QUESTIONS[row]}]
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                     add_generation_prompt=True))
-    return qwen_inputs(processor, prompts, [IMAGES[r] for r in rows])
+    return qwen_chat_inputs(processor, [QUESTIONS[r] for r in rows], [IMAGES[r] for r in rows])
 
 
 def _modeling(model):

@@ -618,3 +618,14 @@ def qwen_inputs(processor: Any, prompts: Sequence[str], images: ImagesArg) -> di
     rows = _per_prompt_images(prompts, images, processor.image_token)
     flat = [image for row in rows for image in row]
     return dict(processor(text=list(prompts), images=flat or None, padding=True, return_tensors="pt"))
+
+
+def qwen_chat_inputs(
+    processor: Any, questions: Sequence[str], images: Sequence[Sequence[Any]]
+) -> dict[str, torch.Tensor]:
+    """:func:`qwen_inputs` for one user turn per row, through the processor's chat template: the row's
+    images (``{"type": "image"}`` each) then its question, with the generation prompt."""
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [*({"type": "image"} for _ in row), {"type": "text", "text": question}]}],
+        add_generation_prompt=True) for question, row in zip(questions, images, strict=True)]
+    return qwen_inputs(processor, prompts, [list(row) for row in images])
