@@ -7,7 +7,8 @@ toy and configuration, the headline of each benchmark, the suite mean with its 9
 layer-averaged visual tokens and the analytic language-model prefill GFLOPs per sample; then, per toy, the
 spread between the best and the worst method at the lowest budget with its paired interval. Draws one
 figure, a panel per toy: the suite mean against prefill GFLOPs with the intervals as error bars
-(``docs/toy.md``). A method a family does not support is a "not reachable" row with the reason.
+(``docs/toy.md``). A method a family does not support is a "not reachable" row with the reason. The toys
+run side by side in separate processes (``--jobs``, default 2 on a two-core machine).
 
 Prefill FLOPs, not the budget, are the x axis: each method defines "N tokens" differently (kept after layer
 K, entering the LLM, layer average), so equal N is not equal cost, while the FLOPs count what each
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -204,6 +206,36 @@ def plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path, num_visual:
     canvas.save(path)
 
 
+def toy_rows(toy: str, root: str, methods: list[str], budgets: tuple[int, ...], threads: int,
+             progress: bool) -> tuple[int, list[dict[str, Any]]]:
+    """One toy's grid (``run_grid``) on the suite at ``root``, with ``threads`` torch threads: its visual
+    tokens per image and its rows. A top-level function, so that ``--jobs`` can run it in a child process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    checkpoint = toy_checkpoint(toy)
+    model, processor = finepruner.load_model(checkpoint)
+    rows = run_grid(model, processor, root, methods, budgets, checkpoint=checkpoint, progress=progress)
+    return suite_visual_tokens(model, processor, root), [{"toy": toy, **row} for row in rows]
+
+
+def run_toys(toys: list[str], root: str, plans: dict[str, tuple[list[str], tuple[int, ...]]], threads: int,
+             jobs: int) -> dict[str, tuple[int, list[dict[str, Any]]]]:
+    """``toy_rows`` of every toy; with ``jobs`` > 1 the toys after the first run side by side in child
+    processes (spawned: each loads its own model; the first toy's progress bar is the one shown), the
+    same rows as one after the other (each configuration is computed the same way in either process)."""
+    if jobs <= 1 or len(toys) == 1:
+        return {toy: toy_rows(toy, root, *plans[toy], threads, True) for toy in toys}
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(min(jobs, len(toys)) - 1, mp_context=get_context("spawn")) as pool:
+        later = {toy: pool.submit(toy_rows, toy, root, *plans[toy], threads, False) for toy in toys[1:]}
+        results = {toys[0]: toy_rows(toys[0], root, *plans[toys[0]], threads, True)}
+        results.update({toy: future.result() for toy, future in later.items()})
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -233,13 +265,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="finepruner-demo-") as tmp:  # the suite lives for the run only
         root = build_default_suite(Path(tmp), n=args.n, seed=args.seed)
         suite_meta = load_suite_meta(root)
-        for toy in toys:
-            checkpoint = toy_checkpoint(toy)
-            model, processor = finepruner.load_model(checkpoint)
-            num_visual[toy] = suite_visual_tokens(model, processor, root)
-            for row in run_grid(model, processor, root, plans[toy][0], plans[toy][1], checkpoint=checkpoint,
-                                progress=True):
-                rows.append({"toy": toy, **row})
+        for toy, (visual, found) in run_toys(toys, str(root), plans, args.threads, args.jobs).items():
+            num_visual[toy] = visual
+            rows.extend(found)
     chance = chance_percent(suite_meta["chance"])
     boots = {}
     for toy in toys:  # one paired bootstrap per toy (its rows share the draws)
@@ -308,6 +336,9 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch CPU threads (default 1: the toy model gains little from more, and a second "
                              "thread slows it down many times on a busy machine)")
+    parser.add_argument("--jobs", type=_positive, default=min(2, os.cpu_count() or 1),
+                        help="toys run side by side in this many processes (default 2 where the machine has two "
+                             "cores, else 1); the rows are the same either way")
     parser.add_argument("--out", default="demo_accuracy_vs_flops.png", help="PNG of accuracy vs prefill FLOPs")
     parser.add_argument("--json", default=None, help="also write every row, interval and the spread here")
     parser.set_defaults(func=run)

@@ -121,3 +121,17 @@ def test_demo_shows_both_toys_in_one_table_and_one_figure(tmp_path, capsys):
     assert qwen[1]["average_visual_tokens"] == 16.0 and qwen[0]["prefill_gflops"] > qwen[1]["prefill_gflops"]
     with Image.open(out) as image:  # one figure, a panel per toy side by side
         assert image.size[0] > 2 * image.size[1]
+
+
+def test_demo_jobs_run_the_toys_side_by_side_with_the_same_rows(tmp_path, capsys):
+    """``--jobs 2`` (the default on two cores) runs the toy Qwen2.5-VL in a child process beside the toy
+    LLaVA; the rows equal ``--jobs 1``'s (run one after the other), apart from the wall-clock seconds."""
+    reports = {}
+    for jobs in ("1", "2"):
+        report = tmp_path / f"demo{jobs}.json"
+        assert main(["demo", "--methods", "random", "--budgets", "16", "--n", "1", "--resamples", "50",
+                     "--jobs", jobs, "--out", str(tmp_path / f"demo{jobs}.png"), "--json", str(report)]) == 0
+        rows = json.loads(report.read_text())["rows"]
+        reports[jobs] = [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    capsys.readouterr()
+    assert reports["1"] == reports["2"] and [r["toy"] for r in reports["2"]] == ["llava"] * 2 + ["qwen2_5_vl"] * 2
