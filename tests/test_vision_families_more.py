@@ -1,5 +1,5 @@
 """VisionZip and HiPrune on LLaVA-NeXT (per image or per crop, newline tokens kept on top), against plain
-references; the refusals of the methods that stay LLaVA-1.5 only (PruMerge on NeXT, all four on OneVision).
+references; the refusals on OneVision (VisionZip, PruMerge; PruMerge on NeXT: ``tests/test_prumerge_next.py``).
 
 The tower's per-crop signals (the feature layer's [CLS] row summed over heads, its head-mean keys, each
 crop's [CLS] vector; the attention each patch receives at an encoder layer) are mapped to each image's token
@@ -303,7 +303,11 @@ def test_onevision_refusals_say_why(method):
 
 
 @pytest.mark.parametrize("method", ["prumerge", "prumerge_plus"])
-def test_next_still_refuses_prumerge(method):
+def test_next_runs_prumerge_per_crop_signals(method):
+    """PruMerge(+) runs on LLaVA-NeXT now (its per-crop last-layer signals are mapped through the packing);
+    the references are in ``tests/test_prumerge_next.py``."""
     fam = family("llava_next")
-    with pytest.raises(ValueError, match="llava_next.*PruMerge's adaptive IQR budget"):
-        finepruner.apply(fam.model, method, tokens=8)
+    assert {"last_layer_attention", "last_layer_keys"} <= fam.adapter.vision_signals_supported()
+    with finepruner.apply(fam.model, method, tokens=8) as handle, torch.no_grad():
+        fam.model(**fam.inputs([0]))
+    assert handle.merged[0].shape[1] >= 8

@@ -7,6 +7,12 @@ Before the language model: the [CLS] row of ONE attention head over the full wid
 absorbs its 32 most key-similar patches weighted by their attention (``F_i + sum a_j F_j``, no
 normalisation), one extra token sums the unkept patches the same way, and all go through the projector in
 attention order (then the grid, then the extra token) with contiguous positions.
+
+LLaVA-NeXT (our definition; the official code does not prune anyres input, spec §5.1): the rule runs on each
+budget unit (``budget_scope``: the image over its crops, or each crop) of the image's packed tokens, newline
+tokens kept and not counted; the signals are each crop's own last-layer [CLS] row and keys, every kept token
+merges only tokens of its own crop, and every crop gets its own extra token (as the official encoder gives
+each row of a crop batch). See ``PruMerge``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from finepruner.methods.base import Positions, PruningMethod, Selection, Stage, 
 
 IQRScope = Literal["sample", "batch"]
 IQR_SCOPES: tuple[str, ...] = ("sample", "batch")
+#: ``budget_scope`` values (``engine.vision.BUDGET_SCOPES``): on LLaVA-NeXT ``tokens`` per image, or per crop.
+BUDGET_SCOPES: tuple[str, ...] = ("image", "crop")
 #: Neighbours merged into each kept token (official ``topk(..., k=32)``).
 NEIGHBOURS = 32
 
@@ -98,8 +106,28 @@ class PruMerge(PruningMethod):
         positions: ``"renumber"`` (default, official: contiguous) or ``"original"`` (each merged token takes
             its kept patch's position, the extra token the first visual token's).
 
+        budget_scope: ``"image"`` (default) or ``"crop"``: the unit ``tokens``, ``ratio`` and the IQR count on
+            LLaVA-NeXT (below); nothing changes on LLaVA-1.5 (one image per sample).
+
     Samples of a batch may keep different counts (adaptive, ``dedup``): the shorter ones get padding slots
     (``Selection.insert_valid``) that no token attends to and that take no position.
+
+    LLaVA-NeXT (our definition, ``spec/models.md`` §4, ``methods_more.md`` §1.4 and §5; the official code does not
+    prune anyres input): the signals are each crop's own (its [CLS] row of the last layer's merged head, a
+    softmax over that crop's 577 keys, and its keys), mapped to the image's packed order through unpadding;
+    newline tokens are always kept, in place, and not counted. The rule above runs on each budget *unit* of
+    U tokens, the unit's tokens in the image's token order standing for the ``V`` patches: the image's tokens
+    over all its crops (``budget_scope="image"``: one attention ranking, one IQR, one grid along the unit's
+    tokens) or each crop's tokens that unpadding left (``"crop"``: the official per-crop practice of the NeXT
+    tables, 5 x 128/64/32 = 640/320/160). ``tokens=N`` per unit: ``prumerge`` keeps the ``N - C`` top tokens and
+    ``prumerge_plus`` runs the fixed branch with ``r = N / (2U)`` (capped at 1 per crop), C = the unit's crops
+    (1 per crop); per crop, a crop that unpadding left too few tokens keeps them all. Every kept entry merges
+    its ``neighbours`` most key-similar tokens *of its own crop* (the crop's other kept entries, then its unkept
+    tokens) with the crop's attention weights, and every crop gets one extra token (the sum of its unkept
+    tokens), as the official encoder gives each row of a crop batch. Inserted order: the units in crop order,
+    each unit's entries in their rule order (attention, then grid), then the unit's extra tokens in crop order;
+    they follow the image's newline tokens; an extra token's ``insert_from`` is its crop's first token.
+    ``iqr="batch"``: the quartiles over all units of the selection group (images of one token count).
     """
 
     name = "prumerge"
@@ -117,8 +145,13 @@ class PruMerge(PruningMethod):
         normalize_merge_weights: bool = False,
         neighbours: int = NEIGHBOURS,
         positions: Positions | None = None,
+        budget_scope: str = "image",
     ) -> None:
         super().__init__(positions)
+        if budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"{self.name}: budget_scope={budget_scope!r}; allowed: {BUDGET_SCOPES}")
+        self.budget_scope = budget_scope
+        self._packed: bool | None = None  # ``bind_model``: whether the family packs crops (LLaVA-NeXT)
         if tokens is not None and ratio is not None:
             raise ValueError(f"{self.name}: pass tokens or ratio, not both (neither: the adaptive official rule)")
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
@@ -176,6 +209,8 @@ class PruMerge(PruningMethod):
         return count + 1
 
     def plan(self, num_layers: int, num_visual: int) -> list[Stage]:
+        if self._packed:  # NeXT: newline tokens kept on top, counts per unit: known (and checked) at selection
+            return [Stage(layer=0, keep=None, insert=None)]
         if self.tokens is not None:
             most = 2 * num_visual if self.grid_additions else num_visual
             if self.tokens > most:
@@ -199,8 +234,20 @@ class PruMerge(PruningMethod):
         grid = torch.arange(0, num_visual - 1, max(1, int(step / 3)), device=order.device)
         return torch.cat([top, grid[~torch.isin(grid, top)]])
 
+    def bind_model(self, model) -> None:
+        """Notes whether the family packs crops (LLaVA-NeXT: the counts are then known at selection, newline
+        tokens on top; the handle plans again after binding)."""
+        from finepruner.models.adapters import adapter_for  # no import cycle
+
+        try:
+            self._packed = bool(adapter_for(model).packs_crops)
+        except ValueError:  # not a registered family: the LLaVA-1.5 layout
+            self._packed = False
+
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> Selection:
         vision = ctx.require_vision(self.name, *self.needs_vision, projector=True)
+        if vision.newline_mask is not None:
+            return self._select_packed(vision, ctx.visual_ids)
         ids = ctx.visual_ids
         batch, num_visual = ids.shape
         if vision.patches_per_image != num_visual:
@@ -235,6 +282,114 @@ class PruMerge(PruningMethod):
         projected = vision.project(insert.to(features.dtype))
         keep = torch.empty(batch, 0, dtype=torch.long, device=device)
         return Selection(keep=keep, insert=projected.to(device), insert_from=origins, insert_valid=valid)
+
+
+    def unit_index(self, order: torch.Tensor, count: int, crops: int, ratio: float | None) -> torch.Tensor:
+        """Kept entries (positions into the unit's ``count`` tokens) of one LLaVA-NeXT budget unit of ``crops``
+        crops, from its descending-attention ``order``: the adaptive branch at the outlier ``ratio``, or the fixed
+        one with ``tokens`` per unit (``N - crops`` top tokens; "+": ``r = N / 2U``) or ``ratio`` (checked per
+        image, capped per crop)."""
+        if ratio is not None:
+            return self.adaptive_index(order, ratio, count)
+        per_crop = self.budget_scope == "crop"
+        if self.tokens is not None and not self.grid_additions:
+            top = self.tokens - crops
+            if not per_crop and not 0 <= top <= count:
+                raise ValueError(
+                    f"{self.name}: tokens={self.tokens} is not allowed for an image of {count} tokens in {crops} crops "
+                    f"besides its newline tokens (always kept): tokens are the top tokens plus one extra token per "
+                    f"crop, so tokens must be in {crops}..{count + crops}"
+                )
+            return order[: max(0, top)]
+        if self.tokens is not None:
+            if not per_crop and self.tokens > 2 * count:
+                raise ValueError(
+                    f"{self.name}: tokens={self.tokens} is not allowed for an image of {count} tokens besides its "
+                    f"newline tokens (always kept); tokens must be in 1..{2 * count} (2U: r = N / 2U <= 1)"
+                )
+            ratio = min(1.0, self.tokens / (2 * count))
+        else:
+            ratio = float(self.ratio)
+        top = order[: int(count * ratio)]
+        if not self.grid_additions:
+            return top
+        step = int(1 / ratio)
+        grid = torch.arange(int(step / 2), count - 1, step, device=order.device)
+        if self.dedup:
+            grid = grid[~torch.isin(grid, top)]
+        return torch.cat([top, grid])
+
+    def _select_packed(self, vision, ids: torch.Tensor) -> Selection:
+        """LLaVA-NeXT: the rule per budget unit (the image or each crop) of the image's packed tokens, merges
+        and extra tokens per crop, newline tokens kept and not counted (class docstring)."""
+        from finepruner.engine.vision import image_candidates  # no import cycle
+
+        device = ids.device
+        batch, num_visual = ids.shape
+        newline, crop = image_candidates(vision, ids)
+        attention = vision.last_layer_attention.to(device).gather(1, ids).float()
+        features = _gather(vision.patch_features.to(device), ids)
+        keys = _gather(vision.last_layer_keys.to(device), ids)
+        lines = [torch.nonzero(newline[b])[:, 0] for b in range(batch)]
+        if len({line.numel() for line in lines}) > 1:
+            raise ValueError(
+                f"{self.name}: images of the same token count with {sorted({line.numel() for line in lines})} "
+                "newline tokens in one batch (different crop layouts); batch them separately"
+            )
+        units: list[list[torch.Tensor]] = []
+        for b in range(batch):
+            candidates = torch.nonzero(~newline[b])[:, 0]
+            if self.budget_scope == "image":
+                units.append([candidates])
+            else:
+                units.append([candidates[crop[b, candidates] == c] for c in torch.unique(crop[b, candidates]).tolist()])
+        ratios: dict[tuple[int, int], float | None] = {}
+        if self.adaptive and self.iqr == "batch":  # the quartiles over all units of the group
+            pooled = torch.cat([attention[b, m] for b in range(batch) for m in units[b]])
+            shared = outlier_count(pooled) / pooled.numel()
+        for b in range(batch):
+            for u, members in enumerate(units[b]):
+                if not self.adaptive:
+                    ratios[b, u] = None
+                elif self.iqr == "batch":
+                    ratios[b, u] = shared
+                else:
+                    ratios[b, u] = outlier_count(attention[b, members]) / members.numel()
+        rows, origins = [], []
+        for b in range(batch):
+            row, origin = [], []
+            for u, members in enumerate(units[b]):
+                unit_crops = torch.unique(crop[b, members]).tolist()
+                order = attention[b, members].argsort(descending=True, stable=True)
+                index = members[self.unit_index(order, members.numel(), len(unit_crops), ratios[b, u])]
+                merged = features.new_zeros(index.numel(), features.shape[-1], dtype=torch.float32)
+                extras, extra_from = [], []
+                for c in unit_crops:
+                    own = members[crop[b, members] == c]  # the crop's tokens, in token order
+                    local = torch.full((num_visual,), -1, dtype=torch.long, device=device)
+                    local[own] = torch.arange(own.numel(), device=device)
+                    at = torch.nonzero(crop[b, index] == c)[:, 0]  # the crop's kept entries, in output order
+                    values = merge_tokens(features[b, own], keys[b, own], attention[b, own], local[index[at]],
+                                          self.neighbours, self.normalize_merge_weights)
+                    merged[at] = values[:-1]
+                    extras.append(values[-1:])
+                    extra_from.append(own[:1])
+                row += [merged, *extras]
+                origin += [index, *extra_from]
+            rows.append(torch.cat(row))
+            origins.append(torch.cat(origin))
+        count = max(r.shape[0] for r in rows)
+        insert = features.new_zeros(batch, count, features.shape[-1], dtype=torch.float32)
+        valid = torch.zeros(batch, count, dtype=torch.bool, device=device)
+        insert_from = torch.zeros(batch, count, dtype=torch.long, device=device)
+        for b, (r, o) in enumerate(zip(rows, origins, strict=True)):
+            insert[b, : r.shape[0]] = r
+            valid[b, : r.shape[0]] = True
+            insert_from[b, : o.numel()] = o
+        projected = vision.project(insert.to(features.dtype))
+        keep = torch.stack(lines)
+        return Selection(keep=keep, insert=projected.to(device), insert_from=insert_from,
+                         insert_valid=None if bool(valid.all()) else valid)
 
 
 class PruMergePlus(PruMerge):

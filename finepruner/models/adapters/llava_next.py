@@ -22,9 +22,11 @@ from finepruner.models.adapters.base import ImageGrids, ModelAdapter, PackedLayo
 #: crops (VisPruner, CDPruner).
 PACKED_SIGNALS = frozenset({"projected_features", "cls_attention", "patch_features", "post_layernorm_features"})
 #: LLaVA-NeXT (CLIP, [CLS]) also maps VisionZip's signals (the feature layer's [CLS] row summed over heads, its
-#: head-mean keys per patch, each crop's [CLS] vector) and HiPrune's (the attention received per patch at any
-#: encoder layer, ``received_attention@l``).
-NEXT_SIGNALS = PACKED_SIGNALS | {"cls_attention_sum", "feature_keys", "cls_feature", "received_attention"}
+#: head-mean keys per patch, each crop's [CLS] vector), HiPrune's (the attention received per patch at any
+#: encoder layer, ``received_attention@l``) and PruMerge's (the last layer's merged-head [CLS] row and keys, per
+#: crop, ``methods_more.md`` §5.1).
+NEXT_SIGNALS = PACKED_SIGNALS | {"cls_attention_sum", "feature_keys", "cls_feature", "received_attention",
+                                 "last_layer_attention", "last_layer_keys"}
 
 
 def packed_image_grids(newline: torch.Tensor, patches: int) -> ImageGrids:
@@ -117,18 +119,18 @@ class LlavaNextAdapter(ModelAdapter):
         """Each image's projected features (its rows of the language model's input, newline tokens
         included) and the CLIP signals of its crops mapped to its token order (``image_layouts``): the
         [CLS] attention of the feature layer per crop (mean and sum over heads), its head-mean keys, the
-        attention received per patch at any encoder layer, the pre-projector features and their
+        attention received per patch at any encoder layer, the last layer's merged-head [CLS] row and keys
+        (PruMerge; each crop's own softmax over its 577 keys), the pre-projector features and their
         ``post_layernorm``, and each crop's [CLS] vector (``cls_feature``, [crops, Dv]); newline tokens are
         marked (``VisionSignals.newline_mask``), each token's crop and patch in it given (``crop_index``,
         ``patch_index``)."""
         return NEXT_SIGNALS
 
     def vision_unsupported_reason(self) -> str:
-        return ("the [CLS] attention (mean and sum over heads), the feature layer's keys, each crop's [CLS] vector, "
-                "the per-layer received attention, pre-projector and projected features are mapped through anyres "
-                "packing, unpadding and newline tokens; the last layer's merged-head attention and keys (PruMerge) "
-                "are not: PruMerge's adaptive IQR budget and PruMerge+'s grid samples are defined on one square "
-                "patch grid per image, and its official code does not prune LLaVA-NeXT's anyres input")
+        return ("only the [CLS] attention (mean and sum over heads), the feature layer's keys, each crop's [CLS] "
+                "vector, the per-layer received attention, the last layer's merged-head [CLS] row and keys, "
+                "pre-projector and projected features are mapped through anyres packing, unpadding and newline "
+                "tokens")
 
     def crops_per_image(self, encoding: Mapping[str, Any]) -> list[int]:
         """Vision-tower crops of each image of one ``get_image_features`` call (base + tiles), as the model
