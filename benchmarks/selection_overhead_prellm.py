@@ -21,9 +21,9 @@ both prompts, and reported as ratios of medians measured in the same run:
   signals, ``select``, CDPruner's text tower) plus the method's vision-capture hooks
   (``finepruner.bench.runner.run_variant``). On the 2,880-token prompt the budget counts all five images
   together (LLaVA-1.5's per-sample budget); ``apply`` checks a budget against one image's 576 tokens, so
-  the benchmark makes that check use the prompt's 2,880 (``_on_prompt``). Methods that need one square
-  patch grid or one image per sample (``pool``, ``hiprune``, ``prumerge``, ``prumerge_plus``,
-  ``visionzip``) run on neither 2,880-token layout and are reported as such.
+  the benchmark makes that check use the prompt's 2,880 (``_on_prompt``). Methods that select on one image's
+  patch grid (``pool``, ``hiprune``, ``prumerge``, ``prumerge_plus``, ``visionzip``) refuse the five-image
+  LLaVA-1.5 prompt and are reported as such there; on the NeXT prompt they select per image over its crops.
 * ``functions``: the pre-LLM selection functions alone on synthetic signals of the same shapes (VisPruner
   ranking + de-duplication, CDPruner similarity + DPP (``dpp_select_projected``), DivPrune, SparseVLM's
   recycling at its three stages; the text tower and SparseVLM's rater attention excluded), with the
