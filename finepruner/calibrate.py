@@ -50,20 +50,24 @@ def calibrate(
     samples = [s for s in samples if s.has_image]
     if not samples:
         raise ValueError("the calibration set has no sample with an image")
+    # families whose images have their own token counts (LLaVA-NeXT, OneVision, Qwen) store no count in
+    # heads.json (null matches any image) and score each sample's own row: one sample per forward
+    variable = adapter.per_image_budget
     accumulator = HeadStatsAccumulator(
-        adapter.num_heads, strategy, num_visual=adapter.num_visual_tokens, num_layers=adapter.num_layers,
-        layer=K - 1, **options,
+        adapter.num_heads, strategy, num_visual=None if variable else adapter.num_visual_tokens,
+        num_layers=adapter.num_layers, layer=K - 1, variable_visual=variable, **options,
     )
     generator = Generator(model, processor)  # the family's prompt and image preprocessing (eval's)
-    # Keeping every token through FastV's path records the attention rows without changing the model.
-    with finepruner.apply(model, "fastv", tokens=adapter.num_visual_tokens, K=K, processor=processor) as handle:
+    # FastV's scoring at layer K-1 records the attention rows; what it keeps after layer K is never read.
+    with finepruner.apply(model, "fastv", tokens=1, K=K, processor=processor) as handle:
         bar = tqdm(range(0, len(samples), batch_size), desc="calibrate", unit="batch", disable=not progress)
         for start in bar:
             batch = samples[start : start + batch_size]
-            images = [generator.prepare_image(s) for s in batch]
-            texts = [generator.build_prompt(s.text, True) for s in batch]
-            model(**generator.model_inputs(texts, images), use_cache=False)
-            accumulator.update(handle.attention[0])
+            for group in ([[s] for s in batch] if variable else [batch]):
+                images = [generator.prepare_image(s) for s in group]
+                texts = [generator.build_prompt(s.text, True) for s in group]
+                model(**generator.model_inputs(texts, images), use_cache=False)
+                accumulator.update(handle.attention[0])
     head_set = accumulator.result()
     if data is not None:
         head_set = replace(head_set, data=data)

@@ -129,8 +129,11 @@ class HeadStatsAccumulator:
         num_visual: int | None = None,
         num_layers: int | None = None,
         layer: int | None = None,
+        variable_visual: bool = False,
         **options: Any,
     ) -> None:
+        """``variable_visual``: the samples' visual-token counts differ (families with per-image counts):
+        each sample is scored on its own row and ``num_visual`` stays None (it matches any model)."""
         from finepruner.heads.api import strategy_info, validate_options
 
         info = strategy_info(strategy)
@@ -153,6 +156,7 @@ class HeadStatsAccumulator:
         self.strategy = strategy
         self.options = dict(options)
         self.num_visual = num_visual
+        self.variable_visual = variable_visual
         self.num_layers = num_layers
         self.layer = layer
         self._best = info.best
@@ -173,7 +177,9 @@ class HeadStatsAccumulator:
         batch = attn if attn.dim() == 3 else attn.unsqueeze(0)
         if batch.shape[1] != self.num_heads:
             raise ValueError(f"attn has {batch.shape[1]} heads, the accumulator expects {self.num_heads}")
-        if self.num_visual is None:
+        if self.variable_visual:
+            pass
+        elif self.num_visual is None:
             self.num_visual = int(batch.shape[2])
         elif batch.shape[2] != self.num_visual:
             raise ValueError(
