@@ -62,6 +62,7 @@ from finepruner.methods.cdpruner import (
 from finepruner.methods.divprune import divprune_select, divprune_select_plain
 from finepruner.methods.sparsevlm import recycled_counts, sparsevlm_mapping, visual_counts
 from finepruner.methods.sparsevlm_recycling import cluster_and_merge, density_noise
+from finepruner.methods.spec import parse_method_spec
 from finepruner.methods.vispruner import vispruner_select, vispruner_select_plain
 from finepruner.models.adapters import adapter_for
 
@@ -131,17 +132,19 @@ def method_tasks(models, prompts, args) -> tuple[dict[str, Callable[[], float]],
     tasks: dict[str, Callable[[], float]] = {}
     skipped: dict[str, str] = {}
     visual_of: dict[str, int] = {}
-    names = args.methods or [name for name in methods.available() if name != "vanilla"]
+    specs = args.methods or [name for name in methods.available() if name != "vanilla"]
+    parsed = [(spec, *parse_method_spec(spec)) for spec in specs]  # NAME or NAME:KEY=VALUE,...
     for num_visual in args.visual:
         model, inputs = models[LAYOUTS[num_visual][0]], prompts[num_visual]
         adapter = adapter_for(model)
         per_image = adapter.max_visual_tokens
-        clip_text = clip_text_for(model, LAYOUTS[num_visual][0]) if "cdpruner" in names else None
+        needs_text = any(name == "cdpruner" for _, name, _ in parsed)
+        clip_text = clip_text_for(model, LAYOUTS[num_visual][0]) if needs_text else None
         shape = ModelShape(adapter.num_layers, adapter.num_heads, num_visual)
-        for name in names:
+        for spec, name, extra in parsed:
             for budget in budgets_at(num_visual, args.budgets):
-                label = f"{name}/V={num_visual}/T={budget}"
-                params = {"tokens": budget, **({"clip_text": clip_text} if name == "cdpruner" else {})}
+                label = f"{spec}/V={num_visual}/T={budget}"
+                params = {"tokens": budget, **extra, **({"clip_text": clip_text} if name == "cdpruner" else {})}
                 try:
                     params = methods.get(name).defaults_for(shape, params)
                     method = _on_prompt(methods.get(name), num_visual, per_image)(**params)
@@ -230,7 +233,8 @@ def main() -> None:
     parser.add_argument("--visual", type=int, nargs="+", choices=sorted(LAYOUTS), default=sorted(LAYOUTS),
                         help="prompts: 576 (medium, 1 image), 2880 (medium, 5 images), 2928 (next-medium)")
     parser.add_argument("--parts", nargs="+", choices=["methods", "functions"], default=["methods", "functions"])
-    parser.add_argument("--methods", nargs="+", help="registered method names (default: every method)")
+    parser.add_argument("--methods", nargs="+", help="registered method names, each optionally with parameters "
+                        "(NAME:KEY=VALUE,..., e.g. cdpruner:budget_scope=crop; default: every method)")
     parser.add_argument("--widths", nargs="+", choices=sorted(WIDTHS), default=sorted(WIDTHS))
     parser.add_argument("--plain", action="store_true", help="also time the plain (pre-speed-up) functions")
     parser.add_argument("--json", help="write the results to this file")
