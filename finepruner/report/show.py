@@ -10,10 +10,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from finepruner.sweep.config import ModelShape
 
 
-def default_methods(num_visual: int, num_heads: int) -> list[str]:
+def default_methods(num_visual: int, num_heads: int, variable: bool = False) -> list[str]:
     """The methods shown without ``--method``: FastV and FinePruner at a ninth of the visual tokens, the
-    latter with half the heads (64 of 576 and 16 of 32 on LLaVA-1.5-7B; 16 of 144 and 4 of 8 on the toy)."""
-    tokens, heads = max(1, num_visual // 9), max(1, num_heads // 2)
+    latter with half the heads (64 of 576 and 16 of 32 on LLaVA-1.5-7B; 16 of 144 and 4 of 8 on the toy).
+    ``variable`` (LLaVA-NeXT, OneVision, Qwen: each image has its own count, ``spec/models.md`` §5.1): a ninth
+    of each image's tokens, as ``ratio=0.889`` (the pruned fraction)."""
+    heads = max(1, num_heads // 2)
+    if variable:
+        return ["fastv:ratio=0.889", f"finepruner:ratio=0.889,heads={heads},strategy=sum"]
+    tokens = max(1, num_visual // 9)
     return [f"fastv:tokens={tokens}", f"finepruner:tokens={tokens},heads={heads},strategy=sum"]
 
 
@@ -22,10 +27,11 @@ def register(subparsers: Any) -> None:
         "show",
         help="PNG of the kept tokens of several methods on one image, and per-head attention maps",
         description="For one image and question: tokens.png (kept visual tokens per stage, one column per "
-        "method) and heads.png (last-query attention of every head at the scoring layer, selected heads "
-        "framed in red).",
+        "method, on the image's token grids: LLaVA-1.5's square grid, Qwen-VL's merged grid, LLaVA-NeXT/"
+        "OneVision's tile grid with the base crop's grid beside it) and heads.png (last-query attention of "
+        "every head at the scoring layer, selected heads framed in red). One image per prompt.",
     )
-    p.add_argument("--model", required=True, help="local llava-hf checkpoint directory (or 'toy')")
+    p.add_argument("--model", required=True, help="local checkpoint directory of a supported family (or 'toy')")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--question", required=True, help="the question (USER text after the image)")
     p.add_argument("--method", action="append", metavar="NAME[:KEY=VALUE,...]",
@@ -38,7 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--heads-method", type=int, help="index of the method whose heads to draw (default: first "
                    "with an attention signal)")
     p.add_argument("--image-aspect-ratio", choices=("pad", "original"), default=None,
-                   help="default: the model family's protocol (pad on LLaVA-1.5)")
+                   help="default: the model family's protocol (pad on LLaVA-1.5, original elsewhere)")
     p.add_argument("--dtype", help="model dtype")
     p.add_argument("--device", help="device (default: cpu)")
     p.set_defaults(func=run_show)
@@ -86,7 +92,7 @@ def run_show(args: argparse.Namespace) -> int:
         from finepruner.sweep.config import model_shape
 
         shape = model_shape(args.model)
-        specs = args.method or default_methods(shape.num_visual, shape.num_heads)
+        specs = args.method or default_methods(shape.num_visual, shape.num_heads, shape.variable)
         methods = [parse_method_spec(s) for s in specs]
         _check_args(args, methods, shape)
         try:

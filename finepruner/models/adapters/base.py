@@ -10,6 +10,7 @@ branches on a model class or ``model_type``: the engine, methods, evaluation and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -142,6 +143,44 @@ class ImageGrids:
     @property
     def count(self) -> int:
         return sum(grid.count for grid in self.grids) + self.trailing_newlines
+
+
+@dataclass(frozen=True)
+class GridRegion:
+    """One grid of an image's visual tokens and the part of the image it covers (``ModelAdapter.token_grids``,
+    for drawing: ``finepruner show``).
+
+    Attributes:
+        grid: the grid's tokens (``TokenGrid``: indices among the image's tokens, rows x cols cells).
+        box: ``(left, top, right, bottom)``: the grid's extent in fractions of the width and height of the
+            image handed to the processor; ``(0, 0, 1, 1)`` when the grid covers exactly the image (its cells
+            are the image squashed to ``rows x cols``), beyond [0, 1] where it also covers padding.
+        name: ``"image"`` (an image's only grid: LLaVA-1.5, Qwen's merged grid), ``"base"`` (the anyres base
+            crop: the whole image resized to one crop) or ``"tiles"`` (the anyres tile grid).
+    """
+
+    grid: TokenGrid
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    name: str = "image"
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The grids of one image's visual tokens (``ModelAdapter.token_grids``): ``count`` tokens (newline tokens
+    included; they sit in no grid cell), ``regions`` in token order."""
+
+    count: int
+    regions: tuple[GridRegion, ...]
+
+    def cell_of(self) -> dict[int, tuple[int, int, int]]:
+        """token index -> ``(region, row, col)`` of every token that sits in a grid cell."""
+        out: dict[int, tuple[int, int, int]] = {}
+        for r, region in enumerate(self.regions):
+            cells = region.grid.cells()
+            for i in range(region.grid.rows):
+                for j in range(region.grid.cols):
+                    out[int(cells[i, j])] = (r, i, j)
+        return out
 
 
 class ModelAdapter:
@@ -387,6 +426,49 @@ class ModelAdapter:
         image is one square patch grid (LLaVA-1.5; Qwen's merged grid). A ValueError when the tokens do not
         form the family's layout."""
         return None
+
+    def token_grids(self, inputs: Mapping[str, Any], sample: int = 0) -> TokenLayout:
+        """The grids of the one image of ``sample`` in the processor's output ``inputs`` (``input_ids``, and
+        ``image_sizes`` / ``image_grid_thw`` where the family has them), with the image region each covers.
+        The default: one square grid of :meth:`crop_tokens` over the whole image (LLaVA-1.5: 24 x 24). A
+        ValueError names the reason when the sample holds a video, no image or several images, or when its
+        tokens form no grid."""
+        count = self.crop_tokens(self.config)
+        self.single_image(inputs, sample, [count] * self._image_total(inputs, count))
+        side = math.isqrt(count)
+        if side * side != count:
+            raise ValueError(f"{count} visual tokens per image do not form a square grid (a [CLS] token kept by "
+                             "the 'full' feature strategy?)")
+        return TokenLayout(count, (GridRegion(TokenGrid(0, side, side)),))
+
+    def _image_total(self, inputs: Mapping[str, Any], count: int) -> int:
+        """Images of a fixed-count family's call: the batch's image tokens over ``count``."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise ValueError("the inputs have no input_ids: the image tokens cannot be located")
+        total = int((torch.as_tensor(ids) == self.image_token_id).sum())
+        return max(1, -(-total // count))
+
+    @staticmethod
+    def refuse_video(inputs: Mapping[str, Any]) -> None:
+        """A ValueError when the inputs hold a video (``token_grids`` draws single images only)."""
+        if inputs.get("pixel_values_videos") is not None or inputs.get("video_grid_thw") is not None:
+            raise ValueError("the prompt holds a video: only a single image per prompt can be drawn")
+
+    def single_image(self, inputs: Mapping[str, Any], sample: int, counts: Sequence[int]) -> tuple[int, ImageSpan]:
+        """``(index among the call's images, span)`` of the one image of ``sample`` (``counts``: each image's
+        tokens, in order); a ValueError for a video, a sample without an image or with several images."""
+        self.refuse_video(inputs)
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise ValueError("the inputs have no input_ids: the image tokens cannot be located")
+        spans = self.image_spans(torch.as_tensor(ids) == self.image_token_id, counts)
+        if not 0 <= sample < len(spans):
+            raise ValueError(f"sample {sample}: the inputs have {len(spans)} samples")
+        if len(spans[sample]) != 1:
+            raise ValueError(f"sample {sample} holds {len(spans[sample])} images: only a single image per prompt "
+                             "can be drawn")
+        return sum(len(row) for row in spans[:sample]), spans[sample][0]
 
     @property
     def projects_new_tokens(self) -> bool:

@@ -16,7 +16,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from finepruner.models.adapters.base import ImageGrids, ModelAdapter, PackedLayout, TokenGrid, register_adapter
+from finepruner.models.adapters.base import (
+    GridRegion,
+    ImageGrids,
+    ModelAdapter,
+    PackedLayout,
+    TokenGrid,
+    TokenLayout,
+    register_adapter,
+)
 
 #: Vision-side signals mapped per image through the packing (``engine.vision``) on every family that packs
 #: crops (VisPruner, CDPruner).
@@ -61,6 +69,43 @@ def packed_image_grids(newline: torch.Tensor, patches: int) -> ImageGrids:
     if tile * tile != rest.numel():
         raise ValueError(f"the {rest.numel()} tile tokens (no newline) are no square grid")
     return ImageGrids((base, TokenGrid(patches, tile, tile)), 0, side)
+
+
+def anyres_token_layout(adapter: ModelAdapter, inputs: Mapping[str, Any], sample: int) -> TokenLayout:
+    """``token_grids`` of the anyres families (``spec/models.md`` §1.1-§1.2): the sample's image packed by the
+    model itself (``image_layouts``), split into grids (``image_grids``). The base crop covers the whole image
+    (resized to one square crop); the tile grid covers the image as the processor resized it into the best
+    pinpoint: the unpadded part (OneVision: possibly shrunk, the same region) or, without newline tokens
+    (``layout="paper2880"``), the whole padded pinpoint (its box reaches beyond the image)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    config = adapter.config
+    patches = adapter.crop_tokens(config)
+    encoding = {key: inputs[key] for key in ("image_sizes", "batch_num_images", "vision_aspect_ratio")
+                if inputs.get(key) is not None}
+    adapter.refuse_video(inputs)
+    if "image_sizes" not in encoding:
+        raise ValueError("the inputs have no image_sizes: the anyres layout of the image is unknown")
+    layouts = adapter.image_layouts(encoding, patches)
+    index, span = adapter.single_image(inputs, sample, [layout.count for layout in layouts])
+    grids = adapter.image_grids(config, layouts[index].newline)
+    height, width = (int(v) for v in torch.as_tensor(encoding["image_sizes"])[index].tolist())
+    crop = int(config.vision_config.image_size)
+    side = grids.crop_side
+    regions = [GridRegion(grids.grids[0], name="base")]
+    for grid in grids.grids[1:]:
+        best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+        full_h, full_w = side * (best_h // crop), side * (best_w // crop)
+        scale = min(full_h / height, full_w / width)  # grid cells per image pixel (aspect-preserving fit)
+        rows, cols = full_h, full_w
+        if grid.row_newlines:  # unpadded (transformers' unpad_image on the full grid)
+            if width / height > full_w / full_h:
+                rows = full_h - 2 * ((full_h - int(round(height * (full_w / width), 7))) // 2)
+            else:
+                cols = full_w - 2 * ((full_w - int(round(width * (full_h / height), 7))) // 2)
+        left, top = (1 - cols / (width * scale)) / 2, (1 - rows / (height * scale)) / 2
+        regions.append(GridRegion(grid, (left, top, 1 - left, 1 - top), "tiles"))
+    return TokenLayout(span.count, tuple(regions))
 
 
 def _fixed_grid_features(height, width, patches_height, patches_width, scale_height, scale_width):
@@ -162,6 +207,11 @@ class LlavaNextAdapter(ModelAdapter):
         """The base crop's patch grid, then the unpadded tile grid with one newline per row (or the one-crop
         image's trailing newline; ``layout="paper2880"``: the square tile grid, no newline)."""
         return packed_image_grids(newline, cls.crop_tokens(config))
+
+    def token_grids(self, inputs: Mapping[str, Any], sample: int = 0) -> TokenLayout:
+        """The base crop's grid over the whole image, then the unpadded tile grid over the image as resized
+        into its pinpoint (``anyres_token_layout``)."""
+        return anyres_token_layout(self, inputs, sample)
 
     @classmethod
     def max_tokens(cls, config) -> int:

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from finepruner.models.adapters.base import ImageGrids, ModelAdapter, PackedLayout, register_adapter
-from finepruner.models.adapters.llava_next import PACKED_SIGNALS, packed_image_grids
+from finepruner.models.adapters.base import ImageGrids, ModelAdapter, PackedLayout, TokenLayout, register_adapter
+from finepruner.models.adapters.llava_next import PACKED_SIGNALS, anyres_token_layout, packed_image_grids
 
 #: ``vision_aspect_ratio`` that never downsamples (the index pass: the unpadded grid before the shrink).
 _NO_SHRINK = "anyres_max_1000000000"
@@ -152,6 +152,12 @@ class LlavaOnevisionAdapter(ModelAdapter):
         crops: still a grid) with one newline per row; a multi-image sample's image: the base grid and its
         trailing newline."""
         return packed_image_grids(newline, cls.crop_tokens(config))
+
+    def token_grids(self, inputs: Mapping[str, Any], sample: int = 0) -> TokenLayout:
+        """The base crop's 27 x 27 grid over the whole image, then the unpadded (possibly shrunk) tile grid over
+        the image as resized into its pinpoint (``llava_next.anyres_token_layout``); a multi-image sample is
+        refused (one image per prompt)."""
+        return anyres_token_layout(self, inputs, sample)
 
     @classmethod
     def max_tokens(cls, config) -> int:

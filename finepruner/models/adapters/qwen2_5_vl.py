@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from finepruner.models.adapters.base import ModelAdapter, register_adapter
+from finepruner.models.adapters.base import GridRegion, ModelAdapter, TokenGrid, TokenLayout, register_adapter
 
 #: Upper bound of one image's tokens used to validate budgets before a prefill: the released checkpoints'
 #: ``max_pixels`` (12,845,056 = 16,384 x 28^2 for Qwen2/2.5-VL; 16,777,216 = 16,384 x 32^2 for Qwen3-VL).
@@ -115,6 +115,20 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             return None
         merge = self.merge_size(self.config) ** 2
         return [int(v) // merge for v in grid.prod(dim=-1).tolist()]
+
+    def token_grids(self, inputs: Mapping[str, Any], sample: int = 0) -> TokenLayout:
+        """The sample's image as one merged grid ``(h / merge) x (w / merge)`` of its ``image_grid_thw`` row
+        (``spec/models.md`` §1.3-§1.4: raster order), covering the whole image as ``smart_resize`` resized it."""
+        self.refuse_video(inputs)
+        counts = self.image_token_counts(inputs)
+        if counts is None:
+            raise ValueError("the inputs have no image_grid_thw: the image's merged grid is unknown")
+        index, span = self.single_image(inputs, sample, counts)
+        frames, height, width = (int(v) for v in inputs["image_grid_thw"][index].tolist())
+        merge = self.merge_size(self.config)
+        if frames != 1:
+            raise ValueError(f"the image has {frames} temporal patches (a video?): only a single image is drawn")
+        return TokenLayout(span.count, (GridRegion(TokenGrid(0, height // merge, width // merge)),))
 
     # -- positions ------------------------------------------------------------------------------------
     def lm_positions(self, position_ids: torch.Tensor | None, batch: int, length: int, past: int,
