@@ -110,3 +110,18 @@ def no_model_load(monkeypatch) -> list[str]:
     monkeypatch.setattr(finepruner, "load_model", refuse)
     return calls
 
+
+class SelectionRecorder:
+    """Wraps ``method.select`` so that every answer it gives (kept ids, or a ``Selection`` with inserted
+    tokens) is kept in ``answers``, in call order."""
+
+    def __init__(self, method) -> None:
+        self.answers = []
+        original = method.select
+
+        def select(stage_index, stage, ctx):
+            answer = original(stage_index, stage, ctx)
+            self.answers.append(answer)
+            return answer
+
+        method.select = select

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import finepruner
-from tests.conftest import assert_row_equals_alone
+from tests.conftest import SelectionRecorder, assert_row_equals_alone
 from tests.test_vision_families import (
     LAYOUT_IMAGES,
     PROMPTS,
@@ -127,21 +127,6 @@ def reference_prumerge(sig: dict, plus: bool, scope: str, tokens=None, ratio=Non
     return lines, origins, torch.stack(rows).float()
 
 
-class _Record:
-    """Records the method's answers."""
-
-    def __init__(self, method) -> None:
-        self.answers = []
-        original = method.select
-
-        def select(stage_index, stage, ctx):
-            answer = original(stage_index, stage, ctx)
-            self.answers.append(answer)
-            return answer
-
-        method.select = select
-
-
 CASES = [
     ("prumerge", {"tokens": 9}),
     ("prumerge", {"tokens": 5, "budget_scope": "crop"}),
@@ -162,7 +147,7 @@ def test_prumerge_on_next_equals_plain_per_unit_reference(name, params):
     images of several layouts (unpadded rows or columns, a square one, one crop)."""
     fam = family("llava_next")
     method = finepruner.methods.create(name, **params)
-    record = _Record(method)
+    record = SelectionRecorder(method)
     projector = fam.model.model.multi_modal_projector
     reference = {k: v for k, v in params.items() if k in ("tokens", "ratio", "dedup", "neighbours")}
     with finepruner.apply(fam.model, method) as handle:

@@ -15,7 +15,7 @@ import torch
 
 import finepruner
 from finepruner.methods.visionzip import split_budget
-from tests.conftest import assert_row_equals_alone
+from tests.conftest import SelectionRecorder, assert_row_equals_alone
 from tests.test_vision_families import (
     LAYOUT_IMAGES,
     PROMPTS,
@@ -108,21 +108,6 @@ def reference_visionzip(signals, newline: torch.Tensor, tokens: int, scope: str,
     return sorted(kept), (torch.stack(rows).float() if rows else None)
 
 
-class _Record:
-    """Records the method's answers (one single-image prompt per call: one group of one unit)."""
-
-    def __init__(self, method) -> None:
-        self.answers = []
-        original = method.select
-
-        def select(stage_index, stage, ctx):
-            answer = original(stage_index, stage, ctx)
-            self.answers.append(answer)
-            return answer
-
-        method.select = select
-
-
 @pytest.mark.parametrize(("scope", "tokens", "cls_token"),
                          [("image", 9, True), ("image", 13, False), ("crop", 7, True), ("crop", 40, True)])
 def test_visionzip_on_next_equals_plain_per_unit_reference(scope, tokens, cls_token):
@@ -131,7 +116,7 @@ def test_visionzip_on_next_equals_plain_per_unit_reference(scope, tokens, cls_to
     unpadding leaves some crops (they keep all their patches)."""
     fam = family("llava_next")
     method = finepruner.methods.create("visionzip", tokens=tokens, budget_scope=scope, cls_token=cls_token)
-    record = _Record(method)
+    record = SelectionRecorder(method)
     projector = fam.model.model.multi_modal_projector
     with finepruner.apply(fam.model, method) as handle:
         for image in LAYOUT_IMAGES:
