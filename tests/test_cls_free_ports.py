@@ -333,3 +333,18 @@ def test_hiprune_onevision_padded_batch_equals_each_sample_alone(name):
                 width = handle.kept[0].shape[1]
                 assert torch.equal(kept[row, :width], handle.kept[0][0]), (name, row)
     assert bool((kept[3] == -1).all())
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_hiprune_instance_applies_again_after_binding(name):
+    """A HiPrune instance bound once (its signals renamed per layer, ``received_attention@l``) is accepted
+    by a second ``apply`` on the same family (the benchmark and the sweep re-apply one instance)."""
+    from finepruner.methods import create
+    from tests.test_vision_families import family
+
+    fam = family(name)
+    method = create("hiprune", tokens=10, alpha=1.0)
+    for _ in range(2):
+        with finepruner.apply(fam.model, method):
+            pass
+    assert all(n.startswith("received_attention@") for n in method.needs_vision)

@@ -11,7 +11,7 @@ from torch import nn
 
 from finepruner.engine.loop import pruned_forward
 from finepruner.engine.state import PruneStats
-from finepruner.engine.vision import VisionCapture, VisionSignals
+from finepruner.engine.vision import RECEIVED_PREFIX, VisionCapture, VisionSignals
 from finepruner.methods import PruningMethod, Stage, create
 from finepruner.methods.base import ModelShape, check_shape
 from finepruner.models.adapters import adapter_for
@@ -103,7 +103,10 @@ class Handle:
         needs = self.method.required_vision(self.model)
         if supported is None or not needs:
             return
-        missing = sorted(set(needs) - supported)
+        # a per-layer name (``received_attention@l``, set by a method bound to a model before) is the
+        # family's ``received_attention`` at that layer
+        generic = {"received_attention" if name.startswith(RECEIVED_PREFIX) else name for name in needs}
+        missing = sorted(generic - supported)
         if missing:
             raise ValueError(
                 f"{self.method.name} reads the vision signal(s) {', '.join(missing)}, which finepruner does not "
