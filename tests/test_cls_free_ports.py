@@ -319,20 +319,9 @@ def test_hiprune_on_onevision_equals_plain_token_grid_reference(name, tokens, al
 
 @pytest.mark.parametrize("name", ["llava_onevision", "onevision_shrunk"])
 def test_hiprune_onevision_padded_batch_equals_each_sample_alone(name):
-    from tests.test_vision_families import PROMPTS, family
+    from tests.test_vision_families import assert_batch_equals_each_sample_alone, family
 
-    fam = family(name)
-    inputs = fam.inputs()
-    with finepruner.apply(fam.model, "hiprune", tokens=10, alpha=1.0) as handle:
-        together = fam.generate(inputs)
-        kept = handle.kept[0].clone()
-        for row in range(len(PROMPTS)):
-            alone = fam.generate(fam.inputs([row]))
-            assert_row_equals_alone(alone, together, row, atol=1e-4)
-            if row < 3:
-                width = handle.kept[0].shape[1]
-                assert torch.equal(kept[row, :width], handle.kept[0][0]), (name, row)
-    assert bool((kept[3] == -1).all())
+    assert_batch_equals_each_sample_alone(family(name), "hiprune", tokens=10, alpha=1.0)
 
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])

@@ -416,6 +416,24 @@ def _configs(name: str, clip) -> list[tuple[str, dict]]:
     return [("vispruner", {"tokens": 2, "budget_scope": "crop"}), ("cdpruner", {"tokens": 5})]
 
 
+def assert_batch_equals_each_sample_alone(fam: Family, method: str, atol: float = 1e-4, **params) -> None:
+    """``fam.inputs()`` (rows of different images, a two-image row, a text-only row; left-padded) under
+    ``method``: each row's generation equals the sample alone within ``atol``, its kept set (stage 0)
+    equals the sample's alone with padding slots (-1) after it, and the text-only row keeps nothing."""
+    inputs = fam.inputs()
+    with finepruner.apply(fam.model, method, **params) as handle:
+        together = fam.generate(inputs)
+        kept = handle.kept[0].clone()
+        for row in range(len(PROMPTS)):
+            alone = fam.generate(fam.inputs([row]))
+            assert_row_equals_alone(alone, together, row, atol=atol)
+            if row < 3:
+                width = handle.kept[0].shape[1]
+                assert torch.equal(kept[row, :width], handle.kept[0][0]), (method, params, row)
+                assert bool((kept[row, width:] == -1).all())
+    assert bool((kept[3] == -1).all())
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_padded_batch_of_different_images_equals_each_sample_alone(name, clip):
     """Rows of different images (counts), a two-image row and a text-only row, left-padded: each row's

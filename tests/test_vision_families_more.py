@@ -19,6 +19,7 @@ from tests.conftest import SelectionRecorder, assert_row_equals_alone
 from tests.test_vision_families import (
     LAYOUT_IMAGES,
     PROMPTS,
+    assert_batch_equals_each_sample_alone,
     crop_batch,
     family,
     newlines_of,
@@ -262,19 +263,7 @@ def test_hiprune_on_next_equals_plain_per_unit_reference(scope, tokens, alpha, w
 @pytest.mark.parametrize("params", [{"tokens": 10, "alpha": 1.0}, {"tokens": 5, "budget_scope": "crop",
                                                                     "wrap": "grid", "alpha": 1.0}])
 def test_hiprune_padded_batch_of_different_images_equals_each_sample_alone(params):
-    fam = family("llava_next")
-    inputs = fam.inputs()
-    with finepruner.apply(fam.model, "hiprune", **params) as handle:
-        together = fam.generate(inputs)
-        kept = handle.kept[0].clone()
-        for row in range(len(PROMPTS)):
-            alone = fam.generate(fam.inputs([row]))
-            assert_row_equals_alone(alone, together, row, atol=1e-4)
-            if row < 3:
-                width = handle.kept[0].shape[1]
-                assert torch.equal(kept[row, :width], handle.kept[0][0]), (params, row)
-                assert bool((kept[row, width:] == -1).all())
-    assert bool((kept[3] == -1).all())
+    assert_batch_equals_each_sample_alone(family("llava_next"), "hiprune", **params)
 
 
 @pytest.mark.parametrize("method", ["visionzip", "prumerge", "prumerge_plus"])
