@@ -186,11 +186,17 @@ class PruMerge(PruningMethod):
         if self.tokens is not None and not self.grid_additions:
             return order[: self.tokens - 1]
         ratio = self.fixed_ratio(num_visual)
-        top = order[: int(num_visual * ratio)]
+        return self.fixed_branch(order, ratio, num_visual)
+
+    def fixed_branch(self, order: torch.Tensor, ratio: float, count: int) -> torch.Tensor:
+        """The official non-adaptive branch (``methods_more.md`` §5.3) on ``count`` tokens ranked by
+        ``order``: the ``int(count * ratio)`` top tokens, and for "+" the grid ``arange(step / 2, count - 1,
+        step)``, ``step = int(1 / ratio)`` (minus the top tokens with ``dedup``)."""
+        top = order[: int(count * ratio)]
         if not self.grid_additions:
             return top
         step = int(1 / ratio)
-        grid = torch.arange(int(step / 2), num_visual - 1, step, device=order.device)
+        grid = torch.arange(int(step / 2), count - 1, step, device=order.device)
         if self.dedup:
             grid = grid[~torch.isin(grid, top)]
         return torch.cat([top, grid])
@@ -310,14 +316,7 @@ class PruMerge(PruningMethod):
             ratio = min(1.0, self.tokens / (2 * count))
         else:
             ratio = float(self.ratio)
-        top = order[: int(count * ratio)]
-        if not self.grid_additions:
-            return top
-        step = int(1 / ratio)
-        grid = torch.arange(int(step / 2), count - 1, step, device=order.device)
-        if self.dedup:
-            grid = grid[~torch.isin(grid, top)]
-        return torch.cat([top, grid])
+        return self.fixed_branch(order, ratio, count)
 
     def _select_packed(self, vision, ids: torch.Tensor) -> Selection:
         """LLaVA-NeXT: the rule per budget unit (the image or each crop) of the image's packed tokens, merges
