@@ -198,8 +198,7 @@ class Handle:
         self._pending = None
         counts = None
         if self.adapter.per_image_budget and kwargs.get("pixel_values") is not None:
-            expected = getattr(self.adapter, "image_token_counts", None)  # Qwen: from image_grid_thw
-            self._check_image_counts(expected(kwargs) if callable(expected) else None)
+            self._check_image_counts(self.adapter.image_token_counts(kwargs))  # Qwen: from image_grid_thw
         changed = self.adapter.prepare_prefill(module, kwargs)  # e.g. Qwen: explicit 3-D positions
         if changed is not None:
             kwargs = changed

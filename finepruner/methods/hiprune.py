@@ -220,19 +220,14 @@ class HiPrune(PruningMethod):
         return [Stage(layer=0, keep=self.kept(num_visual))]
 
     def bind_model(self, model) -> None:
-        from finepruner.engine.vision import feature_layer_index, received_attention_signal  # no import cycle
+        from finepruner.engine.vision import received_attention_signal  # no import cycle
         from finepruner.models.adapters import adapter_for  # no import cycle
 
         adapter = adapter_for(model)
         config = model.config
         if adapter.has_cls(config):
             require_default_features(self.name, model, "patch tokens on the grid, [CLS] dropped")
-        layers = getattr(adapter, "vision_layers", None)  # towers whose features are one block's output (Qwen)
-        if layers is not None:
-            depth, deep = layers()
-        else:
-            depth = int(config.vision_config.num_hidden_layers)
-            deep = feature_layer_index(depth, config.vision_feature_layer)
+        depth, deep = adapter.vision_layers()
         reference = getattr(adapter, "hiprune_object_layer", (DEFAULT_OBJECT_LAYER, REFERENCE_DEPTH))
         default = default_object_layer(depth, reference)
         layer = self.object_layer if self.object_layer is not None else default
@@ -249,7 +244,7 @@ class HiPrune(PruningMethod):
         if adapter.packs_crops:  # LLaVA-NeXT/OneVision: each crop's patch grid side (the handle plans again)
             vision = config.vision_config
             self._side = int(vision.image_size) // int(vision.patch_size)
-            if getattr(adapter, "mixes_patches", False):  # OneVision: buffers on the grids of the image's tokens
+            if adapter.mixes_patches:  # OneVision: buffers on the grids of the image's tokens
                 self._image_grids = functools.partial(type(adapter).image_grids, config)
 
     def select(self, stage_index: int, stage: Stage, ctx: StageContext) -> torch.Tensor:

@@ -204,6 +204,9 @@ class ModelAdapter:
     processor_requires: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: whether an image is several vision-tower crops packed into one token sequence (``image_layouts``).
     packs_crops: ClassVar[bool] = False
+    #: whether a packed image's tokens mix several patches (OneVision's anyres_max shrink), so per-patch
+    #: neighbours are taken on the grids of the image's tokens (``image_grids``) instead of a crop's grid.
+    mixes_patches: ClassVar[bool] = False
     #: evaluation image preprocessing by default (``eval.prompting.IMAGE_ASPECT_RATIOS``): ``"original"``
     #: hands the image to the processor as it is (anyres families tile it themselves); LLaVA-1.5: ``"pad"``.
     default_image_aspect_ratio: ClassVar[str] = "original"
@@ -346,6 +349,20 @@ class ModelAdapter:
         """The smallest image's visual tokens that ``apply`` checks a budget against on a variable-count
         family (``methods.base.check_shape``): 1 unless the family knows better from ``processor``."""
         return 1
+
+    def vision_layers(self) -> tuple[int, int]:
+        """``(depth, feature layer)`` of the vision tower: its encoder layers, and the 0-based index of the
+        layer whose output the projector reads (``vision_feature_layer``)."""
+        from finepruner.engine.vision import feature_layer_index  # no import cycle
+
+        depth = int(self.config.vision_config.num_hidden_layers)
+        return depth, feature_layer_index(depth, self.config.vision_feature_layer)
+
+    def image_token_counts(self, kwargs: Mapping[str, Any]) -> list[int] | None:
+        """Each image's visual tokens in a forward call, known from its inputs before the vision tower runs
+        (so that budgets are checked per image before any encoding); None (the default) where only the
+        encoded features tell (the counts are then checked once the images are encoded)."""
+        return None
 
     def processor_max_tokens(self, processor: Any) -> int | None:
         """One image's largest visual-token count under ``processor``'s settings, or None where the
