@@ -38,6 +38,19 @@ def torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
+def pixel_limit_tokens(processor: Any, key: str) -> int | None:
+    """Visual tokens of an image at one of the Qwen image processor's pixel limits, ``size[key]``
+    (``"longest_edge"`` = max_pixels, ``"shortest_edge"`` = min_pixels) divided by
+    ``(patch_size * merge_size)^2``; None when ``processor`` has no such limit."""
+    images = getattr(processor, "image_processor", None) if processor is not None else None
+    size = getattr(images, "size", None)
+    pixels = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+    patch, merge = getattr(images, "patch_size", None), getattr(images, "merge_size", None)
+    if not (pixels and patch and merge):
+        return None
+    return int(pixels) // (int(patch) * int(merge)) ** 2
+
+
 @register_adapter
 class Qwen2_5_VLAdapter(ModelAdapter):
     """Hugging Face ``Qwen2_5_VLForConditionalGeneration`` (images; video prompts are not pruned)."""
@@ -86,26 +99,15 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def processor_max_tokens(self, processor: Any) -> int | None:
         """``max_pixels / (patch_size * merge_size)^2`` of the processor's image processor (its
         ``size["longest_edge"]``), e.g. 144 for the toy Qwen's 336 x 336 limit; None when it has none."""
-        images = getattr(processor, "image_processor", None)
-        size = getattr(images, "size", None)
-        max_pixels = size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)
-        patch, merge = getattr(images, "patch_size", None), getattr(images, "merge_size", None)
-        if not (max_pixels and patch and merge):
-            return None
-        return int(max_pixels) // (int(patch) * int(merge)) ** 2
+        return pixel_limit_tokens(processor, "longest_edge")
 
     def budget_floor(self, processor: Any = None) -> int:
         """The smallest image's visual tokens (``spec/models.md`` §5.1): ``min_pixels / (patch_size *
         merge_size)^2`` of ``processor``'s image processor (its ``size["shortest_edge"]``; 4 for the released
         checkpoints' 3,136 pixels), else 1. ``apply`` refuses a budget only when no count from here to
         ``budget_bound`` fits it; each image's own count is checked at its prefill."""
-        images = getattr(processor, "image_processor", None) if processor is not None else None
-        size = getattr(images, "size", None)
-        min_pixels = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
-        patch, merge = getattr(images, "patch_size", None), getattr(images, "merge_size", None)
-        if not (min_pixels and patch and merge):
-            return 1
-        return max(1, min(int(min_pixels) // (int(patch) * int(merge)) ** 2, self.budget_bound(processor)))
+        smallest = pixel_limit_tokens(processor, "shortest_edge")
+        return 1 if smallest is None else max(1, min(smallest, self.budget_bound(processor)))
 
     def image_token_counts(self, kwargs: Mapping[str, Any]) -> list[int] | None:
         """Each image's visual tokens in a call, from its ``image_grid_thw`` (``t * h * w / merge^2``) before
