@@ -16,7 +16,9 @@ both prompts, and reported as ratios of medians measured in the same run:
 * ``methods``: every registered method inside a real pruned prefill of the 576- or 2,880-token prompt,
   budgets 64/128/192 and five times those (320/640/960), with the parameters ``finepruner bench`` would
   use (``defaults_for``; CDPruner: a random CLIP text tower of the shape's size), and on the 2,928-token
-  NeXT prompt at 320/640/960 per image (newline tokens kept on top). The selection time is
+  NeXT prompt at 320/640/960 per image (newline tokens kept on top); with ``budget_scope="crop"`` (the
+  official per-crop rule) each of the five crops (images) keeps a fifth of that, 64/128/192, as in the
+  papers' ``vtn_$((T*5))`` runs. The selection time is
   ``finepruner bench``'s: the engine's ``PruneStats.selection_seconds`` (vision signals taken, attention
   signals, ``select``, CDPruner's text tower) plus the method's vision-capture hooks
   (``finepruner.bench.runner.run_variant``). On the 2,880-token prompt the budget counts all five images
@@ -144,7 +146,10 @@ def method_tasks(models, prompts, args) -> tuple[dict[str, Callable[[], float]],
         for spec, name, extra in parsed:
             for budget in budgets_at(num_visual, args.budgets):
                 label = f"{spec}/V={num_visual}/T={budget}"
-                params = {"tokens": budget, **extra, **({"clip_text": clip_text} if name == "cdpruner" else {})}
+                # ``budget_scope="crop"`` (the official per-crop rule): T / 5 per crop or image, T kept in all
+                per_unit = budget // 5 if extra.get("budget_scope") == "crop" and num_visual > 576 else budget
+                params = {"tokens": per_unit, **extra,
+                          **({"clip_text": clip_text} if name == "cdpruner" else {})}
                 try:
                     params = methods.get(name).defaults_for(shape, params)
                     method = _on_prompt(methods.get(name), num_visual, per_image)(**params)

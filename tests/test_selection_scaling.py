@@ -33,7 +33,7 @@ import math
 import pytest
 import torch
 
-from finepruner.methods import cdpruner, divprune, sparsevlm_recycling, vispruner
+from finepruner.methods import cdpruner, divprune, dpp_blocked, sparsevlm_recycling, vispruner
 
 # -- the references: the code before the speed-up -----------------------------------------------------
 
@@ -273,26 +273,67 @@ def test_symmetric_gram_is_the_matmul_up_to_rounding():
     assert torch.equal(gram[0, first], gram[0, second])
 
 
-@pytest.mark.parametrize(("size", "width", "tokens", "batch_rows"),
-                         [(300, 64, 40, 7), (300, 24, 60, 16), (1100, 200, 150, 128), (1500, 64, 40, 128)])
-def test_cdpruner_rows_on_demand_keep_the_one_matmul_sets(size, width, tokens, batch_rows, monkeypatch):
-    """``dpp_select_projected`` forms only the rows of S the greedy reads (``ROW_BATCH`` at a time; 7 and
-    16 refill often): on full-rank kernels and ``exact`` features the kept sets of one matmul; on an
-    exhausted kernel (``width < tokens``) distinct picks."""
-    monkeypatch.setattr(cdpruner, "ROWS_FROM", 200)
-    monkeypatch.setattr(cdpruner, "ROW_BATCH", batch_rows)
-    generator = torch.Generator().manual_seed(size + width)
+@pytest.mark.parametrize(("size", "width", "tokens", "block", "active"),
+                         [(300, 64, 40, 4, 8), (300, 24, 60, 8, 16), (400, 96, 90, 3, 5), (1100, 200, 150, 32, 256),
+                          (1500, 64, 40, 32, 256), (600, 128, 300, 32, 64)])
+def test_cdpruner_blocked_greedy_keeps_the_one_matmul_sets(size, width, tokens, block, active):
+    """``dpp_blocked.dpp_greedy_blocked`` (blocks of at most ``block`` picks, ``active`` candidates followed
+    pick by pick; small ones end blocks and refill often): on full-rank kernels (``exact`` features
+    included) the kept sets of the one-matmul loop; on an exhausted kernel (``width < tokens``), whose later
+    picks follow rounding-level gains computed another way here, distinct picks."""
+    generator = torch.Generator().manual_seed(size + width + block)
     for kind in GRAM_KINDS:
         projected = features_of(kind, 1, size, width, generator)
         embeds = projected[..., :8] + 0.1 * torch.randn(1, size, 8, generator=generator)
         relevance = cdpruner.relevance_scores(embeds, [torch.randn(3, 8, generator=generator)])
-        kept = cdpruner.dpp_select_projected(projected, relevance, tokens)
-        assert len(set(kept[0].tolist())) == tokens
-        if tokens <= width or kind == "exact":
+        normed = projected / projected.norm(dim=-1, keepdim=True)
+        kept = dpp_blocked.dpp_greedy_blocked(normed[0], relevance[0], tokens, block, active)
+        assert len(set(kept[0].tolist())) == tokens, kind
+        if tokens <= width:  # an exhausted kernel's later picks follow rounding-level gains
             assert torch.equal(kept, reference_dpp(reference_kernel(projected, relevance), tokens)), kind
+
+
+@pytest.mark.parametrize(("size", "width", "tokens"), [(500, 256, 200), (900, 512, 400)])
+def test_cdpruner_blocked_greedy_is_the_greedy_in_float64(size, width, tokens):
+    """In float64 (rounding far below the gaps between gains) the blocked picks are the one-by-one loop's."""
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(size, width, generator=generator, dtype=torch.float64) + 0.4
+    x = x / x.norm(dim=-1, keepdim=True)
+    weights = torch.rand(size, generator=generator, dtype=torch.float64)
+    expected = reference_dpp((weights[:, None] * (x @ x.T) * weights[None, :])[None], tokens)
+    assert torch.equal(dpp_blocked.dpp_greedy_blocked(x, weights, tokens, 16, 48), expected)
+    assert torch.equal(dpp_blocked.dpp_greedy_blocked(x, weights, tokens), expected)
+
+
+@pytest.mark.parametrize(("block", "active"), [(3, 5), (4, 2), (32, 256)])
+def test_cdpruner_blocked_greedy_breaks_exact_ties_by_the_first_index(block, active):
+    """``exact`` features with equal relevance: every gain starts at exactly 1 and the picks orthogonal to
+    all earlier ones keep exactly 1, so nearly every pick is a tie across the followed set's boundary; each
+    is the smallest index among the tied, as ``argmax`` in the one-by-one loop."""
+    generator = torch.Generator().manual_seed(3)
+    x = features_of("exact", 1, 300, 256, generator)[0]
+    weights = torch.ones(300)
+    expected = reference_dpp((x @ x.T)[None], 20)
+    assert torch.equal(dpp_blocked.dpp_greedy_blocked(x, weights, 20, block, active), expected)
+
+
+def test_cdpruner_large_samples_select_by_blocks(monkeypatch):
+    """``dpp_select_projected`` uses the blocked greedy for one sample from ``BLOCKED_FROM`` tokens on, the
+    symmetric gram for a batch; a NaN similarity (a token with no direction) takes the plain loop's rules."""
+    monkeypatch.setattr(cdpruner, "BLOCKED_FROM", 200)
+    generator = torch.Generator().manual_seed(11)
+    projected = features_of("random", 2, 300, 64, generator)
+    relevance = cdpruner.relevance_scores(projected[..., :8], [torch.randn(3, 8, generator=generator)] * 2)
+    expected = reference_dpp(reference_kernel(projected, relevance), 50)
+    assert torch.equal(cdpruner.dpp_select_projected(projected[:1], relevance[:1], 50), expected[:1])
+    assert torch.equal(cdpruner.dpp_select_projected(projected, relevance, 50), expected)
+    calls = []
+    monkeypatch.setattr(cdpruner, "dpp_greedy_blocked", lambda *args: calls.append(args) or None)
+    cdpruner.dpp_select_projected(projected[:1], relevance[:1], 50)
+    assert len(calls) == 1  # one sample of 300 >= 200 tokens: the blocked greedy (its None: the gram path)
     projected[0, 3] = 0.0  # no direction: NaN similarities, the plain loop's NaN rules
-    assert torch.equal(cdpruner.dpp_select_projected(projected, relevance, tokens),
-                       reference_dpp(reference_kernel(projected, relevance), tokens))
+    assert torch.equal(cdpruner.dpp_select_projected(projected[:1], relevance[:1], 50),
+                       reference_dpp(reference_kernel(projected[:1], relevance[:1]), 50))
 
 
 def test_cdpruner_keep_all_and_non_finite_kernels():

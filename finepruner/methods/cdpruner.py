@@ -17,6 +17,7 @@ import torch
 
 from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
 from finepruner.methods.divprune import symmetric_gram
+from finepruner.methods.dpp_blocked import dpp_greedy_blocked
 from finepruner.models.clip_text import ClipText, as_clip_text, load_clip_text
 from finepruner.models.instructions import (  # noqa: F401  (re-exported: the instruction text lived here)
     ANSWER_SUFFIXES,
@@ -132,8 +133,7 @@ def _greedy_single(gains: torch.Tensor, matrix, weights: torch.Tensor | None,
                    count: int) -> torch.Tensor | None:
     """``_greedy`` for one sample: ``gains`` [N], kernel rows ``matrix[j]`` [N] (``weights[j] * S[j] *
     weights`` with ``weights``: ``dpp_select``'s ``L = diag(r) S diag(r)``); ``matrix`` may be any object
-    whose ``[j]`` (a Python int) gives row j, and ``matrix.gains`` is then told the current gains first
-    (``_SimilarityRows``).
+    whose ``[j]`` (a Python int) gives row j.
 
     The pick is read back as an int, so that the kernel row, the pick's coefficients and its held gain are
     views instead of gathers, and ``e`` is written straight into its row of the update vectors. The same
@@ -152,8 +152,6 @@ def _greedy_single(gains: torch.Tensor, matrix, weights: torch.Tensor | None,
         gain, index = gains.max(dim=0)  # the first index of the largest gain, as ``argmax``
         j = int(index)
         chosen.append(j)
-        if isinstance(matrix, _SimilarityRows):
-            matrix.gains = gains
         row = matrix[j] if weights is None else weights[j] * matrix[j] * weights
         if step:
             coefficients = vectors[:step, j].contiguous().view(1, 1, step)
@@ -169,58 +167,25 @@ def _greedy_single(gains: torch.Tensor, matrix, weights: torch.Tensor | None,
     return torch.tensor(sorted(chosen), dtype=torch.long, device=gains.device).view(1, count)
 
 
-#: ``dpp_select_projected`` forms S by rows from this many tokens on, for budgets up to 40 % of them
-#: (otherwise, and below, S is one ``symmetric_gram``: its panels are the faster product there).
-ROWS_FROM = 1024
-#: Rows of S formed by one matrix product when the greedy reaches a pick without its row: the pick's and
-#: those of the candidates with the largest gains that have none yet (the likely next picks).
-ROW_BATCH = 128
-
-
-class _SimilarityRows:
-    """The rows of ``S = x xᵀ`` (``x`` [N, D] unit rows) that ``_greedy_single`` reads, formed on demand,
-    ``ROW_BATCH`` at a time by one matrix product; ``gains`` (set by the loop) ranks the rows formed with
-    a missing one."""
-
-    def __init__(self, x: torch.Tensor) -> None:
-        self.x = x
-        self.gains: torch.Tensor | None = None
-        self.rows: dict[int, torch.Tensor] = {}
-        self.formed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-
-    def __getitem__(self, j: int) -> torch.Tensor:
-        row = self.rows.get(j)
-        if row is not None:
-            return row
-        wanted = self.gains.masked_fill(self.formed, -math.inf)
-        wanted[j] = -math.inf
-        others = wanted.topk(min(ROW_BATCH - 1, wanted.numel())).indices
-        others = others[wanted.index_select(0, others) > -math.inf]
-        candidates = torch.cat([others.new_tensor([j]), others])
-        block = self.x.index_select(0, candidates) @ self.x.T  # [M, N]: the candidates' rows of S
-        self.formed[candidates] = True
-        self.rows.update(zip(candidates.tolist(), block.unbind(0), strict=True))
-        return self.rows[j]
+#: ``dpp_select_projected`` selects by blocks (``dpp_blocked``) from this many tokens on (below, S is one
+#: ``symmetric_gram``: its panels and the one-by-one greedy are the faster there).
+BLOCKED_FROM = 1024
 
 
 def dpp_select_projected(projected: torch.Tensor, relevance: torch.Tensor, count: int) -> torch.Tensor:
-    """``dpp_select(cosine_similarity(projected), relevance, count)``, forming only the rows of S the greedy
-    reads (spec §5.2: S enters the DPP only through ``L``'s diagonal and the picked rows).
+    """``dpp_select(cosine_similarity(projected), relevance, count)`` without the N x N similarity where the
+    sample is large (spec §5.2: S enters the DPP only through ``L``'s diagonal and the picked rows).
 
-    One sample of at least ``ROWS_FROM`` tokens and ``count <= 0.4 N``: the diagonal ``S_ii = x_i · x_i``
-    by one row-wise sum, the rows ``S_j = x_j xᵀ`` by matrix products of ``ROW_BATCH`` rows (the pick's and
-    the best-gain candidates' without one, the likely next picks), so about ``count + ROW_BATCH`` of the N
-    rows are formed instead of the whole N x N product (at 2,880 tokens and 320 picks: 384 rows, a sixth
-    of ``symmetric_gram``'s multiply-adds). The same dot products as ``cosine_similarity``, rounded by the
-    BLAS in another blocking; otherwise (a batch, fewer tokens, a larger budget, a NaN or inf)
+    One sample of at least ``BLOCKED_FROM`` tokens: ``dpp_blocked.dpp_greedy_blocked`` on the normalised
+    tokens, the same greedy through the Gram-Schmidt form of its update vectors, blocks of picks and one
+    matrix product per block (``T N D`` multiply-adds instead of the N x N product and ``T² N / 2`` reads
+    one pick at a time), rounded differently; otherwise (a batch, fewer tokens, a NaN or inf)
     ``dpp_select`` on ``cosine_similarity``."""
     normed = (projected / projected.norm(dim=-1, keepdim=True)).float()
     batch, size, _ = normed.shape
-    if batch != 1 or size < ROWS_FROM or 5 * count > 2 * size or not bool(torch.isfinite(normed.sum())):
+    if batch != 1 or size < BLOCKED_FROM or not bool(torch.isfinite(normed.sum())):
         return dpp_select(symmetric_gram(normed), relevance, count)
-    x, weights = normed[0], relevance[0]
-    gains = weights * (x * x).sum(dim=-1) * weights
-    chosen = _greedy_single(gains, _SimilarityRows(x), weights, count)
+    chosen = dpp_greedy_blocked(normed[0], relevance[0].float(), count)
     if chosen is None:
         return dpp_select(symmetric_gram(normed), relevance, count)
     return chosen
@@ -509,8 +474,8 @@ class CDPruner(PruningMethod):
         relevance = image_relevance(embeds, text_embeds, ~newline, sign, self.normalize, self.theta)
 
         def choose(rows: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
-            return dpp_select_projected(_take(projected[rows], candidates), relevance[rows].gather(1, candidates),
-                                        count)
+            units = rows[:, None]  # the units' own tokens only (no copy of each unit's whole sample)
+            return dpp_select_projected(projected[units, candidates], relevance[units, candidates], count)
 
         kept = select_keeping_newlines(self.name, newline, crop, self.tokens, self.budget_scope, choose)
         return kept.to(ctx.visual_ids.device)
@@ -555,6 +520,10 @@ def image_relevance(
 
 
 def _take(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``values`` [B, V, D] at ``ids`` [B, n]; ``values`` itself when ``ids`` is every token in order (the
+    first stage: no copy of the features)."""
+    if ids.shape[1] == values.shape[1] and bool((ids == torch.arange(ids.shape[1], device=ids.device)).all()):
+        return values
     return values.gather(1, ids[..., None].expand(-1, -1, values.shape[-1]))
 
 

@@ -260,8 +260,8 @@ class VisPruner(PruningMethod):
         features = features.gather(1, ids[..., None].expand(-1, -1, features.shape[-1]))
 
         def choose(rows: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
-            scores = attention[rows].gather(1, candidates)
-            values = features[rows].gather(1, candidates[..., None].expand(-1, -1, features.shape[-1]))
+            units = rows[:, None]  # the units' own tokens only (no copy of each unit's whole sample)
+            scores, values = attention[units, candidates], features[units, candidates]
             return vispruner_select(scores, values, count, self.important_ratio)
 
         newline, crop = image_candidates(vision, ids)
