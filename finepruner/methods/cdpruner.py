@@ -129,11 +129,10 @@ def _greedy(gains: torch.Tensor, kernel_row, count: int) -> torch.Tensor | None:
     return chosen.sort(dim=-1).values
 
 
-def _greedy_single(gains: torch.Tensor, matrix, weights: torch.Tensor | None,
+def _greedy_single(gains: torch.Tensor, matrix: torch.Tensor, weights: torch.Tensor | None,
                    count: int) -> torch.Tensor | None:
-    """``_greedy`` for one sample: ``gains`` [N], kernel rows ``matrix[j]`` [N] (``weights[j] * S[j] *
-    weights`` with ``weights``: ``dpp_select``'s ``L = diag(r) S diag(r)``); ``matrix`` may be any object
-    whose ``[j]`` (a Python int) gives row j.
+    """``_greedy`` for one sample: ``gains`` [N], kernel rows ``matrix[j]`` [N] of ``matrix`` [N, N]
+    (``weights[j] * S[j] * weights`` with ``weights``: ``dpp_select``'s ``L = diag(r) S diag(r)``).
 
     The pick is read back as an int, so that the kernel row, the pick's coefficients and its held gain are
     views instead of gathers, and ``e`` is written straight into its row of the update vectors. The same
