@@ -117,7 +117,7 @@ class _Followed:
             fresh.addmm_(updates[new], basis, alpha=-1)
         residual[join] = fresh
         # G in (staying, joining) order, then rows and columns put in the members' order; a staying pair keeps
-        # its entry of the previous block's kernel (current: updated pick by pick)
+        # its entry of the previous block's kernel (moved to that block's end by ``end_block``)
         kept = old[stay]
         cross = residual[stay] @ fresh.T  # [staying, joining]
         gram = torch.cat([torch.cat([self.gram.index_select(0, kept).index_select(1, kept), cross], dim=1),
