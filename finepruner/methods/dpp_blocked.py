@@ -11,7 +11,9 @@ A candidate's gain after a run of picks then needs only those picks' basis rows,
 * at a block's start, the ``ACTIVE`` candidates with the largest gains (ties: the smaller index first) are
   followed pick by pick: with their residual kernel ``G = Z Zᵀ`` at the block's start, a pick's kernel row
   is ``G_j - Σ_q e_q(j) e_q`` over the block's earlier picks, its update values ``e = row / d_j`` lower the
-  followed gains by ``e²``, and the pick is the first index of the largest followed gain, as ``argmax``;
+  followed gains by ``e²``, and the pick is the first index of the largest followed gain, as ``argmax``
+  (these few operations over 256 values run as NumPy operations on host arrays, a few microseconds per
+  pick where PyTorch's dispatch costs ~20, and with no device synchronisation per pick);
 * every other candidate's gain only falls during the block, so its gain at the block's start bounds it;
   the block ends (after at most ``BLOCK`` picks) at the first pick that an outside bound could beat (a
   larger bound, or an equal one with a smaller index), so every pick is the one-by-one greedy's;
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 #: Most picks per block (the block-end product is [N, D] x [D, BLOCK]).
@@ -124,10 +127,12 @@ class _Followed:
                           torch.cat([cross.T, fresh @ fresh.T], dim=1)])
         order = torch.cat([stay, join]).argsort()
         gram = gram.index_select(0, order).index_select(1, order)
-        self.gains = gains[wanted]
-        torch.diagonal(gram).copy_(self.gains)
+        torch.diagonal(gram).copy_(gains[wanted])
         self.members, self.residual, self.gram, self.index = wanted, residual, gram, wanted.tolist()
-        self.values = gram.new_empty(block, wanted.numel())  # per pick: its update values over the members
+        # the picks' loop on host arrays: a few NumPy operations over 256 values per pick, no device sync
+        self.kernel = gram.detach().cpu().numpy()  # G0 (the same memory on the CPU)
+        self.gains = self.kernel.diagonal().copy()
+        self.values = np.empty((block, wanted.numel()), dtype=self.kernel.dtype)  # per pick: e over the members
         self.picks: list[int] = []  # per pick: its place among the members
         self.roots: list[float] = []  # per pick: d_j (0: exhausted)
 
@@ -135,30 +140,34 @@ class _Followed:
         """The next pick (an index into the N tokens), or None when an outside bound could beat it. The
         pick's kernel row is formed from the block's start, ``G_j = G0_j - Σ_q e_q(j) e_q``, and
         ``e = G_j / d_j`` lowers the followed gains by ``e²``."""
-        value, where = self.gains.max(dim=0)
-        gain, place = float(value), int(where)
+        place = int(self.gains.argmax())  # the first index of the largest followed gain
+        gain = float(self.gains[place])
         token = self.index[place]
         if not (gain > self.bound or (gain == self.bound and token < self.bound_index)):
             return None
         step = len(self.picks)
         values = self.values[step]
-        row = self.gram[place]
+        row = self.kernel[place]
         if step:
-            row = torch.addmv(row, self.values[:step].T, self.values[:step, place], alpha=-1)
+            row = row - self.values[:step, place] @ self.values[:step]
         if gain > 0:
-            torch.div(row, math.sqrt(gain), out=values)
-            self.gains.addcmul_(values, values, value=-1)
+            np.divide(row, math.sqrt(gain), out=values)
+            self.gains -= values * values
         else:
-            values.zero_()
-        self.gains[place] = -math.inf
+            values[:] = 0.0
+        self.gains[place] = -np.inf
         self.picks.append(place)
         self.roots.append(math.sqrt(gain) if gain > 0 else 0.0)
         return token
 
+    def _values(self) -> torch.Tensor:
+        """The block's update values [picks, members] on the features' device."""
+        return torch.from_numpy(self.values[:len(self.picks)]).to(self.x.device)
+
     def block_basis(self) -> torch.Tensor:
         """The block's basis rows: ``w_q = (z_{j_q} - Σ_{q' < q} e_{q'}(j_q) w_{q'}) / d_{j_q}``, one
         triangular solve (a pick with no gain left gets a zero row)."""
-        values = self.values[:len(self.picks)]  # [picks, members]
+        values = self._values()  # [picks, members]
         picks = torch.tensor(self.picks, device=values.device)
         lower = values[:, picks].T.tril(-1)  # [q, q'] = e_{q'}(j_q)
         roots = torch.tensor(self.roots, dtype=values.dtype, device=values.device)
@@ -171,8 +180,8 @@ class _Followed:
     def end_block(self, gains: torch.Tensor, updates: torch.Tensor, rows: torch.Tensor) -> None:
         """The members keep their own pick-by-pick gains and update values; their kernel and residuals move
         to the block's end."""
-        values = self.values[:len(self.picks)]
-        gains[self.members] = self.gains
+        values = self._values()
+        gains[self.members] = torch.from_numpy(self.gains).to(gains.device)
         updates[self.members] = values.T
         self.residual.addmm_(values.T, rows, alpha=-1)
         self.gram.addmm_(values.T, values, alpha=-1)
