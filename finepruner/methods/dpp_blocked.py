@@ -112,17 +112,18 @@ class _Followed:
         old = place[wanted]  # each wanted token's row among the previous members; -1: it joins now
         joins = old < 0
         stay, join = torch.nonzero(~joins)[:, 0], torch.nonzero(joins)[:, 0]
-        residual = self.residual.new_empty(wanted.numel(), self.x.shape[1])
-        residual[stay] = self.residual[old[stay]]
+        kept = old[stay]
+        staying = self.residual.index_select(0, kept)
         new = wanted[join]
         fresh = self.x[new] * self.weights[new, None]
         if basis.shape[0]:
             fresh.addmm_(updates[new], basis, alpha=-1)
+        residual = self.residual.new_empty(wanted.numel(), self.x.shape[1])
+        residual[stay] = staying
         residual[join] = fresh
         # G in (staying, joining) order, then rows and columns put in the members' order; a staying pair keeps
         # its entry of the previous block's kernel (moved to that block's end by ``end_block``)
-        kept = old[stay]
-        cross = residual[stay] @ fresh.T  # [staying, joining]
+        cross = staying @ fresh.T  # [staying, joining]
         gram = torch.cat([torch.cat([self.gram.index_select(0, kept).index_select(1, kept), cross], dim=1),
                           torch.cat([cross.T, fresh @ fresh.T], dim=1)])
         order = torch.cat([stay, join]).argsort()
