@@ -59,7 +59,7 @@ def dpp_greedy_blocked(x: torch.Tensor, weights: torch.Tensor, count: int, block
         return None
     basis = x.new_empty(count, width)  # w_s
     updates = x.new_empty(size, count)  # c_i(s)
-    followed = _Followed(x, weights)
+    followed = _Followed(x, weights, min(active, size))
     chosen: list[int] = []
     step = 0
     while step < count:
@@ -83,20 +83,22 @@ def dpp_greedy_blocked(x: torch.Tensor, weights: torch.Tensor, count: int, block
 
 
 class _Followed:
-    """The candidates followed pick by pick within a block: their indices (ascending), residuals ``Z`` and
-    residual kernel ``G`` at the block's start, current gains, and per pick its update values over them."""
+    """The candidates followed pick by pick within a block, in ``ACTIVE`` slots that a member keeps while it
+    stays (so its residual ``Z`` and kernel entries stay in place): each slot's token (-1: empty), the
+    residuals and residual kernel ``G`` at the block's start, the current gains, and per pick its update
+    values over the slots."""
 
-    def __init__(self, x: torch.Tensor, weights: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, weights: torch.Tensor, slots: int) -> None:
         self.x, self.weights = x, weights
-        self.members = x.new_empty(0, dtype=torch.long)
-        self.residual = x.new_empty(0, x.shape[1])
-        self.gram = x.new_empty(0, 0)
+        self.tokens = np.full(slots, -1, dtype=np.int64)  # each slot's token, -1: empty
+        self.residual = x.new_zeros(slots, x.shape[1])
+        self.gram = x.new_zeros(slots, slots)
 
     def start_block(self, gains: torch.Tensor, updates: torch.Tensor, basis: torch.Tensor, active: int,
                     block: int) -> None:
-        """Follow the ``active`` largest gains, ties by smaller index: a member that stays keeps its residual
-        and kernel entries, a new one's residual is ``y_i - Σ_s c_i(s) w_s``; the kernel ``G = Z Zᵀ`` has the
-        gains as its diagonal."""
+        """Follow the ``active`` largest gains, ties by smaller index: a member that stays keeps its slot, a new
+        one takes a free slot with its residual ``y_i - Σ_s c_i(s) w_s`` and its kernel entries ``z_i · Z``;
+        the kernel's diagonal holds the gains (-inf on empty slots)."""
         top = gains.topk(active)
         outside = gains.clone()
         outside[top.indices] = -math.inf
@@ -104,46 +106,51 @@ class _Followed:
             top = torch.sort(gains, descending=True, stable=True)
             outside = gains.clone()
             outside[top.indices[:active]] = -math.inf
-        wanted = top.indices[:active].sort().values
         value, where = outside.max(dim=0)  # the first index of the largest outside gain
         self.bound, self.bound_index = float(value), int(where)
-        place = torch.full(gains.shape, -1, dtype=torch.long, device=gains.device)
-        place[self.members] = torch.arange(self.members.numel(), device=gains.device)
-        old = place[wanted]  # each wanted token's row among the previous members; -1: it joins now
-        joins = old < 0
-        stay, join = torch.nonzero(~joins)[:, 0], torch.nonzero(joins)[:, 0]
-        kept = old[stay]
-        staying = self.residual.index_select(0, kept)
-        new = wanted[join]
-        fresh = self.x[new] * self.weights[new, None]
+        wanted = top.indices[:active].cpu().numpy()
+        stays = np.isin(self.tokens, wanted)  # by slot
+        free = np.flatnonzero(~stays)
+        new = np.setdiff1d(wanted, self.tokens[stays], assume_unique=True)
+        slots = free[:new.size]
+        self.tokens[free] = -1
+        self.tokens[slots] = new
+        device = self.x.device
+        slots_t, new_t = torch.from_numpy(slots).to(device), torch.from_numpy(new).to(device)
+        fresh = self.x[new_t] * self.weights[new_t, None]
         if basis.shape[0]:
-            fresh.addmm_(updates[new], basis, alpha=-1)
-        residual = self.residual.new_empty(wanted.numel(), self.x.shape[1])
-        residual[stay] = staying
-        residual[join] = fresh
-        # G in (staying, joining) order, then rows and columns put in the members' order; a staying pair keeps
-        # its entry of the previous block's kernel (moved to that block's end by ``end_block``)
-        cross = staying @ fresh.T  # [staying, joining]
-        gram = torch.cat([torch.cat([self.gram.index_select(0, kept).index_select(1, kept), cross], dim=1),
-                          torch.cat([cross.T, fresh @ fresh.T], dim=1)])
-        order = torch.cat([stay, join]).argsort()
-        gram = gram.index_select(0, order).index_select(1, order)
-        torch.diagonal(gram).copy_(gains[wanted])
-        self.members, self.residual, self.gram, self.index = wanted, residual, gram, wanted.tolist()
+            fresh.addmm_(updates[new_t], basis, alpha=-1)
+        empty = torch.from_numpy(free[new.size:]).to(device)
+        self.residual[empty] = 0.0
+        self.residual[slots_t] = fresh
+        cross = fresh @ self.residual.T  # [joining, slots]: z_i · z_s (0 on empty slots)
+        self.gram[slots_t] = cross
+        self.gram[:, slots_t] = cross.T
+        self.gram[empty] = 0.0
+        self.gram[:, empty] = 0.0
+        members = torch.from_numpy(np.flatnonzero(self.tokens >= 0)).to(device)
+        diagonal = torch.full((self.tokens.size,), -math.inf, dtype=gains.dtype, device=device)
+        diagonal[members] = gains[torch.from_numpy(self.tokens[self.tokens >= 0]).to(device)]
+        torch.diagonal(self.gram).copy_(diagonal)
         # the picks' loop on host arrays: a few NumPy operations over 256 values per pick, no device sync
-        self.kernel = gram.detach().cpu().numpy()  # G0 (the same memory on the CPU)
+        self.kernel = self.gram.detach().cpu().numpy()  # G0 (the same memory on the CPU)
         self.gains = self.kernel.diagonal().copy()
-        self.values = np.empty((block, wanted.numel()), dtype=self.kernel.dtype)  # per pick: e over the members
-        self.picks: list[int] = []  # per pick: its place among the members
+        self.values = np.empty((block, self.tokens.size), dtype=self.kernel.dtype)  # per pick: e over the slots
+        self.picks: list[int] = []  # per pick: its slot
         self.roots: list[float] = []  # per pick: d_j (0: exhausted)
 
     def pick(self) -> int | None:
         """The next pick (an index into the N tokens), or None when an outside bound could beat it. The
         pick's kernel row is formed from the block's start, ``G_j = G0_j - Σ_q e_q(j) e_q``, and
         ``e = G_j / d_j`` lowers the followed gains by ``e²``."""
-        place = int(self.gains.argmax())  # the first index of the largest followed gain
+        place = int(self.gains.argmax())
         gain = float(self.gains[place])
-        token = self.index[place]
+        if gain == -math.inf:  # every followed candidate picked: the block ends
+            return None
+        tied = np.flatnonzero(self.gains == gain)
+        if tied.size > 1:  # equal gains: the smallest token, as ``argmax`` over the tokens
+            place = int(tied[self.tokens[tied].argmin()])
+        token = int(self.tokens[place])
         if not (gain > self.bound or (gain == self.bound and token < self.bound_index)):
             return None
         step = len(self.picks)
@@ -182,7 +189,10 @@ class _Followed:
         """The members keep their own pick-by-pick gains and update values; their kernel and residuals move
         to the block's end."""
         values = self._values()
-        gains[self.members] = torch.from_numpy(self.gains).to(gains.device)
-        updates[self.members] = values.T
+        occupied = np.flatnonzero(self.tokens >= 0)
+        members = torch.from_numpy(self.tokens[occupied]).to(gains.device)
+        occupied_t = torch.from_numpy(occupied).to(gains.device)
+        gains[members] = torch.from_numpy(self.gains[occupied]).to(gains.device)
+        updates[members] = values.T[occupied_t]
         self.residual.addmm_(values.T, rows, alpha=-1)
         self.gram.addmm_(values.T, values, alpha=-1)
