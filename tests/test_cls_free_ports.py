@@ -235,17 +235,15 @@ def onevision_received(fam, inputs, layers: tuple[int, int]) -> list[dict]:
     """Per image, in its token order: the attention each patch receives at the two encoder layers (eager, mean
     over heads and all queries), packed by the model's own ``pack_image_features`` (with its bilinear shrink),
     and the newline mask."""
-    from tests.test_vision_families import crop_batch, newlines_of, pack_reference
+    from tests.test_vision_families import crop_batch, crop_parts, newlines_of, pack_reference
 
     pixels, crops = crop_batch(fam.eager, inputs)
     with torch.no_grad():
         out = fam.eager.model.vision_tower(pixels, output_attentions=True)
     received = [out.attentions[layer].mean(dim=(1, 2)) for layer in layers]
     newlines = newlines_of(fam, inputs)
-    images, start = [], 0
-    for image, count in enumerate(crops):
-        part = slice(start, start + count)
-        start += count
+    images = []
+    for image, _, part in crop_parts(crops):
         images.append({"object": pack_reference(fam, image, received[0][part], inputs),
                        "deep": pack_reference(fam, image, received[1][part], inputs), "newline": newlines[image]})
     return images

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import finepruner
-from tests.conftest import SelectionRecorder, assert_row_equals_alone
+from tests.conftest import SelectionRecorder
 from tests.test_vision_families import (
     LAYOUT_IMAGES,
-    PROMPTS,
+    assert_batch_equals_each_sample_alone,
     crop_batch,
+    crop_parts,
     family,
     newlines_of,
     next_order,
@@ -44,10 +45,8 @@ def eager_prumerge_signals(fam, inputs) -> list[dict]:
         attention = ((query @ keys.transpose(1, 2)) / width**0.5).softmax(dim=-1)[:, 0, 1:]
         features = out.hidden_states[-2][:, 1:]
     patches = attention.shape[1]
-    images, start = [], 0
-    for image, count in enumerate(crops):
-        part = slice(start, start + count)
-        start += count
+    images = []
+    for image, count, part in crop_parts(crops):
         height, width = inputs["image_sizes"][image].tolist()
         order = next_order(model.config, height, width, count)
         images.append({
@@ -175,16 +174,8 @@ def test_prumerge_on_next_equals_plain_per_unit_reference(name, params):
                                               ("prumerge", {"budget_scope": "crop"})])
 def test_prumerge_padded_batch_of_different_images_equals_each_sample_alone(name, params):
     """Rows of different image sizes (counts), a two-image row and a text-only row, left-padded: each row's
-    scores within 1e-4 of the sample alone."""
-    fam = family("llava_next")
-    inputs = fam.inputs()
-    with finepruner.apply(fam.model, name, **params) as handle:
-        together = fam.generate(inputs)
-        kept = handle.kept[0].clone()
-        for row in range(len(PROMPTS)):
-            alone = fam.generate(fam.inputs([row]))
-            assert_row_equals_alone(alone, together, row, atol=1e-4)
-    assert bool((kept[3] == -1).all())
+    scores within 1e-4 of the sample alone, its kept set the sample's alone."""
+    assert_batch_equals_each_sample_alone(family("llava_next"), name, **params)
 
 
 def test_prumerge_budget_counts_per_image_and_per_crop():

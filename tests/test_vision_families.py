@@ -105,6 +105,14 @@ def crop_batch(model, inputs) -> tuple[torch.Tensor, list[int]]:
     return pixels, crops
 
 
+def crop_parts(crops: list[int]):
+    """``(image, its crop count, the rows of its crops in the vision batch)`` for each image, in batch order."""
+    start = 0
+    for image, count in enumerate(crops):
+        yield image, count, slice(start, start + count)
+        start += count
+
+
 def next_order(config, height: int, width: int, crops: int) -> list[int]:
     """LLaVA-NeXT's token order of one image, written from the spec (§1.1): each token's flat crop-patch index
     (``crop * P + patch``), -1 for a newline. Base crop in raster order; then the unpadded rows of the tile
@@ -164,10 +172,8 @@ def eager_signals(fam: Family, inputs) -> list[dict[str, torch.Tensor]]:
             attention = out.attentions[-1].mean(dim=(1, 2))
             features = out.hidden_states[-1]
         normed = model.model.vision_tower.post_layernorm(features)
-    images, start = [], 0
-    for image, count in enumerate(crops):
-        part = slice(start, start + count)
-        start += count
+    images = []
+    for image, _, part in crop_parts(crops):
         images.append({name: pack_reference(fam, image, values[part], inputs)
                        for name, values in (("cls_attention", attention), ("patch_features", features),
                                             ("post_layernorm_features", normed))})

@@ -21,6 +21,7 @@ from tests.test_vision_families import (
     PROMPTS,
     assert_batch_equals_each_sample_alone,
     crop_batch,
+    crop_parts,
     family,
     newlines_of,
     next_order,
@@ -44,10 +45,8 @@ def eager_visionzip_signals(fam, inputs) -> list[dict[str, torch.Tensor]]:
         keys = raw.view(*raw.shape[:2], layer.self_attn.num_heads, -1).mean(dim=2)
         hidden = out.hidden_states[-2]
     patches = scores.shape[1]
-    images, start = [], 0
-    for image, count in enumerate(crops):
-        part = slice(start, start + count)
-        start += count
+    images = []
+    for image, count, part in crop_parts(crops):
         crop = torch.arange(count)[:, None].expand(count, patches).float()[..., None]
         images.append({
             "scores": pack_reference(fam, image, scores[part], inputs),
@@ -194,10 +193,8 @@ def eager_received(fam, inputs, layers: tuple[int, int]) -> list[dict[str, torch
         out = model.model.vision_tower(pixels, output_attentions=True)
     received = [out.attentions[layer].mean(dim=(1, 2))[:, 1:] for layer in layers]
     patches = received[0].shape[1]
-    images, start = [], 0
-    for image, count in enumerate(crops):
-        part = slice(start, start + count)
-        start += count
+    images = []
+    for image, count, part in crop_parts(crops):
         height, width = inputs["image_sizes"][image].tolist()
         order = next_order(model.config, height, width, count)
         images.append({
