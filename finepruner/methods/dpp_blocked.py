@@ -128,9 +128,11 @@ class _Followed:
         self.gram[:, slots_t] = cross.T
         self.gram[empty] = 0.0
         self.gram[:, empty] = 0.0
-        members = torch.from_numpy(np.flatnonzero(self.tokens >= 0)).to(device)
+        occupied = np.flatnonzero(self.tokens >= 0)
+        self.occupied = torch.from_numpy(occupied).to(device)  # the members' slots, and their tokens
+        self.members = torch.from_numpy(self.tokens[occupied]).to(device)
         diagonal = torch.full((self.tokens.size,), -math.inf, dtype=gains.dtype, device=device)
-        diagonal[members] = gains[torch.from_numpy(self.tokens[self.tokens >= 0]).to(device)]
+        diagonal[self.occupied] = gains[self.members]
         torch.diagonal(self.gram).copy_(diagonal)
         # the picks' loop on host arrays: a few NumPy operations over 256 values per pick, no device sync
         self.kernel = self.gram.detach().cpu().numpy()  # G0 (the same memory on the CPU)
@@ -189,10 +191,7 @@ class _Followed:
         """The members keep their own pick-by-pick gains and update values; their kernel and residuals move
         to the block's end."""
         values = self._values()
-        occupied = np.flatnonzero(self.tokens >= 0)
-        members = torch.from_numpy(self.tokens[occupied]).to(gains.device)
-        occupied_t = torch.from_numpy(occupied).to(gains.device)
-        gains[members] = torch.from_numpy(self.gains[occupied]).to(gains.device)
-        updates[members] = values.T[occupied_t]
+        gains[self.members] = torch.from_numpy(self.gains).to(gains.device)[self.occupied]
+        updates[self.members] = values.T[self.occupied]
         self.residual.addmm_(values.T, rows, alpha=-1)
         self.gram.addmm_(values.T, values, alpha=-1)
