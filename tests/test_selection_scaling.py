@@ -184,14 +184,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(("size", "tokens", "candidates"),
-                         [(70, 20, 24), (200, 17, 3), (200, 199, 24), (300, 20, 32), (577, 64, 24), (577, 64, 3),
-                          (577, 192, 3), (900, 151, 24), (700, 30, 24)])
-def test_vispruner_equals_plain_rounds(size, tokens, candidates, monkeypatch):
+@pytest.mark.parametrize("rounds", ["host", "batched"])
+@pytest.mark.parametrize(("size", "tokens", "candidates", "head"),
+                         [(70, 20, 24, 8), (200, 17, 3, 2), (200, 199, 24, 8), (300, 20, 32, 8), (577, 64, 24, 8),
+                          (577, 64, 3, 1), (577, 192, 3, 8), (900, 151, 24, 8), (700, 30, 24, 2)])
+def test_vispruner_equals_plain_rounds(size, tokens, candidates, head, rounds, monkeypatch):
     """``candidates=3`` refills the candidate lists and falls back to the exact maximum over B often;
     ``(300, 20)`` ends with fewer alive tokens than candidates (padded refills); 70 tokens take the plain
-    rounds; from 576 residual tokens the gram is ``symmetric_gram``'s (the reference: one matmul)."""
+    rounds; from 576 residual tokens the gram is ``symmetric_gram``'s (the reference: one matmul). ``head``
+    (``HEAD``) 1 or 2 sends most A-tokens of a host round to their whole list; ``batched`` runs the tensor
+    rounds that other devices take on the CPU."""
     monkeypatch.setattr(vispruner, "CANDIDATES", candidates)
+    monkeypatch.setattr(vispruner, "HEAD", head)
+    if rounds == "batched":
+        monkeypatch.setattr(vispruner, "deduplicate", vispruner.deduplicate_batched)
     generator = torch.Generator().manual_seed(size * 1000 + tokens)
     for index, kind in enumerate(GRAM_KINDS):
         features = features_of(kind, 2, size, 24, generator)

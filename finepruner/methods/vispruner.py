@@ -8,6 +8,7 @@ of their pre-projector CLIP features.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from finepruner.methods.base import Positions, PruningMethod, Stage, StageContext, check_tokens
@@ -79,11 +80,15 @@ def _select(cls_attention, features, tokens, important_ratio, rounds) -> torch.T
     return selected.sort(dim=-1).values
 
 
-#: Candidates kept per token by ``deduplicate`` (its most similar tokens among those still alive). With 24,
-#: a round's [|A|, 24] arrays stay below ATen's parallel grain (32,768 elements) for one sample of up to
-#: ~2,730 residual tokens: the ~15 small operations of each round run serially, which avoids OpenMP
-#: barrier stalls on busy cores (32 was up to 4x slower on the loaded 2-core VM, no faster when idle).
+#: Candidates kept per token by the de-duplication rounds (its most similar tokens among those still
+#: alive). With 24, a round of ``deduplicate_batched`` keeps its [|A|, 24] arrays below ATen's parallel grain
+#: (32,768 elements) for one sample of up to ~2,730 residual tokens: the ~15 small operations of each round
+#: run serially, which avoids OpenMP barrier stalls on busy cores (32 was up to 4x slower on the loaded
+#: 2-core VM, no faster when idle).
 CANDIDATES = 24
+#: Of those, the most similar ones ``deduplicate_host`` reads first in every round (the rest only for the
+#: A-tokens none of whose first ``HEAD`` candidates is in B, about one in ten at 2,720 residual tokens).
+HEAD = 8
 
 
 def deduplicate(gram: torch.Tensor, count: int) -> torch.Tensor:
@@ -102,8 +107,90 @@ def deduplicate(gram: torch.Tensor, count: int) -> torch.Tensor:
     row, refilled from the alive tokens when none of them is in B): since tokens only ever leave, the
     first candidate in B has the largest similarity of all B-tokens, so a round reads ``|A| x 24``
     entries. The values are the same gram entries and ``max`` is exact, so every round's ordering,
-    ties included, is the plain rule's (``deduplicate_plain``).
+    ties included, is the plain rule's (``deduplicate_plain``). On the CPU the rounds run per sample as
+    NumPy operations (``deduplicate_host``: about 1 µs of dispatch per operation where PyTorch's costs
+    5-7 µs, and a round is a dozen operations on ~1,400 values); elsewhere batched as tensor operations
+    (``deduplicate_batched``, no host synchronisation but one per round).
     """
+    if gram.shape[1] <= 2 * CANDIDATES:
+        return deduplicate_plain(gram, count)
+    if gram.device.type != "cpu":
+        return deduplicate_batched(gram, count)
+    return torch.stack([deduplicate_host(sample, count) for sample in gram])
+
+
+def deduplicate_host(gram: torch.Tensor, count: int) -> torch.Tensor:
+    """``deduplicate`` for one sample's [R0, R0] CPU gram, on NumPy arrays over the same memory; returns
+    [T_div] places.
+
+    The candidate tables are [CANDIDATES, R0] (column ``i``: token ``i``'s candidates, most similar first),
+    so that a round's gather of the A-tokens' columns and its maximum over candidates run along contiguous
+    rows. A round reads the first ``HEAD`` candidates of every A-token: those are its most similar alive
+    listed tokens, so the first one in B is its best match in B; only the A-tokens with none of them in B
+    read the rest of their list, and only those with none of their list in B are refilled (``_refill_host``).
+    """
+    size = gram.shape[0]
+    if size <= 2 * CANDIDATES:
+        return deduplicate_plain(gram[None], count)[0]
+    values, ids = gram.topk(CANDIDATES, dim=-1, sorted=True)
+    cand_val = values.T.contiguous().numpy()  # [C, R0], each column in descending order
+    cand_idx = ids.T.to(torch.int64).contiguous().numpy()
+    head_val, head_idx = cand_val[:HEAD], cand_idx[:HEAD]  # views: the first rows are each token's best ones
+    table = gram.numpy()
+    places = np.arange(size)
+    alive = np.ones(size, dtype=bool)
+    never = np.float32(-np.inf)
+    in_b = np.full(size, never, dtype=np.float32)  # 0 on the current B-tokens, -inf elsewhere
+    while True:
+        length = places.size
+        drop = min(ROUND_SIZE, length - count, (length + 1) // 2)
+        if drop <= 0:
+            return torch.from_numpy(places)
+        first, second = places[0::2], places[1::2]
+        in_b.fill(never)
+        in_b[second] = 0.0
+        best = (head_val.take(first, axis=1) + in_b.take(head_idx.take(first, axis=1))).max(axis=0)
+        missing = np.flatnonzero(best == never)
+        if missing.size:  # no HEAD candidate in B: the whole list, then a refill
+            rows = first[missing]
+            found = (cand_val.take(rows, axis=1) + in_b.take(cand_idx.take(rows, axis=1))).max(axis=0)
+            lost = np.flatnonzero(found == never)
+            if lost.size:
+                found[lost] = _refill_host(table, cand_val, cand_idx, rows[lost], alive, in_b, second)
+            best[missing] = found
+        order = np.argsort(-best, kind="stable")  # descending, ties in list order, as the plain rule
+        alive[first[order[:drop]]] = False
+        places = np.concatenate([first[order[drop:]], second])
+
+
+def _refill_host(table, cand_val, cand_idx, rows, alive, in_b, second) -> np.ndarray:
+    """Refill the candidate columns of ``rows`` with their most similar alive tokens, in descending order;
+    returns their best similarity in B (exact over B where still none of them is in B). Where fewer tokens
+    are alive than a column holds, its last entries stay as they were: dead tokens (never in B again) or
+    alive ones listed again, with their true similarities, so the column still lists every alive token."""
+    width = cand_val.shape[0]
+    living = np.flatnonzero(alive)
+    values = table.take(rows, axis=0).take(living, axis=1)  # [n, alive] (``take``: 3x faster than [rows, living])
+    keep = min(width, living.size)
+    if keep < living.size:
+        top = np.argpartition(values, living.size - keep, axis=1)[:, living.size - keep:]
+        values = values[np.arange(rows.size)[:, None], top]
+    else:
+        top = np.broadcast_to(np.arange(living.size), values.shape)
+    order = np.argsort(-values, axis=1)  # most similar first (the order of equal values does not matter)
+    lines = np.arange(rows.size)[:, None]
+    top_val, top_idx = values[lines, order], living[top[lines, order]]
+    cand_val[:keep, rows], cand_idx[:keep, rows] = top_val.T, top_idx.T
+    best = (top_val + in_b.take(top_idx)).max(axis=1)
+    still = np.flatnonzero(best == -np.inf)
+    if still.size:  # every alive candidate is in A: the exact maximum over B
+        best[still] = table.take(rows[still], axis=0).take(second, axis=1).max(axis=1)
+    return best
+
+
+def deduplicate_batched(gram: torch.Tensor, count: int) -> torch.Tensor:
+    """``deduplicate`` on tensors, the whole batch in one set of operations per round (flat token ids, one
+    candidate table [B*R0, CANDIDATES] for every sample)."""
     batch, size, _ = gram.shape
     if size <= 2 * CANDIDATES:
         return deduplicate_plain(gram, count)
