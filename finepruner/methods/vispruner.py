@@ -112,8 +112,6 @@ def deduplicate(gram: torch.Tensor, count: int) -> torch.Tensor:
     5-7 µs, and a round is a dozen operations on ~1,400 values); elsewhere batched as tensor operations
     (``deduplicate_batched``, no host synchronisation but one per round).
     """
-    if gram.shape[1] <= 2 * CANDIDATES:
-        return deduplicate_plain(gram, count)
     if gram.device.type != "cpu":
         return deduplicate_batched(gram, count)
     return torch.stack([deduplicate_host(sample, count) for sample in gram])
@@ -134,7 +132,7 @@ def deduplicate_host(gram: torch.Tensor, count: int) -> torch.Tensor:
         return deduplicate_plain(gram[None], count)[0]
     values, ids = gram.topk(CANDIDATES, dim=-1, sorted=True)
     cand_val = values.T.contiguous().numpy()  # [C, R0], each column in descending order
-    cand_idx = ids.T.to(torch.int64).contiguous().numpy()
+    cand_idx = ids.T.contiguous().numpy()
     head_val, head_idx = cand_val[:HEAD], cand_idx[:HEAD]  # views: the first rows are each token's best ones
     table = gram.numpy()
     places = np.arange(size)
