@@ -190,7 +190,7 @@ def one_thread():
                           (577, 64, 3, 1), (577, 192, 3, 8), (900, 151, 24, 8), (700, 30, 24, 2)])
 def test_vispruner_equals_plain_rounds(size, tokens, candidates, head, rounds, monkeypatch):
     """``candidates=3`` refills the candidate lists and falls back to the exact maximum over B often;
-    ``(300, 20)`` ends with fewer alive tokens than candidates (padded refills); 70 tokens take the plain
+    ``(300, 20)`` ends with fewer alive tokens than candidates (refills shorter than a list); 70 tokens take the plain
     rounds; from 576 residual tokens the gram is ``symmetric_gram``'s (the reference: one matmul). ``head``
     (``HEAD``) 1 or 2 sends most A-tokens of a host round to their whole list; ``batched`` runs the tensor
     rounds that other devices take on the CPU."""
